@@ -1,0 +1,57 @@
+# rpcframe developer tasks. Every target does its own setup on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup protos check-generated lint test test-fast demo bench bench-quick clean
+
+setup: $(STAMP) $(NPM_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Third-party interop peers (buf CLI) from npm, pinned by package-lock.json.
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+protos: $(STAMP)
+	$(PY) -m rpcframe codegen protos -o generated
+
+# Fails when generated/ differs from what the protos produce now.
+check-generated: $(STAMP)
+	@rm -rf .cache/generated-check && mkdir -p .cache
+	@$(PY) -m rpcframe codegen protos -o .cache/generated-check -q
+	@diff -r -x __pycache__ generated .cache/generated-check \
+		|| { echo "generated/ is stale: run 'make protos' and commit"; exit 1; }
+	@echo "generated/ is up to date"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rpcframe tests benchmarks examples
+	$(VENV)/bin/mypy
+
+test: setup check-generated lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Tests only, without the generated-code and lint gates.
+test-fast: setup
+	$(PY) -m pytest -x -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m examples.demo
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+bench-quick: setup
+	$(PY) -m benchmarks.run --quick
+
+clean:
+	rm -rf $(VENV) node_modules .cache .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

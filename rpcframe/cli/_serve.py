@@ -1,0 +1,112 @@
+"""``rpcframe serve MODULE:OBJECT --bind HOST:PORT``."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from .. import _loop
+from ..config import ServerConfig
+from ..errors import ConfigError
+from ..server import _aio, _sync
+from ._common import CliError, load_object, split_host_port
+
+
+def register(sub: Any) -> None:
+    """Add the subcommand to the parser."""
+    p: argparse.ArgumentParser = sub.add_parser("serve", help="serve a servicer (or a factory of servicers)")
+    p.add_argument("target", metavar="MODULE:OBJECT", help="servicer instance, class, or factory returning servicers")
+    p.add_argument(
+        "--bind",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="address to listen on (repeatable; default 127.0.0.1:50051; port 0 picks a free one)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--aio", dest="aio", action="store_true", default=None, help="force the asyncio server")
+    mode.add_argument("--sync", dest="aio", action="store_false", help="force the thread-pool server")
+    p.add_argument("--no-uvloop", action="store_true", help="asyncio server: use the default asyncio loop")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM (default 10)")
+    p.add_argument("--drain-delay", type=float, default=0.0, help="seconds between NOT_SERVING and refusing calls")
+    p.add_argument("--workers", type=int, default=16, help="thread-pool size of the sync server (default 16)")
+    p.add_argument("--no-reflection", action="store_true", help="do not serve grpc.reflection")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.set_defaults(run=run)
+
+
+def _servicers(obj: Any) -> list[Any]:
+    if inspect.isclass(obj) or (callable(obj) and not _looks_like_servicer(obj)):
+        obj = obj()
+    if isinstance(obj, Iterable) and not _looks_like_servicer(obj):
+        items = list(obj)
+    else:
+        items = [obj]
+    if not items or not all(_looks_like_servicer(s) for s in items):
+        raise CliError("the object must be a servicer (subclass of a generated *Servicer), "
+                       "a class, or a factory returning one or a list of them", 2)  # fmt: skip
+    return items
+
+
+def _looks_like_servicer(obj: Any) -> bool:
+    return any(c.__module__.endswith("_pb2_grpc") for c in type(obj).__mro__[1:])
+
+
+def _is_async(servicers: list[Any]) -> bool:
+    """Whether the servicers' own (overridden) methods are coroutines."""
+    for servicer in servicers:
+        for name, member in inspect.getmembers(type(servicer)):
+            if name.startswith("_") or member.__module__ is None:
+                continue
+            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+                return True
+    return False
+
+
+def _ready_line(server: _sync.Server | _aio.Server, binds: list[str]) -> None:
+    for address, port in zip(binds, server.ports, strict=True):
+        host, _ = split_host_port(address)
+        print(f"serving on {host}:{port}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then drain."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    servicers = _servicers(load_object(args.target))
+    binds: list[str] = args.bind or ["127.0.0.1:50051"]
+    for address in binds:
+        split_host_port(address)
+    try:
+        config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection,
+                              grace_period=args.grace, drain_delay=args.drain_delay)  # fmt: skip
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    use_aio = _is_async(servicers) if args.aio is None else args.aio
+    try:
+        if use_aio:
+            _loop.run(_serve_aio(config, servicers, binds), use_uvloop=not args.no_uvloop)
+        else:
+            server = _sync.Server(config)
+            _setup(server, servicers, binds)
+            server.run(on_ready=lambda: _ready_line(server, binds))
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _setup(server: _sync.Server | _aio.Server, servicers: list[Any], binds: list[str]) -> None:
+    for servicer in servicers:
+        server.add(servicer)
+    for address in binds:
+        server.bind(address)
+
+
+async def _serve_aio(config: ServerConfig, servicers: list[Any], binds: list[str]) -> None:
+    server = _aio.Server(config)
+    _setup(server, servicers, binds)
+    await server.run(on_ready=lambda: _ready_line(server, binds))

@@ -1,0 +1,170 @@
+"""Frozen configuration objects, validated once when they are built.
+
+Every field has a documented default; ``dataclasses.replace`` derives a
+variant. Values are checked in ``__post_init__`` so a bad setting fails where
+it is written, with a :class:`~rpcframe.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from .errors import DEFAULT_EXCEPTION_STATUS, ConfigError
+
+__all__ = ["ChannelConfig", "GrpcOptions", "ServerConfig"]
+
+GrpcOptions = tuple[tuple[str, Any], ...]
+
+_USER_AGENT = "rpcframe-python"
+_MiB = 1024 * 1024
+
+
+def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_size(name: str, value: int) -> None:
+    # -1 is grpc's "unlimited"; 0 would refuse every message.
+    if value != -1 and value <= 0:
+        raise ConfigError(f"{name} must be > 0 bytes or -1 for unlimited, got {value!r}")
+
+
+def _keepalive_options(time_s: float | None, timeout_s: float, permit_without_calls: bool) -> GrpcOptions:
+    if time_s is None:
+        return ()
+    return (
+        ("grpc.keepalive_time_ms", int(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(permit_without_calls)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    """How a client channel connects and calls.
+
+    Attributes:
+        default_timeout: seconds allowed per call when the caller gives no
+            ``timeout``; ``None`` (default) means no deadline, as in grpcio.
+        metadata: key/value pairs added to every call (before per-call ones).
+        max_send_message_length: bytes; -1 for unlimited. Default 4 MiB.
+        max_receive_message_length: bytes; -1 for unlimited. Default 4 MiB.
+        keepalive_time: seconds between HTTP/2 keepalive pings; ``None`` off.
+        keepalive_timeout: seconds to wait for a ping's answer.
+        keepalive_permit_without_calls: ping even when no call is active.
+        user_agent: prefix of the ``user-agent`` header.
+        grpc_options: extra raw grpc channel arguments, applied last.
+    """
+
+    default_timeout: float | None = None
+    metadata: tuple[tuple[str, str | bytes], ...] = ()
+    max_send_message_length: int = 4 * _MiB
+    max_receive_message_length: int = 4 * _MiB
+    keepalive_time: float | None = None
+    keepalive_timeout: float = 20.0
+    keepalive_permit_without_calls: bool = False
+    user_agent: str = _USER_AGENT
+    grpc_options: GrpcOptions = ()
+
+    def __post_init__(self) -> None:
+        _check_positive("default_timeout", self.default_timeout)
+        _check_size("max_send_message_length", self.max_send_message_length)
+        _check_size("max_receive_message_length", self.max_receive_message_length)
+        _check_positive("keepalive_time", self.keepalive_time)
+        _check_positive("keepalive_timeout", self.keepalive_timeout, allow_none=False)
+        for key, _ in self.metadata:
+            if key != key.lower() or key.startswith("grpc-"):
+                raise ConfigError(f"metadata key {key!r} must be lower case and not start with 'grpc-'")
+
+    def channel_options(self) -> GrpcOptions:
+        """The grpc channel arguments this config stands for."""
+        return (
+            ("grpc.max_send_message_length", self.max_send_message_length),
+            ("grpc.max_receive_message_length", self.max_receive_message_length),
+            ("grpc.primary_user_agent", self.user_agent),
+            *_keepalive_options(self.keepalive_time, self.keepalive_timeout, self.keepalive_permit_without_calls),
+            *self.grpc_options,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """How a server listens, limits and shuts down.
+
+    Attributes:
+        max_workers: handler threads of the sync server (unused by asyncio).
+        max_concurrent_rpcs: calls accepted at once; more are refused with
+            RESOURCE_EXHAUSTED. ``None`` means unlimited.
+        max_send_message_length: bytes; -1 for unlimited. Default 4 MiB.
+        max_receive_message_length: bytes; -1 for unlimited. Default 4 MiB.
+            A larger request is refused with RESOURCE_EXHAUSTED.
+        keepalive_time: seconds between server keepalive pings; ``None`` off.
+        keepalive_timeout: seconds to wait for a ping's answer.
+        keepalive_min_client_interval: shortest ping interval accepted from
+            clients, in seconds (grpc's default is 5 minutes; lower it when
+            clients enable keepalive).
+        reflection: serve grpc.reflection so tools (grpcurl, buf curl) can
+            discover the contracts.
+        health: serve grpc.health.v1 with a status per registered service.
+        grace_period: seconds in-flight calls get to finish on ``stop()``
+            before they are cancelled.
+        drain_delay: seconds between reporting NOT_SERVING and refusing new
+            calls on ``stop()``, so health-watching clients move away first.
+        exception_status: Python exception types a handler may raise and the
+            status each maps to (see :mod:`rpcframe.errors`).
+        grpc_options: extra raw grpc server arguments, applied last.
+    """
+
+    max_workers: int = 16
+    max_concurrent_rpcs: int | None = None
+    max_send_message_length: int = 4 * _MiB
+    max_receive_message_length: int = 4 * _MiB
+    keepalive_time: float | None = 7200.0
+    keepalive_timeout: float = 20.0
+    keepalive_min_client_interval: float = 300.0
+    reflection: bool = True
+    health: bool = True
+    grace_period: float = 10.0
+    drain_delay: float = 0.0
+    exception_status: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = field(default=DEFAULT_EXCEPTION_STATUS)
+    grpc_options: GrpcOptions = ()
+
+    def __post_init__(self) -> None:
+        if self.max_workers < 1:
+            raise ConfigError(f"max_workers must be >= 1, got {self.max_workers!r}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ConfigError(f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs!r}")
+        _check_size("max_send_message_length", self.max_send_message_length)
+        _check_size("max_receive_message_length", self.max_receive_message_length)
+        _check_positive("keepalive_time", self.keepalive_time)
+        _check_positive("keepalive_timeout", self.keepalive_timeout, allow_none=False)
+        _check_positive("keepalive_min_client_interval", self.keepalive_min_client_interval, allow_none=False)
+        if self.grace_period < 0:
+            raise ConfigError(f"grace_period must be >= 0, got {self.grace_period!r}")
+        if self.drain_delay < 0:
+            raise ConfigError(f"drain_delay must be >= 0, got {self.drain_delay!r}")
+
+    def server_options(self) -> GrpcOptions:
+        """The grpc server arguments this config stands for."""
+        return (
+            ("grpc.max_send_message_length", self.max_send_message_length),
+            ("grpc.max_receive_message_length", self.max_receive_message_length),
+            # Never share a port silently with another process.
+            ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_min_client_interval * 1000)),
+            *_keepalive_options(self.keepalive_time, self.keepalive_timeout, True),
+            *self.grpc_options,
+        )
+
+    def status_for(self, exc: BaseException) -> grpc.StatusCode | None:
+        """The status a handler exception maps to, or ``None`` if unmapped."""
+        for exc_type, code in self.exception_status:
+            if isinstance(exc, exc_type):
+                return code
+        return None

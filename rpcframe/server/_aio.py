@@ -1,0 +1,185 @@
+"""The asyncio server front (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..config import ServerConfig
+from ._common import ServerBase, is_grpc_abort, status_for_exception
+
+__all__ = ["Server"]
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server(ServerBase):
+    """A gRPC server running ``async def`` handlers on the event loop.
+
+    Same API as :class:`rpcframe.Server`, with ``start``/``stop``/``wait``/
+    ``set_serving``/``run`` as coroutines and ``async with`` support.
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        super().__init__(config or ServerConfig())
+        cfg = self.config
+        self._grpc_server = grpc.aio.server(
+            options=cfg.server_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs
+        )
+        self.health = health.aio.HealthServicer() if cfg.health else None
+        self._inflight = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Register health and reflection, then accept calls."""
+        if self._started:
+            return
+        if not self._ports:
+            raise RuntimeError("bind() an address before start()")
+        names = list(self.service_names)
+        if self.health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc_server)
+            for name in names:
+                await self.health.set(name, _SERVING)
+            names.append(health.SERVICE_NAME)
+        if self.config.reflection:
+            names.append(reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self._grpc_server)
+        await self._grpc_server.start()
+        self._started = True
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        """Report ``service`` ("" for the whole server) as SERVING or NOT_SERVING."""
+        if self.health is not None:
+            await self.health.set(service, _SERVING if serving else _NOT_SERVING)
+
+    @property
+    def inflight(self) -> int:
+        """Calls of added services being handled now."""
+        return self._inflight
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop (see :meth:`rpcframe.Server.stop`). Safe to call twice."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain(self.config.grace_period if grace is None else grace))
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace: float) -> None:
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.config.drain_delay and self._started:
+            await asyncio.sleep(self.config.drain_delay)
+        self._draining = True
+        if self._inflight == 0:
+            self._idle.set()
+        graceful = asyncio.ensure_future(self._grpc_server.stop(grace))
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        except TimeoutError:
+            pass
+        # Cancel what is left (health Watch streams, handlers over grace).
+        await self._grpc_server.stop(0)
+        await graceful
+
+    async def wait(self) -> None:
+        """Wait until the server has stopped (bound it with ``asyncio.timeout``)."""
+        await self._grpc_server.wait_for_termination()
+
+    async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        """Start, wait for SIGTERM or SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for s in signals:
+            loop.add_signal_handler(s, stop_requested.set)
+        try:
+            await self.start()
+            if on_ready is not None:
+                on_ready()
+            await stop_requested.wait()
+        finally:
+            for s in signals:
+                loop.remove_signal_handler(s)
+            await self.stop()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- the one per-call wrapper -------------------------------------------
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._draining:
+            self._idle.set()
+
+    async def _fail(self, exc: Exception, context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+        if is_grpc_abort(exc, context):
+            raise exc
+        code, details, trailing = status_for_exception(exc, self.config, method)
+        await context.abort(code, details, trailing)
+        raise AssertionError("unreachable: abort() raises")  # pragma: no cover
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_streaming:
+            key = "stream_stream" if handler.response_streaming else "stream_unary"
+        else:
+            key = "unary_stream" if handler.response_streaming else "unary_unary"
+        behaviour = getattr(handler, key)
+        if inspect.isasyncgenfunction(behaviour) or inspect.isgeneratorfunction(behaviour):
+            wrapped: Callable[..., Any] = self._wrap_generator(method, behaviour)
+        else:
+            wrapped = self._wrap_function(method, behaviour)
+        return handler._replace(**{key: wrapped})
+
+    def _wrap_function(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        # Plain functions are the generated base's "not implemented" stubs
+        # (or handlers that write with context.write); they run inline.
+        is_async = inspect.iscoroutinefunction(behaviour)
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._inflight += 1
+            try:
+                result = behaviour(request, context)
+                return (await result) if is_async else result
+            except Exception as exc:
+                await self._fail(exc, context, method)
+            finally:
+                self._leave()
+
+        return call
+
+    def _wrap_generator(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            self._inflight += 1
+            try:
+                responses = behaviour(request, context)
+                if inspect.isasyncgen(responses):
+                    async for response in responses:
+                        yield response
+                else:
+                    for response in responses:
+                        yield response
+            except Exception as exc:
+                await self._fail(exc, context, method)
+            finally:
+                self._leave()
+
+        return stream

@@ -1,0 +1,173 @@
+"""What the sync and asyncio servers share: servicer discovery and error policy.
+
+rpcframe registers a servicer by running the generated
+``add_XServicer_to_server`` function against a recorder instead of a real
+server. That yields the service's full name and its method handlers, which
+the server wraps (one wrapper per method, see ``_sync``/``_aio``) before
+registering them for real.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ..config import ServerConfig
+from ..errors import ConfigError, RpcError
+
+_LOG = logging.getLogger("rpcframe.server")
+
+AddFunction = Callable[[Any, Any], None]
+Handlers = dict[str, grpc.RpcMethodHandler]
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A service recorded from a generated ``add_..._to_server`` function."""
+
+    name: str
+    handlers: Handlers
+
+
+class _Recorder:
+    """Stands in for a grpc server while a generated add function runs."""
+
+    def __init__(self) -> None:
+        self.services: list[Service] = []
+        self._generic: list[Any] = []
+
+    def add_registered_method_handlers(self, name: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self.services.append(Service(name, dict(handlers)))
+
+    def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
+        self._generic.extend(generic_handlers)
+
+    def result(self) -> list[Service]:
+        if self.services:
+            return self.services
+        # Code from grpcio-tools older than 1.63 only registers a generic
+        # handler; its name and method table are private attributes.
+        found = []
+        for gh in self._generic:
+            name, methods = getattr(gh, "_name", None), getattr(gh, "_method_handlers", None)
+            if isinstance(name, str) and isinstance(methods, dict):
+                found.append(Service(name, dict(methods)))
+        return found
+
+
+def find_add_function(servicer: object) -> AddFunction:
+    """Locate the generated ``add_<Base>_to_server`` for a servicer instance."""
+    for cls in type(servicer).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is None or not cls.__module__.endswith("_pb2_grpc"):
+            continue
+        add = getattr(module, f"add_{cls.__name__}_to_server", None)
+        if callable(add):
+            return add  # type: ignore[no-any-return]
+    raise ConfigError(
+        f"{type(servicer).__qualname__} does not derive from a generated *Servicer class; "
+        "pass add_fn=<generated add_..._to_server function>"
+    )
+
+
+def record_services(servicer: object, add_fn: AddFunction | None = None) -> list[Service]:
+    """The services (name and method handlers) a servicer provides."""
+    recorder = _Recorder()
+    (add_fn or find_add_function(servicer))(servicer, recorder)
+    services = recorder.result()
+    if not services:
+        raise ConfigError(f"registering {type(servicer).__qualname__} produced no service")
+    return services
+
+
+def is_grpc_abort(exc: BaseException, context: Any) -> bool:
+    """Whether ``exc`` is how grpcio ends a handler after ``context.abort()``.
+
+    The sync server raises a bare ``Exception()`` once the status is set; the
+    asyncio server raises ``grpc.aio.AbortError``. Either must propagate as is.
+    """
+    if isinstance(exc, grpc.aio.AbortError):
+        return True
+    return type(exc) is Exception and not exc.args and context.code() is not None
+
+
+def status_for_exception(
+    exc: BaseException, config: ServerConfig, method: str
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+    """The status a handler's exception ends its call with.
+
+    Unmapped exceptions become INTERNAL with a short reference id; the
+    traceback is logged with the same id and never reaches the client.
+    """
+    if isinstance(exc, RpcError):
+        return exc.code(), exc.details(), exc.trailing_metadata()
+    code = config.status_for(exc)
+    if code is not None:
+        return code, str(exc), ()
+    ref = uuid.uuid4().hex[:12]
+    _LOG.error("unhandled exception in %s (ref %s)", method, ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})", ()
+
+
+class ServerBase:
+    """Registration and binding, identical for the sync and asyncio servers.
+
+    Subclasses provide ``_wrap(method, handler)``, which returns the handler
+    with rpcframe's one per-call server wrapper around its behaviour.
+    """
+
+    _grpc_server: Any
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._services: list[Service] = []
+        self._ports: list[int] = []
+        self._started = False
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """Full names of the services added so far (health/reflection excluded)."""
+        return tuple(s.name for s in self._services)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """Ports bound so far, in ``bind`` order (the real port when 0 was asked)."""
+        return tuple(self._ports)
+
+    def add(self, servicer: object, add_fn: AddFunction | None = None) -> tuple[str, ...]:
+        """Serve ``servicer``, an instance of a generated ``*Servicer`` subclass.
+
+        ``add_fn`` is the generated ``add_..._to_server`` function; it is found
+        from the servicer's base class when omitted. Returns the service names.
+        """
+        if self._started:
+            raise ConfigError("add() must be called before start()")
+        services = record_services(servicer, add_fn)
+        for service in services:
+            if service.name in self.service_names:
+                raise ConfigError(f"service {service.name} is already registered")
+            wrapped = {m: self._wrap(f"/{service.name}/{m}", h) for m, h in service.handlers.items()}
+            self._grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.name, wrapped),))
+            self._grpc_server.add_registered_method_handlers(service.name, wrapped)
+            self._services.append(service)
+        return tuple(s.name for s in services)
+
+    def bind(self, address: str) -> int:
+        """Listen on ``host:port`` (plaintext); returns the port actually bound."""
+        try:
+            port = int(self._grpc_server.add_insecure_port(address))
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind {address}: {exc}") from None
+        if port == 0:
+            raise ConfigError(f"cannot bind {address}")
+        self._ports.append(port)
+        return port
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError

@@ -1,0 +1,200 @@
+"""The thread-pool server front (grpc)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType, TracebackType
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..config import ServerConfig
+from ._common import ServerBase, is_grpc_abort, status_for_exception
+
+__all__ = ["Server"]
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the grace period, cancelled handlers get this long to return.
+_CANCEL_WAIT = 5.0
+
+
+class Server(ServerBase):
+    """A gRPC server running handlers on a thread pool.
+
+    Example::
+
+        server = rpcframe.Server()
+        server.add(MyServicer())
+        port = server.bind("127.0.0.1:0")
+        server.start()
+        ...
+        server.stop()  # drains: NOT_SERVING, refuse new calls, finish in-flight
+
+    Every handler runs inside rpcframe's one server-side wrapper, which maps
+    exceptions to statuses (see :mod:`rpcframe.errors`) and counts in-flight
+    calls so ``stop()`` ends as soon as they are done.
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        super().__init__(config or ServerConfig())
+        cfg = self.config
+        self._grpc_server = grpc.server(
+            ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpcframe-handler"),
+            options=cfg.server_options(),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        self.health = health.HealthServicer() if cfg.health else None
+        self._idle = threading.Condition()
+        self._inflight = 0
+        self._stopping = False
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Register health and reflection, then accept calls."""
+        if self._started:
+            return
+        if not self._ports:
+            raise RuntimeError("bind() an address before start()")
+        names = list(self.service_names)
+        if self.health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc_server)
+            for name in names:
+                self.health.set(name, _SERVING)
+            names.append(health.SERVICE_NAME)
+        if self.config.reflection:
+            names.append(reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self._grpc_server)
+        self._grpc_server.start()
+        self._started = True
+
+    def set_serving(self, service: str, serving: bool) -> None:
+        """Report ``service`` ("" for the whole server) as SERVING or NOT_SERVING."""
+        if self.health is not None:
+            self.health.set(service, _SERVING if serving else _NOT_SERVING)
+
+    @property
+    def inflight(self) -> int:
+        """Calls of added services being handled now."""
+        return self._inflight
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; blocks until done. Safe to call more than once.
+
+        Health turns NOT_SERVING for every service, then (after
+        ``drain_delay``) new calls are refused, in-flight calls get ``grace``
+        seconds (default ``config.grace_period``) to finish, and whatever is
+        left (including health Watch streams) is cancelled.
+        """
+        with self._idle:
+            if self._stopping:
+                first = False
+            else:
+                self._stopping = first = True
+        if not first:
+            self._stopped.wait()
+            return
+        grace = self.config.grace_period if grace is None else grace
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        if self.config.drain_delay and self._started:
+            time.sleep(self.config.drain_delay)
+        self._grpc_server.stop(grace)
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
+        self._grpc_server.stop(0).wait(_CANCEL_WAIT)
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; False if ``timeout`` passed first."""
+        return self._stopped.wait(timeout)
+
+    def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        """Start, block until SIGTERM or SIGINT, then drain and stop.
+
+        Must be called from the main thread (signal handlers live there).
+        """
+        stop_requested = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop_requested.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            if on_ready is not None:
+                on_ready()
+            # Event.wait with a timeout stays interruptible by signals.
+            while not stop_requested.wait(0.5):
+                pass
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop()
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- the one per-call wrapper -------------------------------------------
+
+    def _enter(self) -> None:
+        with self._idle:
+            self._inflight += 1
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def _fail(self, exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
+        if is_grpc_abort(exc, context):
+            raise exc
+        code, details, trailing = status_for_exception(exc, self.config, method)
+        if trailing:
+            context.set_trailing_metadata(trailing)
+        context.abort(code, details)
+        raise AssertionError("unreachable: abort() raises")  # pragma: no cover
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        enter, leave, fail = self._enter, self._leave, self._fail
+        if handler.response_streaming:
+            behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                enter()
+                try:
+                    yield from behaviour(request, context)
+                except Exception as exc:
+                    fail(exc, context, method)
+                finally:
+                    leave()
+
+            key = "stream_stream" if handler.request_streaming else "unary_stream"
+            return handler._replace(**{key: streaming})
+
+        behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            enter()
+            try:
+                return behaviour(request, context)
+            except Exception as exc:
+                fail(exc, context, method)
+            finally:
+                leave()
+
+        key = "stream_unary" if handler.request_streaming else "unary_unary"
+        return handler._replace(**{key: unary})
