@@ -23,6 +23,32 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpcio's asyncio health service, with Watch streams that can be ended.
+
+    Watch streams never finish on their own, so a draining server would wait
+    the whole grace period for them. Calling grpc.aio's ``stop`` a second time
+    to cut them short can crash grpcio, so the server ends them itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task[Any]] = set()
+
+    async def Watch(self, request: Any, context: Any) -> None:  # noqa: N802 - grpc method name
+        task = asyncio.current_task()
+        assert task is not None
+        self._watches.add(task)
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watches.discard(task)
+
+    def end_watches(self) -> None:
+        for task in self._watches:
+            task.cancel()
+
+
 class Server(ServerBase):
     """A gRPC server running ``async def`` handlers on the event loop.
 
@@ -36,7 +62,7 @@ class Server(ServerBase):
         self._grpc_server = grpc.aio.server(
             options=cfg.server_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs
         )
-        self.health = health.aio.HealthServicer() if cfg.health else None
+        self.health = _Health() if cfg.health else None
         self._inflight = 0
         self._draining = False
         self._idle = asyncio.Event()
@@ -84,13 +110,15 @@ class Server(ServerBase):
         self._draining = True
         if self._inflight == 0:
             self._idle.set()
+        # One stop() call only: grpc refuses new calls now and cancels the
+        # handlers still running when the grace period ends.
         graceful = asyncio.ensure_future(self._grpc_server.stop(grace))
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         except TimeoutError:
             pass
-        # Cancel what is left (health Watch streams, handlers over grace).
-        await self._grpc_server.stop(0)
+        if self.health is not None:
+            self.health.end_watches()
         await graceful
 
     async def wait(self) -> None:

@@ -1,0 +1,72 @@
+"""Shared fixtures: real rpcframe servers on 127.0.0.1 with port 0."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+import rpcframe
+import rpcframe.aio
+from tests.servicers import AioScriptedEcho, ScriptedEcho
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class Running:
+    """A started server with its servicer and target."""
+
+    def __init__(self, server: rpcframe.Server | rpcframe.aio.Server, servicer: object, port: int) -> None:
+        self.server = server
+        self.servicer = servicer
+        self.target = f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def sync_server() -> Iterator[Running]:
+    """A thread-pool rpcframe server serving the scripted echo servicer."""
+    servicer = ScriptedEcho()
+    server = rpcframe.Server(rpcframe.ServerConfig(grace_period=2.0))
+    server.add(servicer)
+    port = server.bind("127.0.0.1:0")
+    server.start()
+    yield Running(server, servicer, port)
+    servicer.release.set()
+    server.stop(0)
+
+
+@pytest.fixture
+async def aio_server() -> AsyncIterator[Running]:
+    """An asyncio rpcframe server serving the scripted echo servicer."""
+    servicer = AioScriptedEcho()
+    server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=2.0))
+    server.add(servicer)
+    port = server.bind("127.0.0.1:0")
+    await server.start()
+    yield Running(server, servicer, port)
+    servicer.release.set()
+    await server.stop(0)
+
+
+def run_in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run ``fn`` in a daemon thread; its result or exception lands in the list."""
+    out: list[object] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out

@@ -1,0 +1,96 @@
+"""Echo servicers whose request message scripts what the handler does.
+
+``"raise:NotFound:text"`` raises ``rpcframe.NotFound("text")``;
+``"py:ValueError:text"`` raises a builtin exception; ``"sleep:0.3"`` sleeps;
+``"block"`` waits until the test sets ``release``; ``"abort:NOT_FOUND:text"``
+calls ``context.abort``. Anything else is echoed. Each servicer counts calls
+and records cancellations so tests can assert on the server's view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import threading
+import time
+from typing import Any
+
+import grpc
+
+import rpcframe
+from examples.echo import AioEchoServicer, EchoServicer
+from generated.rpcframe.echo.v1 import echo_pb2
+
+
+def _error(kind: str, name: str, text: str) -> BaseException:
+    if kind == "raise":
+        cls = getattr(rpcframe, name)
+        return cls(text, trailing_metadata=(("x-error-ref", "42"),)) if text else cls()
+    return getattr(builtins, name)(text)
+
+
+class ScriptedEcho(EchoServicer):
+    """Thread-pool servicer driven by the request message."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:
+        self.calls += 1
+        kind, _, rest = request.message.partition(":")
+        if kind in ("raise", "py"):
+            name, _, text = rest.partition(":")
+            raise _error(kind, name, text)
+        if kind == "abort":
+            code, _, text = rest.partition(":")
+            context.abort(grpc.StatusCode[code], text)
+        if kind == "sleep":
+            time.sleep(float(rest))
+        if kind == "block":
+            context.add_callback(self.cancelled.set)
+            self.started.set()
+            self.release.wait(10)
+            self.finished.set()
+        if kind == "deadline":
+            remaining = context.time_remaining()
+            return echo_pb2.EchoResponse(message="none" if remaining is None else f"{remaining:.3f}")
+        return super().Echo(request, context)
+
+
+class AioScriptedEcho(AioEchoServicer):
+    """asyncio servicer driven by the request message."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:  # type: ignore[override]
+        self.calls += 1
+        kind, _, rest = request.message.partition(":")
+        if kind in ("raise", "py"):
+            name, _, text = rest.partition(":")
+            raise _error(kind, name, text)
+        if kind == "abort":
+            code, _, text = rest.partition(":")
+            await context.abort(grpc.StatusCode[code], text)
+        if kind == "sleep":
+            await asyncio.sleep(float(rest))
+        if kind == "block":
+            self.started.set()
+            try:
+                await asyncio.wait_for(self.release.wait(), 10)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            self.finished.set()
+        if kind == "deadline":
+            remaining = context.time_remaining()
+            return echo_pb2.EchoResponse(message="none" if remaining is None else f"{remaining:.3f}")
+        return await super().Echo(request, context)
