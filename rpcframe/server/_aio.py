@@ -21,32 +21,66 @@ __all__ = ["Server"]
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
-class _Health(health.aio.HealthServicer):  # type: ignore[misc]
-    """grpcio's asyncio health service, with Watch streams that can be ended.
+class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 for the asyncio server, with Watch streams that can end.
 
-    Watch streams never finish on their own, so a draining server would wait
-    the whole grace period for them. Calling grpc.aio's ``stop`` a second time
-    to cut them short can crash grpcio, so the server ends them itself.
+    grpcio's asyncio health servicer keeps Watch streams open forever, so a
+    draining server would wait out the whole grace period for them (and a
+    second grpc.aio ``stop()`` to cut them short can crash grpcio). Here
+    ``close()`` lets every Watch send its last status and finish with OK.
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self._watches: set[asyncio.Task[Any]] = set()
+        self._status: dict[str, int] = {"": _SERVING}
+        self._version = 0
+        self._changed = asyncio.Condition()
+        self._shutting_down = False
+        self._closed = False
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - grpc method name
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: Any, context: Any) -> None:  # noqa: N802 - grpc method name
-        task = asyncio.current_task()
-        assert task is not None
-        self._watches.add(task)
-        try:
-            await super().Watch(request, context)
-        finally:
-            self._watches.discard(task)
+        seen, last = -1, None
+        while True:
+            if seen != self._version:
+                seen = self._version
+                status = self._status.get(request.service, _SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+            if self._closed:
+                return
+            async with self._changed:
+                await self._changed.wait_for(lambda: seen != self._version or self._closed)
 
-    def end_watches(self) -> None:
-        for task in self._watches:
-            task.cancel()
+    async def _notify(self) -> None:
+        self._version += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def set(self, service: str, status: int) -> None:
+        """Set a service's status (ignored once shutdown began)."""
+        if not self._shutting_down:
+            self._status[service] = status
+            await self._notify()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Report NOT_SERVING for every service, for good."""
+        self._shutting_down = True
+        self._status = dict.fromkeys(self._status, _NOT_SERVING)
+        await self._notify()
+
+    async def close(self) -> None:
+        """End every Watch stream after its last update."""
+        self._closed = True
+        await self._notify()
 
 
 class Server(ServerBase):
@@ -118,7 +152,7 @@ class Server(ServerBase):
         except TimeoutError:
             pass
         if self.health is not None:
-            self.health.end_watches()
+            await self.health.close()
         await graceful
 
     async def wait(self) -> None:
