@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -20,6 +21,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    """Await ``predicate()`` until it is true; raise TimeoutError after ``within`` s."""
+    async with asyncio.timeout(within):
+        while not await predicate():  # noqa: ASYNC110 - polls remote state, no event to wait on
+            await asyncio.sleep(0.005)
 
 
 class Running:

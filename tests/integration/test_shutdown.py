@@ -13,7 +13,7 @@ import rpcframe
 import rpcframe.aio
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
-from tests.conftest import run_in_thread, wait_until
+from tests.conftest import eventually, run_in_thread, wait_until
 from tests.servicers import AioScriptedEcho, ScriptedEcho
 
 SERVICE = "rpcframe.echo.v1.EchoService"
@@ -122,12 +122,6 @@ async def _arefused(stub: echo_pb2_grpc.EchoServiceStub) -> bool:
     return False
 
 
-async def _await_condition(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_graceful_stop_aio() -> None:
     servicer = AioScriptedEcho()
     server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=30))
@@ -142,13 +136,13 @@ async def test_graceful_stop_aio() -> None:
         async def seen(status: int) -> bool:
             return status in statuses
 
-        await _await_condition(lambda: seen(SERVING))
+        await eventually(lambda: seen(SERVING))
         in_flight = asyncio.ensure_future(stub.Echo(pb.EchoRequest(message="block")))
         await asyncio.wait_for(servicer.started.wait(), 5)
 
         stopper = asyncio.ensure_future(server.stop())
-        await _await_condition(lambda: seen(NOT_SERVING))
-        await _await_condition(lambda: _arefused(stub))
+        await eventually(lambda: seen(NOT_SERVING))
+        await eventually(lambda: _arefused(stub))
         assert not stopper.done()
 
         servicer.release.set()
