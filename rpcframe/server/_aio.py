@@ -58,7 +58,8 @@ class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             if self._closed:
                 return
             async with self._changed:
-                await self._changed.wait_for(lambda seen=seen: seen != self._version or self._closed)
+                while seen == self._version and not self._closed:
+                    await self._changed.wait()
 
     async def _notify(self) -> None:
         self._version += 1
