@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..config import ServerConfig
-from ._common import ServerBase, is_grpc_abort, status_for_exception
+from ._common import BadRequest, ServerBase, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -218,6 +218,8 @@ class Server(ServerBase):
         is_async = inspect.iscoroutinefunction(behaviour)
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if type(request) is BadRequest:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             self._inflight += 1
             try:
                 result = behaviour(request, context)
@@ -231,6 +233,8 @@ class Server(ServerBase):
 
     def _wrap_generator(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if type(request) is BadRequest:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             self._inflight += 1
             try:
                 responses = behaviour(request, context)

@@ -86,6 +86,37 @@ def record_services(servicer: object, add_fn: AddFunction | None = None) -> list
     return services
 
 
+class BadRequest:
+    """Stands in for a request whose bytes did not parse.
+
+    grpcio answers a request that fails to deserialize with INTERNAL (sync)
+    or UNKNOWN plus the parser's message (asyncio). rpcframe's deserializer
+    returns this marker instead, and the per-call wrapper ends the call with
+    INVALID_ARGUMENT on both fronts.
+    """
+
+    __slots__ = ("details",)
+
+    def __init__(self, details: str) -> None:
+        self.details = details
+
+
+def safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so bad bytes yield :class:`BadRequest`."""
+    if deserialize is None:
+        return None
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "message")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return BadRequest(f"request is not a valid {type_name}: {exc}")
+
+    return parse
+
+
 def is_grpc_abort(exc: BaseException, context: Any) -> bool:
     """Whether ``exc`` is how grpcio ends a handler after ``context.abort()``.
 
@@ -113,6 +144,12 @@ def status_for_exception(
     ref = uuid.uuid4().hex[:12]
     _LOG.error("unhandled exception in %s (ref %s)", method, ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})", ()
+
+
+def _parse_safely(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.request_streaming:
+        return handler  # a streamed request's bad message ends the stream with grpc's own status
+    return handler._replace(request_deserializer=safe_deserializer(handler.request_deserializer))
 
 
 class ServerBase:
@@ -152,7 +189,7 @@ class ServerBase:
         for service in services:
             if service.name in self.service_names:
                 raise ConfigError(f"service {service.name} is already registered")
-            wrapped = {m: self._wrap(f"/{service.name}/{m}", h) for m, h in service.handlers.items()}
+            wrapped = {m: self._wrap(f"/{service.name}/{m}", _parse_safely(h)) for m, h in service.handlers.items()}
             self._grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.name, wrapped),))
             self._grpc_server.add_registered_method_handlers(service.name, wrapped)
             self._services.append(service)

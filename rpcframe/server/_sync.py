@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..config import ServerConfig
-from ._common import ServerBase, is_grpc_abort, status_for_exception
+from ._common import BadRequest, ServerBase, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -174,6 +174,8 @@ class Server(ServerBase):
             behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if type(request) is BadRequest:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 enter()
                 try:
                     yield from behaviour(request, context)
@@ -188,6 +190,8 @@ class Server(ServerBase):
         behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            if type(request) is BadRequest:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             enter()
             try:
                 return behaviour(request, context)
