@@ -41,8 +41,11 @@ def register(sub: Any) -> None:
 
 def _servicers(obj: Any) -> list[Any]:
     if inspect.isclass(obj) or (callable(obj) and not _looks_like_servicer(obj)):
-        obj = obj()
-    if isinstance(obj, Iterable) and not _looks_like_servicer(obj):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise CliError(f"cannot create servicers: {type(exc).__name__}: {exc}") from None
+    if isinstance(obj, Iterable) and not isinstance(obj, str | bytes) and not _looks_like_servicer(obj):
         items = list(obj)
     else:
         items = [obj]

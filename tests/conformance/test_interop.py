@@ -106,7 +106,9 @@ async def test_buf_curl_server_stream_and_error_aio(aio_server: Running) -> None
     # buf prints one JSON document per streamed message.
     docs = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()]
     assert docs == [{"message": "s"}, {"message": "s", "index": 1}]
-    code, _, err = await _abuf_curl(aio_server.target, "rpcframe.echo.v1.EchoService/Echo", '{"message": "raise:NotFound:nope"}')
+    code, _, err = await _abuf_curl(
+        aio_server.target, "rpcframe.echo.v1.EchoService/Echo", '{"message": "raise:NotFound:nope"}'
+    )
     assert code != 0
     assert "not_found" in err.lower().replace(" ", "_")
 
