@@ -10,8 +10,8 @@ from rpcframe import errors
 
 
 def _leaves() -> list[type[errors.RpcError]]:
-    return [getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)
-            and issubclass(getattr(errors, n), errors.RpcError) and getattr(errors, n) is not errors.RpcError]  # fmt: skip
+    members = [getattr(errors, n) for n in errors.__all__]
+    return [m for m in members if isinstance(m, type) and issubclass(m, errors.RpcError) and m is not errors.RpcError]
 
 
 def test_one_leaf_per_non_ok_status() -> None:
