@@ -33,7 +33,7 @@ check-generated: $(STAMP)
 	@echo "generated/ is up to date"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rpcframe tests benchmarks examples
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: setup check-generated lint
