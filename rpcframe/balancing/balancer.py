@@ -1,0 +1,182 @@
+"""The balancer's state machine, shared by the sync and asyncio fronts.
+
+It keeps one entry per resolved endpoint (connectivity, health, stats) and
+publishes a new immutable picker whenever something changes. It does no
+I/O: the fronts own the grpc channels, watch connectivity and health, and
+report here. All mutations hold one lock, so the sync front's grpc callback
+threads, health threads and callers can report concurrently; picks read the
+current picker without locking.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..health.outlier import OutlierConfig, update_ejections
+from .endpoint import Endpoint, EndpointStats
+from .pickers import Picker, PickerContext, build_picker
+
+__all__ = ["BalancerCore", "Connectivity", "EndpointEntry"]
+
+
+class Connectivity(enum.Enum):
+    """Connection state of one endpoint (grpc's channel states)."""
+
+    IDLE = "IDLE"
+    CONNECTING = "CONNECTING"
+    READY = "READY"
+    TRANSIENT_FAILURE = "TRANSIENT_FAILURE"
+    SHUTDOWN = "SHUTDOWN"
+
+
+@dataclass
+class EndpointEntry:
+    """What the balancer knows of one endpoint."""
+
+    stats: EndpointStats
+    connectivity: Connectivity = Connectivity.IDLE
+    serving: bool = True  # until the health watch says otherwise
+    health_detail: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def describe(self, now: float) -> str:
+        if self.connectivity is not Connectivity.READY:
+            return f"{self.stats.address} {self.connectivity.value}"
+        if not self.serving:
+            return f"{self.stats.address} {self.health_detail or 'NOT_SERVING'}"
+        if self.stats.ejected_until > now:
+            return f"{self.stats.address} ejected for {self.stats.ejected_until - now:.1f}s after repeated failures"
+        return f"{self.stats.address} READY"
+
+
+class BalancerCore:
+    """Endpoint states in, pickers out."""
+
+    def __init__(
+        self,
+        target: str,
+        policy: str,
+        context: PickerContext,
+        *,
+        outlier: OutlierConfig | None = None,
+        panic_threshold: float = 0.5,
+        ewma_decay: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.policy = policy
+        self.context = context
+        self.outlier = outlier or OutlierConfig()
+        self.panic_threshold = panic_threshold
+        self._ewma_decay = ewma_decay
+        self._lock = threading.RLock()
+        self._entries: dict[str, EndpointEntry] = {}
+        self._resolved = False
+        self._listeners: list[Callable[[], None]] = []
+        self.panic = False
+        self.picker: Picker = build_picker(policy, (), context, f"{target}: resolving")
+        self._expires_at = math.inf
+
+    # -- reports from the fronts --------------------------------------------
+
+    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> tuple[list[EndpointEntry], list[EndpointEntry]]:
+        """Apply a resolver update; returns (added, removed) entries.
+
+        Entries for addresses that stay keep their statistics; in-flight calls
+        on removed endpoints are not touched (their channels close gracefully
+        in the front).
+        """
+        with self._lock:
+            wanted = {e.address: e for e in endpoints}
+            removed = [self._entries.pop(a) for a in list(self._entries) if a not in wanted]
+            added = []
+            for address, endpoint in wanted.items():
+                entry = self._entries.get(address)
+                if entry is None:
+                    stats = EndpointStats(
+                        endpoint, self.context.clock, decay=self._ewma_decay,
+                        failure_threshold=self.outlier.consecutive_failures,
+                    )  # fmt: skip
+                    entry = EndpointEntry(stats)
+                    added.append(entry)
+                elif entry.stats.endpoint != endpoint:
+                    entry.stats.endpoint = endpoint  # new weight/zone, same connection
+                self._entries[address] = entry
+            # Keep resolver order (pick_first depends on it).
+            self._entries = {a: self._entries[a] for a in wanted}
+            self._resolved = True
+            self._rebuild()
+        return added, removed
+
+    def set_connectivity(self, address: str, state: Connectivity) -> None:
+        """An endpoint's channel changed state."""
+        with self._lock:
+            entry = self._entries.get(address)
+            if entry is None or entry.connectivity is state:
+                return
+            became_ready = state is Connectivity.READY
+            entry.connectivity = state
+            if became_ready:
+                self._mark_returning(entry)
+            self._rebuild()
+
+    def set_serving(self, address: str, serving: bool, detail: str = "") -> None:
+        """An endpoint's health watch reported a status."""
+        with self._lock:
+            entry = self._entries.get(address)
+            if entry is None or (entry.serving is serving and entry.health_detail == detail):
+                return
+            entry.serving, entry.health_detail = serving, detail
+            if serving:
+                self._mark_returning(entry)
+            self._rebuild()
+
+    def refresh(self) -> None:
+        """Rebuild the picker (after an outlier report or an ejection expiry)."""
+        with self._lock:
+            self._rebuild()
+
+    def current(self) -> Picker:
+        """The picker to use now (rebuilt first if an ejection has expired)."""
+        if self._expires_at <= self.context.clock():
+            self.refresh()
+        return self.picker
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every picker rebuild (wakes waiting calls)."""
+        self._listeners.append(listener)
+
+    def entries(self) -> list[EndpointEntry]:
+        """A snapshot of the endpoint entries, in resolver order."""
+        with self._lock:
+            return list(self._entries.values())
+
+    # -- internals -------------------------------------------------------------
+
+    def _mark_returning(self, entry: EndpointEntry) -> None:
+        # Slow start only matters when others already carry the traffic.
+        others = any(e is not entry and e.connectivity is Connectivity.READY for e in self._entries.values())
+        entry.stats.ready_since = self.context.clock() if others else -math.inf
+
+    def _rebuild(self) -> None:
+        now = self.context.clock()
+        ready = [e for e in self._entries.values() if e.connectivity is Connectivity.READY]
+        self._expires_at = update_ejections([e.stats for e in ready], self.outlier, now)
+        usable = [e.stats for e in ready if e.serving and e.stats.ejected_until <= now]
+        self.panic = bool(ready) and len(usable) < self.panic_threshold * len(ready)
+        if self.panic:
+            usable = [e.stats for e in ready]  # too few healthy: spread over all connected
+        self.picker = build_picker(self.policy, usable, self.context, self._reason(now))
+        for listener in self._listeners:
+            listener()
+
+    def _reason(self, now: float) -> str:
+        if not self._resolved:
+            return f"{self.target}: resolving"
+        if not self._entries:
+            return f"{self.target}: the resolver returned no endpoints"
+        states = "; ".join(e.describe(now) for e in self._entries.values())
+        return f"{self.target}: no ready endpoint ({states})"

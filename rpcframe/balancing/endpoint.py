@@ -1,0 +1,123 @@
+"""Endpoints and their live statistics (pure: no I/O, clock injected)."""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .._core.ewma import PeakEWMA
+
+__all__ = ["Endpoint", "EndpointStats", "Outcome"]
+
+Clock = Callable[[], float]
+
+#: Latency assumed for an endpoint that has not answered yet (seconds).
+DEFAULT_RTT = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend address as a resolver reports it.
+
+    Attributes:
+        address: ``host:port`` (``[v6]:port`` for IPv6) or ``unix:path``.
+        weight: relative share for ``weighted_round_robin`` (>= 1).
+        zone: locality label, free for policies to use.
+        metadata: other resolver-provided key/value pairs.
+    """
+
+    address: str
+    weight: int = 1
+    zone: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+class Outcome(enum.IntEnum):
+    """How a call ended, as far as balancing cares."""
+
+    SUCCESS = 0  # includes application errors (NOT_FOUND, INVALID_ARGUMENT, ...)
+    FAILURE = 1  # the endpoint failed (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS, timeouts)
+    IGNORED = 2  # cancelled by the caller: says nothing about the endpoint
+
+
+class EndpointStats:
+    """Live state of one endpoint, shared by every picker snapshot.
+
+    ``done`` is the done-callback a pick returns: it takes the outcome and the
+    latency in seconds and returns True when the balancer should rebuild its
+    picker (an outlier ejection is due). ``handle`` is whatever the client
+    front attaches (its channel and per-method calls); the core never looks.
+    """
+
+    __slots__ = (
+        "_clock", "_lock", "consecutive_failures", "ejected_until", "ejections", "endpoint",
+        "ewma", "failure_threshold", "handle", "inflight", "ready_since",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        clock: Clock,
+        *,
+        decay: float = 10.0,
+        initial_latency: float = 0.0,
+        failure_threshold: int = 5,
+    ) -> None:
+        self.endpoint = endpoint
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.ewma = PeakEWMA(decay, initial_latency, clock())
+        self.inflight = 0
+        self.consecutive_failures = 0
+        self.failure_threshold = failure_threshold
+        self.ejections = 0
+        self.ejected_until = -math.inf
+        self.ready_since = -math.inf
+        self.handle: Any = None
+
+    @property
+    def address(self) -> str:
+        """The endpoint's address."""
+        return self.endpoint.address
+
+    def begin(self) -> None:
+        """Count a call as started on this endpoint."""
+        with self._lock:
+            self.inflight += 1
+
+    def done(self, outcome: Outcome, latency: float) -> bool:
+        """Record a finished call; True when it should trigger an ejection check."""
+        now = self._clock()
+        with self._lock:
+            self.inflight -= 1
+            if outcome is Outcome.IGNORED:
+                return False
+            self.ewma.observe(latency, now)
+            if outcome is Outcome.SUCCESS:
+                self.consecutive_failures = 0
+                return False
+            self.consecutive_failures += 1
+            return self.consecutive_failures == self.failure_threshold
+
+    def cost(self, now: float) -> float:
+        """Peak-EWMA load score: latency estimate x (in-flight + 1).
+
+        An endpoint without a latency sample yet is assumed to answer in
+        ``DEFAULT_RTT`` (Linkerd's approach), so it is tried without being
+        flooded before its real latency is known.
+        """
+        return (self.ewma.current(now) or DEFAULT_RTT) * (self.inflight + 1)
+
+    def warmth(self, now: float, window: float) -> float:
+        """Slow-start factor in (0, 1]: how far the endpoint is into its ramp."""
+        if window <= 0:
+            return 1.0
+        age = now - self.ready_since
+        return 1.0 if age >= window else max(0.1, age / window)
+
+    def __repr__(self) -> str:
+        return f"EndpointStats({self.address!r}, inflight={self.inflight})"

@@ -1,0 +1,1 @@
+"""Endpoint health: passive outlier detection (pure) and active health watching."""
