@@ -12,9 +12,11 @@ from typing import Any
 
 import grpc
 
+from .balancing.pickers import available_policies
 from .errors import DEFAULT_EXCEPTION_STATUS, ConfigError
+from .health.outlier import OutlierConfig
 
-__all__ = ["ChannelConfig", "GrpcOptions", "ServerConfig"]
+__all__ = ["ChannelConfig", "GrpcOptions", "OutlierConfig", "ServerConfig"]
 
 GrpcOptions = tuple[tuple[str, Any], ...]
 
@@ -60,6 +62,24 @@ class ChannelConfig:
         keepalive_permit_without_calls: ping even when no call is active.
         user_agent: prefix of the ``user-agent`` header.
         grpc_options: extra raw grpc channel arguments, applied last.
+        policy: how each call picks an endpoint: ``peak_ewma`` (default),
+            ``least_request``, ``round_robin``, ``weighted_round_robin``,
+            ``pick_first`` or a name given to ``register_policy``.
+        health_check: watch each endpoint's grpc.health.v1 status and keep
+            NOT_SERVING / SERVICE_UNKNOWN endpoints out of picks.
+        health_service: service name to watch ("" = the whole server).
+        outlier: passive outlier detection (consecutive failures -> ejection).
+        slow_start: seconds over which an endpoint that joins or returns
+            ramps up to its full share (0 turns it off).
+        panic_threshold: when fewer than this share of connected endpoints
+            is healthy, spread calls over all connected ones (0 disables).
+        ewma_decay: seconds of the peak-EWMA latency decay.
+        dns_refresh: seconds between DNS re-resolutions (``dns:///`` targets).
+        failover_attempts: extra endpoints tried when a call fails before its
+            request left the client (any method) or with UNAVAILABLE on a
+            dropped connection (methods marked NO_SIDE_EFFECTS / IDEMPOTENT).
+        close_grace: seconds a removed endpoint's channel stays open for its
+            in-flight calls.
     """
 
     default_timeout: float | None = None
@@ -71,8 +91,26 @@ class ChannelConfig:
     keepalive_permit_without_calls: bool = False
     user_agent: str = _USER_AGENT
     grpc_options: GrpcOptions = ()
+    policy: str = "peak_ewma"
+    health_check: bool = True
+    health_service: str = ""
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    slow_start: float = 10.0
+    panic_threshold: float = 0.5
+    ewma_decay: float = 10.0
+    dns_refresh: float = 30.0
+    failover_attempts: int = 2
+    close_grace: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.policy not in available_policies():
+            raise ConfigError(f"policy {self.policy!r} is not one of {', '.join(available_policies())}")
+        if self.slow_start < 0 or not 0 <= self.panic_threshold <= 1:
+            raise ConfigError("slow_start must be >= 0 and panic_threshold within 0..1")
+        if self.failover_attempts < 0:
+            raise ConfigError(f"failover_attempts must be >= 0, got {self.failover_attempts!r}")
+        _check_positive("ewma_decay", self.ewma_decay, allow_none=False)
+        _check_positive("dns_refresh", self.dns_refresh, allow_none=False)
         _check_positive("default_timeout", self.default_timeout)
         _check_size("max_send_message_length", self.max_send_message_length)
         _check_size("max_receive_message_length", self.max_receive_message_length)

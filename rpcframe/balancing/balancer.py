@@ -77,17 +77,23 @@ class BalancerCore:
         self._resolved = False
         self._listeners: list[Callable[[], None]] = []
         self.panic = False
+        self.fallback = False
+        self.all_failed = False
+        self.reason = f"{target}: resolving"
         self.picker: Picker = build_picker(policy, (), context, f"{target}: resolving")
         self._expires_at = math.inf
 
     # -- reports from the fronts --------------------------------------------
 
-    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> tuple[list[EndpointEntry], list[EndpointEntry]]:
+    def set_endpoints(
+        self, endpoints: Sequence[Endpoint], attach: Callable[[EndpointEntry], None] | None = None
+    ) -> tuple[list[EndpointEntry], list[EndpointEntry]]:
         """Apply a resolver update; returns (added, removed) entries.
 
-        Entries for addresses that stay keep their statistics; in-flight calls
-        on removed endpoints are not touched (their channels close gracefully
-        in the front).
+        ``attach`` runs for each new entry before any picker can hand it out
+        (the front creates the endpoint's channel there). Entries for
+        addresses that stay keep their statistics; in-flight calls on removed
+        endpoints are not touched (the front closes their channels later).
         """
         with self._lock:
             wanted = {e.address: e for e in endpoints}
@@ -105,6 +111,9 @@ class BalancerCore:
                 elif entry.stats.endpoint != endpoint:
                     entry.stats.endpoint = endpoint  # new weight/zone, same connection
                 self._entries[address] = entry
+            if attach is not None:
+                for entry in added:
+                    attach(entry)
             # Keep resolver order (pick_first depends on it).
             self._entries = {a: self._entries[a] for a in wanted}
             self._resolved = True
@@ -149,6 +158,14 @@ class BalancerCore:
         """Call ``listener()`` after every picker rebuild (wakes waiting calls)."""
         self._listeners.append(listener)
 
+    def aggregate(self) -> Connectivity:
+        """One state for the whole target (READY if any endpoint is, ...)."""
+        states = {e.connectivity for e in self._entries.values()}
+        for state in (Connectivity.READY, Connectivity.CONNECTING, Connectivity.IDLE, Connectivity.TRANSIENT_FAILURE):
+            if state in states:
+                return state
+        return Connectivity.IDLE
+
     def entries(self) -> list[EndpointEntry]:
         """A snapshot of the endpoint entries, in resolver order."""
         with self._lock:
@@ -169,7 +186,19 @@ class BalancerCore:
         self.panic = bool(ready) and len(usable) < self.panic_threshold * len(ready)
         if self.panic:
             usable = [e.stats for e in ready]  # too few healthy: spread over all connected
-        self.picker = build_picker(self.policy, usable, self.context, self._reason(now))
+        self.fallback = not usable and bool(self._entries)
+        self.all_failed = self.fallback and all(
+            e.connectivity is Connectivity.TRANSIENT_FAILURE for e in self._entries.values()
+        )
+        if self.fallback:
+            # Nothing is ready: hand calls to a connecting endpoint and let
+            # grpc queue them (or fail them, when all have failed and the
+            # caller did not ask to wait for ready).
+            usable = [e.stats for e in self._entries.values() if e.connectivity is not Connectivity.SHUTDOWN]
+        self.reason = self._reason(now)
+        self.picker = build_picker("round_robin", usable, self.context, self.reason) if self.fallback else (
+            build_picker(self.policy, usable, self.context, self.reason)
+        )
         for listener in self._listeners:
             listener()
 

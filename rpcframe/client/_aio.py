@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Generator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ..balancing.balancer import BalancerCore, EndpointEntry
+from ..balancing.endpoint import Endpoint, Outcome
+from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
-from ..errors import from_grpc
-from ._common import Metadata, MethodBase
+from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
+from ._common import (
+    BalancedChannelBase,
+    Metadata,
+    MethodBase,
+    SubchannelBase,
+    Target,
+    connectivity_of,
+    outcome_of,
+)
 
 __all__ = ["Channel", "connect"]
 
@@ -112,10 +126,89 @@ class Call:
         return await self._call.details()  # type: ignore[no-any-return]
 
 
+class UnaryCall(Call):
+    """A unary-response call: picks, sends, reports the outcome, fails over."""
+
+    __slots__ = ("_args", "_channel", "_done", "_method", "_request", "_start")
+
+    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...]) -> None:
+        self._method = method
+        self._channel: Channel = method._channel  # type: ignore[assignment]
+        self._request = request
+        self._args = args  # timeout, metadata, credentials, wait_for_ready, compression
+        self._done: Any = None
+        try:
+            stats, self._done = self._channel._pick_now(args[3])
+        except NoEndpointError:
+            super().__init__(None)  # nothing to send to yet: wait in __await__
+            return
+        super().__init__(self._send(stats))
+
+    def _send(self, stats: Any) -> Any:
+        timeout, metadata, credentials, wait_for_ready, compression = self._args
+        self._start = time.perf_counter()
+        return stats.handle.call(self._method)(
+            self._request, timeout=timeout, metadata=metadata, credentials=credentials,
+            wait_for_ready=wait_for_ready, compression=compression,
+        )  # fmt: skip
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        timeout = self._args[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            if self._call is None:
+                stats, self._done = await self._channel._pick_waiting(self._args[3], deadline)
+                self._call = self._send(stats)
+            try:
+                response = await self._call
+            except grpc.RpcError as exc:
+                if self._done(outcome_of(exc.code()), time.perf_counter() - self._start):
+                    self._channel.balancer.refresh()
+                retry, remaining = self._method._failover(exc, attempt, deadline)
+                if not retry:
+                    raise self._channel._error(exc) from None
+                attempt += 1
+                self._args = (remaining, *self._args[1:])
+                self._call = None
+                continue
+            except BaseException:
+                self._done(Outcome.IGNORED, 0.0)  # cancelled while waiting
+                raise
+            self._done(Outcome.SUCCESS, time.perf_counter() - self._start)
+            return response
+
+    def cancel(self) -> bool:
+        """Cancel the call; the server sees CANCELLED."""
+        return self._call is not None and bool(self._call.cancel())
+
+
+def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...]) -> Call:
+    """Pick once for a stream; the pick is released when the stream ends."""
+    channel: Channel = method._channel  # type: ignore[assignment]
+    timeout, metadata, credentials, wait_for_ready, compression = args
+    try:
+        stats, done = channel._pick_now(wait_for_ready)
+    except NoEndpointError:
+        raise Unavailable(channel.balancer.reason) from None
+    call = stats.handle.call(method)(
+        request, timeout=timeout, metadata=metadata, credentials=credentials,
+        wait_for_ready=wait_for_ready, compression=compression,
+    )  # fmt: skip
+    # Streams count as in-flight while open; their length says nothing about
+    # the endpoint's latency, so they do not feed the EWMA.
+    call.add_done_callback(lambda _: done(Outcome.IGNORED, 0.0))
+    return Call(call)
+
+
 class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     """Unary method: ``await stub.Method(request, timeout=..., metadata=...)``."""
 
     __slots__ = ()
+    kind = "unary_unary"
 
     def __call__(
         self,
@@ -128,14 +221,14 @@ class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[
         compression: grpc.Compression | None = None,
     ) -> Any:
         timeout, metadata = self._prepare(timeout, metadata)
-        return Call(self._call(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                               wait_for_ready=wait_for_ready, compression=compression))  # fmt: skip
+        return UnaryCall(self, request, (timeout, metadata, credentials, wait_for_ready, compression))
 
 
 class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
     """Server-streaming method: ``async for response in stub.Method(request)``."""
 
     __slots__ = ()
+    kind = "unary_stream"
 
     def __call__(
         self,
@@ -148,14 +241,14 @@ class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignor
         compression: grpc.Compression | None = None,
     ) -> Any:
         timeout, metadata = self._prepare(timeout, metadata)
-        return Call(self._call(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                               wait_for_ready=wait_for_ready, compression=compression))  # fmt: skip
+        return _start_stream(self, request, (timeout, metadata, credentials, wait_for_ready, compression))
 
 
 class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
     """Client-streaming method: an (async) iterator of requests, or ``write()``."""
 
     __slots__ = ()
+    kind = "stream_unary"
 
     def __call__(
         self,
@@ -167,14 +260,14 @@ class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignor
         compression: grpc.Compression | None = None,
     ) -> Any:
         timeout, metadata = self._prepare(timeout, metadata)
-        return Call(self._call(request_iterator, timeout=timeout, metadata=metadata, credentials=credentials,
-                               wait_for_ready=wait_for_ready, compression=compression))  # fmt: skip
+        return _start_stream(self, request_iterator, (timeout, metadata, credentials, wait_for_ready, compression))
 
 
 class StreamStream(MethodBase, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
     """Bidirectional-streaming method: requests in, ``async for`` responses out."""
 
     __slots__ = ()
+    kind = "stream_stream"
 
     def __call__(
         self,
@@ -186,17 +279,122 @@ class StreamStream(MethodBase, grpc.aio.StreamStreamMultiCallable):  # type: ign
         compression: grpc.Compression | None = None,
     ) -> Any:
         timeout, metadata = self._prepare(timeout, metadata)
-        return Call(self._call(request_iterator, timeout=timeout, metadata=metadata, credentials=credentials,
-                               wait_for_ready=wait_for_ready, compression=compression))  # fmt: skip
+        return _start_stream(self, request_iterator, (timeout, metadata, credentials, wait_for_ready, compression))
 
 
-class Channel(grpc.aio.Channel):  # type: ignore[misc]
-    """An asyncio client channel; pass it to a generated stub or use :meth:`stub`."""
+class _Subchannel(SubchannelBase):
+    """One endpoint: a grpc.aio channel, its connectivity task and health task."""
 
-    def __init__(self, target: str, config: ChannelConfig | None = None) -> None:
-        self.target = target
-        self.config = config or ChannelConfig()
-        self._channel = grpc.aio.insecure_channel(target, options=self.config.channel_options())
+    def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
+        super().__init__(address, grpc.aio.insecure_channel(address, options=config.channel_options()))
+        self._core = core
+        self._tasks = [asyncio.ensure_future(self._watch_state())]
+        if config.health_check:
+            self._tasks.append(asyncio.ensure_future(self._watch_health(config.health_service)))
+
+    async def _watch_state(self) -> None:
+        state = self.channel.get_state(try_to_connect=True)
+        while True:
+            self._core.set_connectivity(self.address, connectivity_of(state))
+            await self.channel.wait_for_state_change(state)
+            # try_to_connect: a dropped connection goes IDLE; reconnect at once.
+            state = self.channel.get_state(try_to_connect=True)
+
+    async def _watch_health(self, service: str) -> None:
+        request = health_pb2.HealthCheckRequest(service=service)
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        backoff = 0.05
+        while True:
+            try:
+                async for response in stub.Watch(request, wait_for_ready=True):
+                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                    self._core.set_serving(self.address, serving, name)
+                    backoff = 0.05
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    self._core.set_serving(self.address, True)  # no health service: trust connectivity
+                    return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop watching and close the channel."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.channel.close(grace)
+
+
+class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
+    """An asyncio client channel to a service (see :class:`rpcframe.Channel`).
+
+    Create it inside a running event loop (it starts connectivity and health
+    watchers as tasks).
+    """
+
+    def __init__(self, target: Target, config: ChannelConfig | None = None) -> None:
+        super().__init__(target, config)
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._core.add_listener(self._on_picker)
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._resolver.start(self._on_endpoints)
+
+    def _on_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        # Resolvers may report from their own threads; apply on the loop.
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._apply(endpoints)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._apply, endpoints)
+
+    def _apply(self, endpoints: Sequence[Endpoint]) -> None:
+        if self._closed:
+            return
+        _, removed = self._core.set_endpoints(endpoints, attach=self._attach)
+        for entry in removed:
+            task = asyncio.ensure_future(self._retire(entry))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _attach(self, entry: EndpointEntry) -> None:
+        entry.stats.handle = _Subchannel(entry.stats.address, self._core, self.config)
+
+    async def _retire(self, entry: EndpointEntry) -> None:
+        """Close a removed endpoint; grpc.aio lets its active calls finish within the grace."""
+        await entry.stats.handle.close(self.config.close_grace)
+
+    def _on_picker(self) -> None:
+        # Wake every waiter, then re-arm for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _pick_waiting(self, wait_for_ready: bool | None, deadline: float | None) -> Pick:
+        while True:
+            try:
+                return self._pick_now(wait_for_ready)
+            except NoEndpointError:
+                if not wait_for_ready:
+                    raise Unavailable(self._core.reason) from None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"waiting for an endpoint: {self._core.reason}")
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+            except TimeoutError:
+                raise DeadlineExceeded(f"waiting for an endpoint: {self._core.reason}") from None
+
+    def _error(self, exc: grpc.RpcError) -> RpcError:
+        err = from_grpc(exc)
+        if err.code() is grpc.StatusCode.UNAVAILABLE and self._core.fallback:
+            return Unavailable(f"{self._core.reason}: {err.details()}")
+        return err
 
     def stub(self, stub_class: Callable[[grpc.aio.Channel], S]) -> S:
         """Instantiate a generated ``*Stub`` class on this channel."""
@@ -210,11 +408,7 @@ class Channel(grpc.aio.Channel):  # type: ignore[misc]
         _registered_method: bool = False,
     ) -> UnaryUnary:
         """Wrap a unary method (called by generated stubs)."""
-        return UnaryUnary(
-            method,
-            self._channel.unary_unary(method, request_serializer, response_deserializer, _registered_method),
-            self.config,
-        )
+        return UnaryUnary(self, method, request_serializer, response_deserializer)
 
     def unary_stream(
         self,
@@ -224,11 +418,7 @@ class Channel(grpc.aio.Channel):  # type: ignore[misc]
         _registered_method: bool = False,
     ) -> UnaryStream:
         """Wrap a server-streaming method (called by generated stubs)."""
-        return UnaryStream(
-            method,
-            self._channel.unary_stream(method, request_serializer, response_deserializer, _registered_method),
-            self.config,
-        )
+        return UnaryStream(self, method, request_serializer, response_deserializer)
 
     def stream_unary(
         self,
@@ -238,11 +428,7 @@ class Channel(grpc.aio.Channel):  # type: ignore[misc]
         _registered_method: bool = False,
     ) -> StreamUnary:
         """Wrap a client-streaming method (called by generated stubs)."""
-        return StreamUnary(
-            method,
-            self._channel.stream_unary(method, request_serializer, response_deserializer, _registered_method),
-            self.config,
-        )
+        return StreamUnary(self, method, request_serializer, response_deserializer)
 
     def stream_stream(
         self,
@@ -252,27 +438,29 @@ class Channel(grpc.aio.Channel):  # type: ignore[misc]
         _registered_method: bool = False,
     ) -> StreamStream:
         """Wrap a bidirectional-streaming method (called by generated stubs)."""
-        return StreamStream(
-            method,
-            self._channel.stream_stream(method, request_serializer, response_deserializer, _registered_method),
-            self.config,
-        )
+        return StreamStream(self, method, request_serializer, response_deserializer)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """Current connectivity state."""
-        return self._channel.get_state(try_to_connect)
+        """The target's aggregate connectivity (READY if any endpoint is)."""
+        return grpc.ChannelConnectivity[self._core.aggregate().name]
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        """Wait until the state differs from ``last_observed_state``."""
-        await self._channel.wait_for_state_change(last_observed_state)
+        """Wait until the aggregate state differs from ``last_observed_state``."""
+        while self.get_state() == last_observed_state:
+            await self._changed.wait()
 
     async def channel_ready(self) -> None:
-        """Wait until the channel is connected."""
-        await self._channel.channel_ready()
+        """Wait until some endpoint is ready."""
+        while self._core.fallback or not self._core.picker.endpoints:
+            await self._changed.wait()
 
     async def close(self, grace: float | None = None) -> None:
-        """Close the channel; calls still active after ``grace`` are cancelled."""
-        await self._channel.close(grace)
+        """Close every endpoint's channel; calls still active after ``grace`` are cancelled."""
+        self._closed = True
+        self._resolver.close()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*(e.stats.handle.close(grace) for e in self._core.entries()))
 
     async def __aenter__(self) -> Channel:
         return self
@@ -283,6 +471,6 @@ class Channel(grpc.aio.Channel):  # type: ignore[misc]
         await self.close()
 
 
-def connect(target: str, config: ChannelConfig | None = None) -> Channel:
-    """Open an asyncio channel to ``target`` (``host:port`` or a grpc target URI)."""
+def connect(target: Target, config: ChannelConfig | None = None) -> Channel:
+    """Open an asyncio channel to ``target`` (call it inside a running event loop)."""
     return Channel(target, config)
