@@ -6,6 +6,9 @@ The sync API lives here; the asyncio API with the same names in
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .balancing.endpoint import Endpoint
+from .balancing.pickers import register_policy
+from .balancing.resolver import DNSResolver, ManualResolver, Resolver, StaticResolver
 from .client._sync import Channel, ResponseStream, connect
 from .config import ChannelConfig, ServerConfig
 from .errors import (
@@ -29,6 +32,7 @@ from .errors import (
     Unimplemented,
     Unknown,
 )
+from .health.outlier import OutlierConfig
 from .server._sync import Server
 
 try:
@@ -43,24 +47,31 @@ __all__ = [
     "Channel",
     "ChannelConfig",
     "ConfigError",
+    "DNSResolver",
     "DataLoss",
     "DeadlineExceeded",
+    "Endpoint",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
+    "ManualResolver",
     "NotFound",
     "OutOfRange",
+    "OutlierConfig",
     "PermissionDenied",
+    "Resolver",
     "ResourceExhausted",
     "ResponseStream",
     "RpcError",
     "RpcframeError",
     "Server",
     "ServerConfig",
+    "StaticResolver",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
     "__version__",
     "connect",
+    "register_policy",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import os
 import threading
 import time
 from typing import Any
@@ -32,7 +33,9 @@ def _error(kind: str, name: str, text: str) -> BaseException:
 class ScriptedEcho(EchoServicer):
     """Thread-pool servicer driven by the request message."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
+        self.name = name or os.environ.get("RPCFRAME_SERVER_ID", "")
+        self.failing = False  # when set, every Echo fails with UNAVAILABLE
         self.calls = 0
         self.started = threading.Event()
         self.release = threading.Event()
@@ -41,6 +44,10 @@ class ScriptedEcho(EchoServicer):
 
     def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:
         self.calls += 1
+        if self.failing:
+            raise rpcframe.Unavailable(f"{self.name} is failing")
+        if request.message == "whoami":
+            return echo_pb2.EchoResponse(message=self.name)
         kind, _, rest = request.message.partition(":")
         if kind in ("raise", "py"):
             name, _, text = rest.partition(":")
@@ -64,7 +71,8 @@ class ScriptedEcho(EchoServicer):
 class AioScriptedEcho(AioEchoServicer):
     """asyncio servicer driven by the request message."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
+        self.name = name or os.environ.get("RPCFRAME_SERVER_ID", "")
         self.calls = 0
         self.started = asyncio.Event()
         self.release = asyncio.Event()
@@ -73,6 +81,8 @@ class AioScriptedEcho(AioEchoServicer):
 
     async def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:  # type: ignore[override]
         self.calls += 1
+        if request.message == "whoami":
+            return echo_pb2.EchoResponse(message=self.name)
         kind, _, rest = request.message.partition(":")
         if kind in ("raise", "py"):
             name, _, text = rest.partition(":")
@@ -94,3 +104,13 @@ class AioScriptedEcho(AioEchoServicer):
             remaining = context.time_remaining()
             return echo_pb2.EchoResponse(message="none" if remaining is None else f"{remaining:.3f}")
         return await super().Echo(request, context)
+
+
+def tagged() -> ScriptedEcho:
+    """Factory for `rpcframe serve`: a sync servicer named by $RPCFRAME_SERVER_ID."""
+    return ScriptedEcho()
+
+
+def aio_tagged() -> AioScriptedEcho:
+    """Factory for `rpcframe serve`: an asyncio servicer named by $RPCFRAME_SERVER_ID."""
+    return AioScriptedEcho()

@@ -136,9 +136,12 @@ class BalancerCore:
         """An endpoint's health watch reported a status."""
         with self._lock:
             entry = self._entries.get(address)
-            if entry is None or (entry.serving is serving and entry.health_detail == detail):
+            if entry is None:
                 return
-            entry.serving, entry.health_detail = serving, detail
+            entry.health_detail = detail
+            if entry.serving is serving:
+                return  # a repeated status (e.g. the first SERVING) changes no pick
+            entry.serving = serving
             if serving:
                 self._mark_returning(entry)
             self._rebuild()
@@ -196,8 +199,10 @@ class BalancerCore:
             # caller did not ask to wait for ready).
             usable = [e.stats for e in self._entries.values() if e.connectivity is not Connectivity.SHUTDOWN]
         self.reason = self._reason(now)
-        self.picker = build_picker("round_robin", usable, self.context, self.reason) if self.fallback else (
-            build_picker(self.policy, usable, self.context, self.reason)
+        self.picker = (
+            build_picker("round_robin", usable, self.context, self.reason)
+            if self.fallback
+            else (build_picker(self.policy, usable, self.context, self.reason))
         )
         for listener in self._listeners:
             listener()

@@ -17,6 +17,10 @@ Clock = Callable[[], float]
 
 #: Latency assumed for an endpoint that has not answered yet (seconds).
 DEFAULT_RTT = 0.001
+#: A failed call counts as at least this many times the latency estimate...
+FAILURE_PENALTY = 4.0
+#: ...and at least this long (seconds).
+MIN_FAILURE_LATENCY = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +100,14 @@ class EndpointStats:
             self.inflight -= 1
             if outcome is Outcome.IGNORED:
                 return False
-            self.ewma.observe(latency, now)
             if outcome is Outcome.SUCCESS:
+                self.ewma.observe(latency, now)
                 self.consecutive_failures = 0
                 return False
+            # A failing endpoint often fails fast; counted as fast it would
+            # attract more calls (a "black hole"), so a failure costs at least
+            # several times the current estimate.
+            self.ewma.observe(max(latency, FAILURE_PENALTY * self.ewma.value, MIN_FAILURE_LATENCY), now)
             self.consecutive_failures += 1
             return self.consecutive_failures == self.failure_threshold
 

@@ -13,7 +13,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..balancing.balancer import BalancerCore, EndpointEntry
-from ..balancing.endpoint import Endpoint, Outcome
+from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
 from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
@@ -129,7 +129,7 @@ class Call:
 class UnaryCall(Call):
     """A unary-response call: picks, sends, reports the outcome, fails over."""
 
-    __slots__ = ("_args", "_channel", "_done", "_method", "_request", "_start")
+    __slots__ = ("_args", "_channel", "_done", "_method", "_request", "_start", "_stats")
 
     def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...]) -> None:
         self._method = method
@@ -145,6 +145,7 @@ class UnaryCall(Call):
         super().__init__(self._send(stats))
 
     def _send(self, stats: Any) -> Any:
+        self._stats = stats
         timeout, metadata, credentials, wait_for_ready, compression = self._args
         self._start = time.perf_counter()
         return stats.handle.call(self._method)(
@@ -159,9 +160,10 @@ class UnaryCall(Call):
         timeout = self._args[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
+        failed = None
         while True:
             if self._call is None:
-                stats, self._done = await self._channel._pick_waiting(self._args[3], deadline)
+                stats, self._done = await self._channel._pick_waiting(self._args[3], deadline, failed)
                 self._call = self._send(stats)
             try:
                 response = await self._call
@@ -174,6 +176,7 @@ class UnaryCall(Call):
                 attempt += 1
                 self._args = (remaining, *self._args[1:])
                 self._call = None
+                failed = self._stats
                 continue
             except BaseException:
                 self._done(Outcome.IGNORED, 0.0)  # cancelled while waiting
@@ -374,10 +377,12 @@ class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _pick_waiting(self, wait_for_ready: bool | None, deadline: float | None) -> Pick:
+    async def _pick_waiting(
+        self, wait_for_ready: bool | None, deadline: float | None, avoid: EndpointStats | None = None
+    ) -> Pick:
         while True:
             try:
-                return self._pick_now(wait_for_ready)
+                return self._pick_now(wait_for_ready, avoid)
             except NoEndpointError:
                 if not wait_for_ready:
                     raise Unavailable(self._core.reason) from None

@@ -51,6 +51,9 @@ _NEVER_SENT = re.compile(
 )
 
 
+_AVOID_TRIES = 4  # re-picks to find another endpoint than the one that failed
+
+
 def outcome_of(code: grpc.StatusCode) -> Outcome:
     """How a call's status counts for balancing and outlier detection."""
     if code is grpc.StatusCode.CANCELLED:
@@ -143,13 +146,24 @@ class BalancedChannelBase:
         now = time.monotonic()
         return [(e.stats.address, e.describe(now).split(" ", 1)[1]) for e in self._core.entries()]
 
-    def _pick_now(self, wait_for_ready: bool | None) -> Pick:
-        """Pick without waiting; Unavailable when nothing can take the call now."""
+    def _pick_now(self, wait_for_ready: bool | None, avoid: EndpointStats | None = None) -> Pick:
+        """Pick without waiting; Unavailable when nothing can take the call now.
+
+        ``avoid`` is the endpoint a failed attempt of this call used: a
+        failover goes elsewhere whenever the picker has another endpoint.
+        """
         core = self._core
         picker = core.current()
         if core.all_failed and not wait_for_ready:
             raise Unavailable(core.reason)
-        return picker.pick()
+        stats, done = picker.pick()
+        if avoid is not None and len(picker.endpoints) > 1:
+            for _ in range(_AVOID_TRIES):
+                if stats is not avoid:
+                    break
+                done(Outcome.IGNORED, 0.0)
+                stats, done = picker.pick()
+        return stats, done
 
 
 class MethodBase:

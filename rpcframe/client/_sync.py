@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..balancing.balancer import BalancerCore, EndpointEntry
-from ..balancing.endpoint import Endpoint, Outcome
+from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
 from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
@@ -234,8 +234,9 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         channel: Channel = self._channel  # type: ignore[assignment]
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
+        failed = None
         while True:
-            stats, done = channel._pick(wait_for_ready, deadline)
+            stats, done = channel._pick(wait_for_ready, deadline, failed)
             mc = stats.handle.call(self)
             start = time.perf_counter()
             try:
@@ -250,6 +251,7 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
                 if not retry:
                     raise channel._error(exc) from None
                 attempt += 1
+                failed = stats
                 continue
             done(Outcome.SUCCESS, time.perf_counter() - start)
             return result
@@ -426,9 +428,9 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
             for callback in list(self._subscribers):
                 callback(state)
 
-    def _pick(self, wait_for_ready: bool | None, deadline: float | None) -> Pick:
+    def _pick(self, wait_for_ready: bool | None, deadline: float | None, avoid: EndpointStats | None = None) -> Pick:
         try:
-            return self._pick_now(wait_for_ready)
+            return self._pick_now(wait_for_ready, avoid)
         except NoEndpointError:
             if not wait_for_ready:
                 raise Unavailable(self._core.reason) from None
