@@ -1,8 +1,9 @@
-"""`make demo`: an echo server in its own process, called through every call kind.
+"""`make demo`: every call kind, then balancing and failover across three backends.
 
-Starts ``rpcframe serve examples.echo:aio_servicer`` on a free port, runs the
-four call kinds through the sync and the asyncio client, checks health, then
-sends SIGTERM and shows the server draining. Exits non-zero if anything fails.
+Part 1 starts ``rpcframe serve examples.echo:aio_servicer`` on a free port,
+runs the four call kinds through the sync and the asyncio client, checks
+health, then sends SIGTERM and shows the server draining. Part 2 is
+:mod:`examples.balancing_demo`. Exits non-zero if anything fails.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import rpcframe
 import rpcframe.aio
+from examples import balancing_demo
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 
@@ -126,7 +128,10 @@ def main() -> int:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=15)
         print(f"\nSIGTERM -> server drained and exited with code {code}")
-        return 0 if code == 0 and len(rows) == 8 else 1
+        if code != 0 or len(rows) != 8:
+            return 1
+        print("\n== balancing and failover ==\n")
+        return balancing_demo.main()
     finally:
         if proc.poll() is None:
             proc.kill()

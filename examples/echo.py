@@ -7,10 +7,13 @@ Serve one with::
 
 Metadata whose key starts with ``echo-`` comes back as initial metadata, and
 ``x-`` keys as trailing metadata, so clients can see metadata travel both ways.
+When ``$RPCFRAME_SERVER_ID`` is set, unary answers carry it as trailing
+metadata ``x-server-id`` (the demo counts calls per backend with it).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,22 +21,27 @@ import grpc
 
 from generated.rpcframe.echo.v1 import echo_pb2, echo_pb2_grpc
 
+_SERVER_ID = tuple(("x-server-id", v) for v in [os.environ.get("RPCFRAME_SERVER_ID", "")] if v)
 
-def _echo_metadata_sync(context: grpc.ServicerContext) -> None:
+
+def _echo_metadata_sync(context: grpc.ServicerContext, tag: tuple[tuple[str, str], ...] = _SERVER_ID) -> None:
     incoming = context.invocation_metadata() or ()
     initial = tuple((k, v) for k, v in incoming if k.startswith("echo-"))
     if initial:
         context.send_initial_metadata(initial)
-    trailing = tuple((k, v) for k, v in incoming if k.startswith("x-"))
+    trailing = tuple((k, v) for k, v in incoming if k.startswith("x-")) + tag
     if trailing:
         context.set_trailing_metadata(trailing)
 
 
 class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
-    """Thread-pool echo servicer."""
+    """Thread-pool echo servicer (``server_id`` overrides ``$RPCFRAME_SERVER_ID``)."""
+
+    def __init__(self, server_id: str = "") -> None:
+        self._tag = (("x-server-id", server_id),) if server_id else _SERVER_ID
 
     def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:
-        _echo_metadata_sync(context)
+        _echo_metadata_sync(context, self._tag)
         return echo_pb2.EchoResponse(message=request.message)
 
     def Expand(self, request: echo_pb2.ExpandRequest, context: Any) -> Iterator[echo_pb2.EchoResponse]:
@@ -57,7 +65,7 @@ async def _echo_metadata_aio(context: grpc.aio.ServicerContext[Any, Any]) -> Non
     initial = tuple((k, v) for k, v in incoming if k.startswith("echo-"))
     if initial:
         await context.send_initial_metadata(initial)
-    trailing = tuple((k, v) for k, v in incoming if k.startswith("x-"))
+    trailing = tuple((k, v) for k, v in incoming if k.startswith("x-")) + _SERVER_ID
     if trailing:
         context.set_trailing_metadata(trailing)
 

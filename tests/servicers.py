@@ -34,6 +34,7 @@ class ScriptedEcho(EchoServicer):
     """Thread-pool servicer driven by the request message."""
 
     def __init__(self, name: str = "") -> None:
+        super().__init__()
         self.name = name or os.environ.get("RPCFRAME_SERVER_ID", "")
         self.failing = False  # when set, every Echo fails with UNAVAILABLE
         self.calls = 0
