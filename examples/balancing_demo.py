@@ -109,9 +109,8 @@ def main() -> int:
                 delta = {k: now[k] - previous[k] for k in "abc"}
                 previous = now
                 label, action = events.get(tick, ("", None))
-                print(
-                    f"{tick * TICK:>4.1f}s  {delta['a']:>5} {delta['b']:>5} {delta['c']:>5}  {len(load.failed):>6}  {label}"
-                )
+                counts = " ".join(f"{delta[k]:>5}" for k in "abc")
+                print(f"{tick * TICK:>4.1f}s  {counts}  {len(load.failed):>6}  {label}")
                 if action is not None:
                     action()
             load.stop()
