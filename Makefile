@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup protos check-generated lint test test-fast demo bench bench-quick clean
+.PHONY: setup protos check-generated lint test test-fast demo bench bench-quick bench-micro clean
 
 setup: $(STAMP) $(NPM_STAMP)
 
@@ -51,6 +51,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
+
+# pytest-benchmark micro-benchmarks of hot-path pieces (not part of make test).
+bench-micro: setup
+	$(PY) -m pytest benchmarks/micro --benchmark-only -q
 
 clean:
 	rm -rf $(VENV) node_modules .cache .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -58,8 +58,8 @@ class EndpointStats:
     """
 
     __slots__ = (
-        "_clock", "_lock", "consecutive_failures", "ejected_until", "ejections", "endpoint",
-        "ewma", "failure_threshold", "handle", "inflight", "ready_since",
+        "_clock", "_lock", "_start_sum", "consecutive_failures", "ejected_until", "ejections", "endpoint",
+        "ewma", "failure_threshold", "handle", "inflight", "ready_since", "streams",
     )  # fmt: skip
 
     def __init__(
@@ -76,6 +76,8 @@ class EndpointStats:
         self._lock = threading.Lock()
         self.ewma = PeakEWMA(decay, initial_latency, clock())
         self.inflight = 0
+        self.streams = 0  # in-flight calls that are streams (not aged, see cost())
+        self._start_sum = 0.0  # sum of the start times of in-flight unary calls
         self.consecutive_failures = 0
         self.failure_threshold = failure_threshold
         self.ejections = 0
@@ -90,15 +92,34 @@ class EndpointStats:
 
     def begin(self) -> None:
         """Count a call as started on this endpoint."""
+        now = self._clock()
         with self._lock:
             self.inflight += 1
+            self._start_sum += now
+
+    def as_stream(self) -> None:
+        """Mark the call just begun as a stream: its age says nothing of latency."""
+        now = self._clock()
+        with self._lock:
+            self.streams += 1
+            self._start_sum -= now
 
     def done(self, outcome: Outcome, latency: float) -> bool:
-        """Record a finished call; True when it should trigger an ejection check."""
+        """Record a finished call; True when it should trigger an ejection check.
+
+        ``latency`` is the call's duration in seconds; a negative value ends
+        a stream (see :meth:`as_stream`).
+        """
         now = self._clock()
         with self._lock:
             self.inflight -= 1
-            if outcome is Outcome.IGNORED:
+            if latency < 0:
+                self.streams -= 1
+            elif self.inflight == self.streams:
+                self._start_sum = 0.0  # nothing aged in flight: drop rounding drift
+            else:
+                self._start_sum -= now - latency
+            if outcome is Outcome.IGNORED or latency < 0:
                 return False
             if outcome is Outcome.SUCCESS:
                 self.ewma.observe(latency, now)
@@ -115,10 +136,18 @@ class EndpointStats:
         """Peak-EWMA load score: latency estimate x (in-flight + 1).
 
         An endpoint without a latency sample yet is assumed to answer in
-        ``DEFAULT_RTT`` (Linkerd's approach), so it is tried without being
-        flooded before its real latency is known.
+        ``DEFAULT_RTT``, so it is tried. While unary calls are in flight the
+        estimate is at least their mean age: a backend that has not answered
+        for a while looks slow before its first slow answer arrives (without
+        this, a new slow endpoint soaks up calls until one completes).
         """
-        return (self.ewma.current(now) or DEFAULT_RTT) * (self.inflight + 1)
+        estimate = self.ewma.current(now) or DEFAULT_RTT
+        aged = self.inflight - self.streams
+        if aged > 0:
+            age = now - self._start_sum / aged
+            if age > estimate:
+                estimate = age
+        return estimate * (self.inflight + 1)
 
     def warmth(self, now: float, window: float) -> float:
         """Slow-start factor in (0, 1]: how far the endpoint is into its ramp."""

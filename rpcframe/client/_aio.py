@@ -179,7 +179,8 @@ class UnaryCall(Call):
                 failed = self._stats
                 continue
             except BaseException:
-                self._done(Outcome.IGNORED, 0.0)  # cancelled while waiting
+                # Cancelled while waiting for the response.
+                self._done(Outcome.IGNORED, time.perf_counter() - self._start)
                 raise
             self._done(Outcome.SUCCESS, time.perf_counter() - self._start)
             return response
@@ -202,8 +203,9 @@ def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...]) -> Ca
         wait_for_ready=wait_for_ready, compression=compression,
     )  # fmt: skip
     # Streams count as in-flight while open; their length says nothing about
-    # the endpoint's latency, so they do not feed the EWMA.
-    call.add_done_callback(lambda _: done(Outcome.IGNORED, 0.0))
+    # the endpoint's latency, so they neither age nor feed the EWMA.
+    stats.as_stream()
+    call.add_done_callback(lambda _: done(Outcome.IGNORED, -1.0))
     return Call(call)
 
 

@@ -289,9 +289,10 @@ def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], wait_
     stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout)
     call = stats.handle.call(method)(request, *args)
     # Streams count as in-flight while open; their length says nothing about
-    # the endpoint's latency, so they do not feed the EWMA.
-    if not call.add_callback(lambda: done(Outcome.IGNORED, 0.0)):
-        done(Outcome.IGNORED, 0.0)
+    # the endpoint's latency, so they neither age nor feed the EWMA.
+    stats.as_stream()
+    if not call.add_callback(lambda: done(Outcome.IGNORED, -1.0)):
+        done(Outcome.IGNORED, -1.0)
     return call
 
 

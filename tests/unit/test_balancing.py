@@ -112,6 +112,29 @@ def test_peak_ewma_peaks_then_decays(clock: FakeClock) -> None:
     assert stats.ewma.value == pytest.approx(0.300 / math.e + 0.010 * (1 - 1 / math.e))
 
 
+def test_in_flight_age_raises_cost_before_first_answer(clock: FakeClock) -> None:
+    fresh, steady = _stats(clock, "fresh", "steady")
+    steady.begin()
+    steady.done(Outcome.SUCCESS, 0.002)
+    fresh.begin()  # a call to a backend that has not answered yet
+    assert fresh.cost(clock()) == pytest.approx(0.001 * 2)  # unknown: DEFAULT_RTT x (1 + 1)
+    clock.advance(0.5)
+    assert fresh.cost(clock()) == pytest.approx(0.5 * 2)  # the outstanding call's age counts
+    assert steady.cost(clock()) < fresh.cost(clock())
+    fresh.done(Outcome.SUCCESS, 0.5)
+    assert fresh.cost(clock()) == pytest.approx(0.5)
+
+
+def test_streams_do_not_age(clock: FakeClock) -> None:
+    (stats,) = _stats(clock, "a")
+    stats.begin()
+    stats.as_stream()
+    clock.advance(100)
+    assert stats.cost(clock()) == pytest.approx(0.001 * 2)  # long stream, no latency penalty
+    stats.done(Outcome.IGNORED, -1.0)
+    assert (stats.inflight, stats.streams) == (0, 0)
+
+
 def test_done_tracks_inflight_and_failures(clock: FakeClock) -> None:
     (stats,) = _stats(clock, "a")
     picker = build_picker("peak_ewma", [stats], _ctx(clock))
