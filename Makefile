@@ -48,9 +48,11 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.balancing
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.balancing --quick
 
 # pytest-benchmark micro-benchmarks of hot-path pieces (not part of make test).
 bench-micro: setup
