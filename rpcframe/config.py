@@ -7,16 +7,32 @@ it is written, with a :class:`~rpcframe.errors.ConfigError` naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from ._core.budget import BudgetConfig
+from ._core.hedge import HedgePolicy
+from ._core.retry import RetryPolicy
 from .balancing.pickers import available_policies
 from .errors import DEFAULT_EXCEPTION_STATUS, ConfigError
 from .health.outlier import OutlierConfig
+from .security.auth import AuthConfig
+from .security.tls import TLSConfig
+from .security.tokens import TokenSource
 
-__all__ = ["ChannelConfig", "GrpcOptions", "OutlierConfig", "ServerConfig"]
+__all__ = [
+    "BudgetConfig",
+    "ChannelConfig",
+    "GrpcOptions",
+    "HedgePolicy",
+    "MethodConfig",
+    "OutlierConfig",
+    "RetryPolicy",
+    "ServerConfig",
+]
 
 GrpcOptions = tuple[tuple[str, Any], ...]
 
@@ -45,6 +61,29 @@ def _keepalive_options(time_s: float | None, timeout_s: float, permit_without_ca
         ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(permit_without_calls)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MethodConfig:
+    """Call policy for one service or method, overriding the channel's defaults.
+
+    ``None`` fields keep the channel's value. Keys of ``ChannelConfig.methods``
+    are ``"pkg.Service/Method"`` or ``"pkg.Service"`` (every method of it);
+    the most specific key wins.
+
+    Attributes:
+        timeout: default seconds per call (the caller's ``timeout=`` wins).
+        retry: retry policy; ``RetryPolicy(max_attempts=1)`` turns retries off.
+        hedge: hedging policy; only applies to unary methods the contract
+            marks ``NO_SIDE_EFFECTS`` or ``IDEMPOTENT``.
+    """
+
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    hedge: HedgePolicy | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("timeout", self.timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +119,22 @@ class ChannelConfig:
             dropped connection (methods marked NO_SIDE_EFFECTS / IDEMPOTENT).
         close_grace: seconds a removed endpoint's channel stays open for its
             in-flight calls.
+        retry: how sent calls that failed are retried (see
+            :mod:`rpcframe._core.retry`): by default up to 3 attempts on
+            UNAVAILABLE for NO_SIDE_EFFECTS / IDEMPOTENT methods only.
+        retry_budget: retries allowed as a share of the channel's requests
+            (20 % plus 10 per second over 10 s).
+        hedge: hedging for every idempotent unary method; ``None`` (default)
+            hedges only the methods ``methods`` gives a policy.
+        methods: per-service or per-method overrides (timeout, retry, hedge).
+        deadline_margin: seconds taken off an inherited deadline for calls
+            made while handling a call, so the answer can still travel back.
+        tls: connect with TLS (:class:`~rpcframe.security.TLSConfig`; a
+            client certificate in it for mTLS); ``None`` is plaintext.
+        token: credential sent with every call: a string (``authorization:
+            Bearer <token>``), a ``StaticToken`` or a ``RefreshingToken``.
+        allow_insecure_token: send ``token`` over plaintext to non-loopback
+            addresses (refused with a ConfigError otherwise).
     """
 
     default_timeout: float | None = None
@@ -101,8 +156,21 @@ class ChannelConfig:
     dns_refresh: float = 30.0
     failover_attempts: int = 2
     close_grace: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_budget: BudgetConfig = field(default_factory=BudgetConfig)
+    hedge: HedgePolicy | None = None
+    methods: Mapping[str, MethodConfig] = field(default_factory=dict)
+    deadline_margin: float = 0.005
+    tls: TLSConfig | None = None
+    token: str | TokenSource | None = None
+    allow_insecure_token: bool = False
 
     def __post_init__(self) -> None:
+        if self.deadline_margin < 0:
+            raise ConfigError(f"deadline_margin must be >= 0, got {self.deadline_margin!r}")
+        for key, value in self.methods.items():
+            if not isinstance(value, MethodConfig) or not key or key.startswith("/") or key.count("/") > 1:
+                raise ConfigError(f"methods[{key!r}] must map 'pkg.Service' or 'pkg.Service/Method' to a MethodConfig")
         if self.policy not in available_policies():
             raise ConfigError(f"policy {self.policy!r} is not one of {', '.join(available_policies())}")
         if self.slow_start < 0 or not 0 <= self.panic_threshold <= 1:
@@ -119,6 +187,18 @@ class ChannelConfig:
         for key, _ in self.metadata:
             if key != key.lower() or key.startswith("grpc-"):
                 raise ConfigError(f"metadata key {key!r} must be lower case and not start with 'grpc-'")
+
+    def method_config(self, method: str) -> MethodConfig:
+        """The effective policy of ``/pkg.Service/Method`` (defaults filled in)."""
+        path = method.lstrip("/")
+        service = path.split("/", 1)[0]
+        specific = self.methods.get(path) or MethodConfig()
+        general = self.methods.get(service) or MethodConfig()
+        return MethodConfig(
+            timeout=specific.timeout or general.timeout or self.default_timeout,
+            retry=specific.retry or general.retry or self.retry,
+            hedge=specific.hedge or general.hedge or self.hedge,
+        )
 
     def channel_options(self) -> GrpcOptions:
         """The grpc channel arguments this config stands for."""
@@ -157,6 +237,14 @@ class ServerConfig:
         exception_status: Python exception types a handler may raise and the
             status each maps to (see :mod:`rpcframe.errors`).
         grpc_options: extra raw grpc server arguments, applied last.
+        max_deadline: seconds a handler (and the calls it makes) may take at
+            most, whatever deadline the caller sent, or none; ``None``
+            (default) leaves the caller's deadline as it is. asyncio
+            handlers are cancelled when it passes.
+        tls: serve TLS on every ``bind()`` (:class:`~rpcframe.security.TLSConfig`;
+            with a client CA, mTLS); certificate files reload when changed.
+        auth: authenticate and authorize every call of added services
+            (:class:`~rpcframe.security.AuthConfig`); ``None`` checks nothing.
     """
 
     max_workers: int = 16
@@ -172,8 +260,12 @@ class ServerConfig:
     drain_delay: float = 0.0
     exception_status: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = field(default=DEFAULT_EXCEPTION_STATUS)
     grpc_options: GrpcOptions = ()
+    max_deadline: float | None = None
+    tls: TLSConfig | None = None
+    auth: AuthConfig | None = None
 
     def __post_init__(self) -> None:
+        _check_positive("max_deadline", self.max_deadline)
         if self.max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {self.max_workers!r}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:

@@ -12,11 +12,13 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .._core.deadline import CallScope
 from ..balancing.balancer import BalancerCore, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
-from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
+from ..errors import Cancelled, DeadlineExceeded, RpcError, Unavailable, from_grpc
+from ..security.tls import channel_credentials
 from ._common import (
     BalancedChannelBase,
     Metadata,
@@ -25,6 +27,7 @@ from ._common import (
     Target,
     connectivity_of,
     outcome_of,
+    with_attempt,
 )
 
 __all__ = ["Channel", "connect"]
@@ -127,16 +130,20 @@ class Call:
 
 
 class UnaryCall(Call):
-    """A unary-response call: picks, sends, reports the outcome, fails over."""
+    """A unary-response call: picks, sends, reports the outcome, retries or hedges."""
 
-    __slots__ = ("_args", "_channel", "_done", "_method", "_request", "_start", "_stats")
+    __slots__ = ("_args", "_channel", "_done", "_method", "_request", "_scope", "_start", "_stats")
 
-    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...]) -> None:
+    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
         self._method = method
         self._channel: Channel = method._channel  # type: ignore[assignment]
         self._request = request
         self._args = args  # timeout, metadata, credentials, wait_for_ready, compression
+        self._scope = scope
         self._done: Any = None
+        if method._hedge_state is not None:
+            super().__init__(None)  # hedged calls start when awaited
+            return
         try:
             stats, self._done = self._channel._pick_now(args[3])
         except NoEndpointError:
@@ -144,53 +151,195 @@ class UnaryCall(Call):
             return
         super().__init__(self._send(stats))
 
-    def _send(self, stats: Any) -> Any:
+    def _send(self, stats: Any, metadata: Metadata | None = None) -> Any:
         self._stats = stats
-        timeout, metadata, credentials, wait_for_ready, compression = self._args
+        timeout, base_metadata, credentials, wait_for_ready, compression = self._args
         self._start = time.perf_counter()
-        return stats.handle.call(self._method)(
-            self._request, timeout=timeout, metadata=metadata, credentials=credentials,
+        call = stats.handle.call(self._method)(
+            self._request, timeout=timeout, metadata=metadata or base_metadata, credentials=credentials,
             wait_for_ready=wait_for_ready, compression=compression,
         )  # fmt: skip
+        if self._scope is not None:
+            self._scope.track(call)
+        return call
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._result().__await__()
 
     async def _result(self) -> Any:
+        method, channel, scope = self._method, self._channel, self._scope
         timeout = self._args[0]
         deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        failed = None
+        if self._call is None:
+            delay = method._hedge_delay(scope)
+            if delay is not None:
+                return await _Hedged(self, deadline).run(delay)
+        attempts, failovers, failed = 1, 0, None
         while True:
             if self._call is None:
-                stats, self._done = await self._channel._pick_waiting(self._args[3], deadline, failed)
-                self._call = self._send(stats)
+                stats, self._done = await channel._pick_waiting(self._args[3], deadline, failed)
+                metadata = with_attempt(self._args[1], attempts + failovers) if failed is not None else None
+                self._call = self._send(stats, metadata)
             try:
                 response = await self._call
             except grpc.RpcError as exc:
+                self._untrack()
                 if self._done(outcome_of(exc.code()), time.perf_counter() - self._start):
-                    self._channel.balancer.refresh()
-                retry, remaining = self._method._failover(exc, attempt, deadline)
-                if not retry:
-                    raise self._channel._error(exc) from None
-                attempt += 1
-                self._args = (remaining, *self._args[1:])
+                    channel.balancer.refresh()
+                step = method._retry_delay(exc, attempts, failovers, deadline, scope)
+                if step is None:
+                    raise channel._error(exc) from None
+                delay, sent = step
+                if sent:
+                    attempts += 1
+                else:
+                    failovers += 1
+                    channel.stats.failovers += 1
+                if delay:
+                    await asyncio.sleep(delay)
+                self._args = (_remaining(deadline), *self._args[1:])
                 self._call = None
                 failed = self._stats
                 continue
             except BaseException:
                 # Cancelled while waiting for the response.
+                self._untrack()
                 self._done(Outcome.IGNORED, time.perf_counter() - self._start)
                 raise
-            self._done(Outcome.SUCCESS, time.perf_counter() - self._start)
+            self._untrack()
+            latency = time.perf_counter() - self._start
+            self._done(Outcome.SUCCESS, latency)
+            if method._hedge_state is not None:
+                method._hedge_state.latencies.add(latency)
             return response
+
+    def _untrack(self) -> None:
+        if self._scope is not None:
+            self._scope.untrack(self._call)
 
     def cancel(self) -> bool:
         """Cancel the call; the server sees CANCELLED."""
         return self._call is not None and bool(self._call.cancel())
 
 
-def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...]) -> Call:
+def _remaining(deadline: float | None) -> float | None:
+    """Time left for the next attempt; DeadlineExceeded when none is."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before the call could be retried")
+    return remaining
+
+
+class _Attempt:
+    """One copy of a hedged call, as a task."""
+
+    __slots__ = ("call", "done", "index", "start", "stats", "task")
+
+    def __init__(self, call: Any, stats: Any, done: Any, index: int) -> None:
+        self.call, self.stats, self.done, self.index = call, stats, done, index
+        self.task: asyncio.Future[Any] = asyncio.ensure_future(call)
+        self.start = time.perf_counter()
+
+
+class _Hedged:
+    """One hedged unary call: a backup after a delay, first answer wins, losers cancelled."""
+
+    def __init__(self, call: UnaryCall, deadline: float | None) -> None:
+        self._call = call
+        self._method = call._method
+        self._channel = call._channel
+        self._deadline = deadline
+        self._running: list[_Attempt] = []
+        self._sent = 0
+
+    async def _send(self) -> None:
+        call = self._call
+        self._sent += 1
+        avoid = self._running[-1].stats if self._running else None
+        stats, done = await self._channel._pick_waiting(call._args[3], self._deadline, avoid)
+        try:
+            call._args = (_remaining(self._deadline), *call._args[1:])
+        except DeadlineExceeded:
+            done(Outcome.IGNORED, 0.0)
+            raise
+        metadata = None if self._sent == 1 else with_attempt(call._args[1], self._sent)
+        self._running.append(_Attempt(call._send(stats, metadata), stats, done, self._sent))
+
+    async def run(self, delay: float) -> Any:
+        method = self._method
+        max_attempts = method._hedge.max_attempts  # type: ignore[union-attr]
+        wait: float | None = delay
+        error: BaseException | None = None
+        await self._send()
+        try:
+            while self._running:
+                finished, _ = await asyncio.wait(
+                    [a.task for a in self._running],
+                    timeout=wait if self._sent < max_attempts else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not finished:
+                    if method._may_hedge():
+                        await self._send()
+                    else:
+                        wait = None  # budget spent: wait for what is running
+                    continue
+                for attempt in [a for a in self._running if a.task in finished]:
+                    self._running.remove(attempt)
+                    error = self._settle(attempt)
+                    if error is None:
+                        return attempt.task.result()
+                if self._fatal(error):
+                    break
+                if not self._running and self._sent < max_attempts:
+                    await self._send()  # every copy failed retryably: the next goes now
+        finally:
+            self._cancel_rest()
+        assert error is not None
+        raise self._channel._error(error) if isinstance(error, grpc.RpcError) else error
+
+    def _fatal(self, error: BaseException | None) -> bool:
+        if error is None:
+            return False
+        return not isinstance(error, grpc.RpcError) or error.code().name not in self._method._retry.retryable_codes
+
+    def _settle(self, attempt: _Attempt) -> BaseException | None:
+        """Report an ended copy to its pick; its error, or None if it answered."""
+        elapsed = time.perf_counter() - attempt.start
+        scope = self._call._scope
+        if scope is not None:
+            scope.untrack(attempt.call)
+        if attempt.task.cancelled():
+            attempt.done(Outcome.IGNORED, elapsed)
+            return Cancelled(f"{self._method.method}: cancelled")
+        exc = attempt.task.exception()
+        if exc is None:
+            attempt.done(Outcome.SUCCESS, elapsed)
+            self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]
+            if attempt.index > 1:
+                self._channel.stats.hedge_wins += 1
+            return None
+        if isinstance(exc, grpc.RpcError):
+            if attempt.done(outcome_of(exc.code()), elapsed):
+                self._channel.balancer.refresh()
+        else:
+            attempt.done(Outcome.IGNORED, elapsed)
+        return exc
+
+    def _cancel_rest(self) -> None:
+        scope = self._call._scope
+        for attempt in self._running:
+            attempt.call.cancel()
+            attempt.task.cancel()
+            attempt.done(Outcome.IGNORED, time.perf_counter() - attempt.start)
+            if scope is not None:
+                scope.untrack(attempt.call)
+        self._running.clear()
+
+
+def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> Call:
     """Pick once for a stream; the pick is released when the stream ends."""
     channel: Channel = method._channel  # type: ignore[assignment]
     timeout, metadata, credentials, wait_for_ready, compression = args
@@ -205,7 +354,16 @@ def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...]) -> Ca
     # Streams count as in-flight while open; their length says nothing about
     # the endpoint's latency, so they neither age nor feed the EWMA.
     stats.as_stream()
-    call.add_done_callback(lambda _: done(Outcome.IGNORED, -1.0))
+    if scope is None:
+        call.add_done_callback(lambda _: done(Outcome.IGNORED, -1.0))
+    else:
+        scope.track(call)
+
+        def ended(_: Any) -> None:
+            done(Outcome.IGNORED, -1.0)
+            scope.untrack(call)
+
+        call.add_done_callback(ended)
     return Call(call)
 
 
@@ -225,8 +383,8 @@ class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        timeout, metadata = self._prepare(timeout, metadata)
-        return UnaryCall(self, request, (timeout, metadata, credentials, wait_for_ready, compression))
+        timeout, metadata, scope = self._prepare(timeout, metadata)
+        return UnaryCall(self, request, (timeout, metadata, credentials, wait_for_ready, compression), scope)
 
 
 class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
@@ -245,8 +403,8 @@ class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignor
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        timeout, metadata = self._prepare(timeout, metadata)
-        return _start_stream(self, request, (timeout, metadata, credentials, wait_for_ready, compression))
+        timeout, metadata, scope = self._prepare(timeout, metadata)
+        return _start_stream(self, request, (timeout, metadata, credentials, wait_for_ready, compression), scope)
 
 
 class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
@@ -264,8 +422,9 @@ class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignor
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        timeout, metadata = self._prepare(timeout, metadata)
-        return _start_stream(self, request_iterator, (timeout, metadata, credentials, wait_for_ready, compression))
+        timeout, metadata, scope = self._prepare(timeout, metadata)
+        args = (timeout, metadata, credentials, wait_for_ready, compression)
+        return _start_stream(self, request_iterator, args, scope)
 
 
 class StreamStream(MethodBase, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
@@ -283,15 +442,22 @@ class StreamStream(MethodBase, grpc.aio.StreamStreamMultiCallable):  # type: ign
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        timeout, metadata = self._prepare(timeout, metadata)
-        return _start_stream(self, request_iterator, (timeout, metadata, credentials, wait_for_ready, compression))
+        timeout, metadata, scope = self._prepare(timeout, metadata)
+        args = (timeout, metadata, credentials, wait_for_ready, compression)
+        return _start_stream(self, request_iterator, args, scope)
 
 
 class _Subchannel(SubchannelBase):
     """One endpoint: a grpc.aio channel, its connectivity task and health task."""
 
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
-        super().__init__(address, grpc.aio.insecure_channel(address, options=config.channel_options()))
+        options, tls = config.channel_options(), config.tls
+        if tls is not None:
+            creds = channel_credentials(tls)
+            channel = grpc.aio.secure_channel(address, creds, options=options + tls.channel_options())
+        else:
+            channel = grpc.aio.insecure_channel(address, options=options)
+        super().__init__(address, channel)
         self._core = core
         self._tasks = [asyncio.ensure_future(self._watch_state())]
         if config.health_check:

@@ -5,12 +5,14 @@ Every call, of every kind, on both fronts, goes through one
 applies the channel's policy (:meth:`MethodBase._prepare`: default timeout and
 metadata), picks an endpoint from the balancer's current picker, sends the
 call on that endpoint's grpc channel, reports the outcome to the pick's
-done-callback, and fails over to another endpoint when that is safe
-(:func:`may_fail_over`). The fronts only differ in how they wait.
+done-callback, and retries, fails over or hedges on another endpoint when the
+contract and the budget allow (:meth:`MethodBase._retry_delay`, policy in
+:mod:`rpcframe._core.retry`). The fronts only differ in how they wait.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -19,12 +21,17 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 
+from .._core.budget import BudgetConfig, RateBudget
+from .._core.deadline import CallScope, DeadlinePassed, bounded_timeout, scope_var
+from .._core.hedge import HedgePolicy, LatencyWindow
+from .._core.retry import decide, parse_pushback
 from ..balancing.balancer import BalancerCore, Connectivity
 from ..balancing.endpoint import EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
 from ..config import ChannelConfig
-from ..errors import Unavailable
+from ..errors import DeadlineExceeded, Unavailable
+from ..security.tokens import check_token_transport, token_parts
 
 Metadata = Sequence[tuple[str, str | bytes]]
 Target = str | Sequence[str] | Resolver
@@ -53,6 +60,11 @@ _NEVER_SENT = re.compile(
 
 _AVOID_TRIES = 4  # re-picks to find another endpoint than the one that failed
 
+#: Sent with every attempt after the first (retries and hedges), so servers
+#: see it was a retry and the calls they make are not retried again.
+ATTEMPT_KEY = "rpcframe-attempt"
+_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 
 def outcome_of(code: grpc.StatusCode) -> Outcome:
     """How a call's status counts for balancing and outlier detection."""
@@ -66,16 +78,12 @@ def never_sent(code: grpc.StatusCode, details: str | None) -> bool:
     return code is grpc.StatusCode.UNAVAILABLE and bool(details) and _NEVER_SENT.search(details or "") is not None
 
 
-def may_fail_over(code: grpc.StatusCode, details: str | None, idempotent: bool) -> bool:
-    """Whether a failed call may be resent to another endpoint.
-
-    Any call that never left the client may; one that was sent may only if
-    its method has no side effects (or is idempotent) and the failure is the
-    connection's (UNAVAILABLE), not an answer from the server's code.
-    """
-    if never_sent(code, details):
-        return True
-    return idempotent and code is grpc.StatusCode.UNAVAILABLE
+def pushback_of(exc: grpc.RpcError) -> float | None:
+    """The server's retry pushback in seconds (negative: do not retry), if it sent one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == _PUSHBACK_KEY:
+            return parse_pushback(value)
+    return None
 
 
 def is_idempotent(method: str) -> bool:
@@ -134,7 +142,19 @@ class BalancedChannelBase:
             panic_threshold=cfg.panic_threshold,
             ewma_decay=cfg.ewma_decay,
         )
+        if cfg.token is not None:  # refuse to leak a token over plaintext
+            check_token_transport(target, cfg.tls is not None, cfg.allow_insecure_token)
         self._resolver = resolver_for(target, cfg.dns_refresh)
+        self.retry_budget = RateBudget(cfg.retry_budget)
+        self.stats = CallStats()
+        self._method_state: dict[str, MethodState] = {}
+
+    def method_state(self, method: str, hedge: HedgePolicy) -> MethodState:
+        """Latency window and hedge budget of one method (shared by its stubs)."""
+        state = self._method_state.get(method)
+        if state is None:
+            state = self._method_state[method] = MethodState(hedge)
+        return state
 
     @property
     def balancer(self) -> BalancerCore:
@@ -166,10 +186,40 @@ class BalancedChannelBase:
         return stats, done
 
 
+class CallStats:
+    """Counters of a channel's extra attempts (for benchmarks and status pages)."""
+
+    __slots__ = ("budget_refused", "failovers", "hedge_wins", "hedges", "retries")
+
+    def __init__(self) -> None:
+        self.retries = 0  # sent attempts after a failure
+        self.failovers = 0  # attempts after one that never left the client
+        self.hedges = 0  # backup requests sent
+        self.hedge_wins = 0  # calls answered by a backup
+        self.budget_refused = 0  # retries or hedges the budget refused
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class MethodState:
+    """Per channel and method: recent latencies and the hedging budget."""
+
+    __slots__ = ("budget", "latencies")
+
+    def __init__(self, hedge: HedgePolicy) -> None:
+        self.latencies = LatencyWindow(hedge.percentile)
+        self.budget = RateBudget(BudgetConfig(ratio=hedge.max_extra_load, min_per_second=0.0))
+
+
 class MethodBase:
     """One stub method's wrapper: its identity and the channel's call policy."""
 
-    __slots__ = ("_channel", "_metadata", "_timeout", "deserializer", "idempotent", "method", "serializer")
+    __slots__ = (
+        "_budget", "_channel", "_failovers", "_hedge", "_hedge_state", "_margin", "_metadata", "_retry",
+        "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
+    )  # fmt: skip
 
     kind = ""
 
@@ -185,27 +235,99 @@ class MethodBase:
         self.serializer = serializer
         self.deserializer = deserializer
         self.idempotent = is_idempotent(method)
-        self._timeout = channel.config.default_timeout
-        self._metadata = channel.config.metadata
+        cfg = channel.config
+        policy = cfg.method_config(method)
+        self._timeout = policy.timeout
+        self._retry = policy.retry or cfg.retry
+        self._failovers = cfg.failover_attempts
+        self._margin = cfg.deadline_margin
+        self._metadata = cfg.metadata
+        self._token: Callable[[], tuple[str, str]] | None = None
+        if cfg.token is not None:  # a static token joins the fixed metadata; a refreshing one is asked per call
+            fixed, self._token = token_parts(cfg.token)
+            self._metadata = self._metadata + fixed
+        self._budget = channel.retry_budget
+        # Hedging resends a request that may already be executing: only for
+        # methods whose contract says that is harmless, and only unary ones.
+        hedge = policy.hedge if self.idempotent and self.kind == "unary_unary" else None
+        self._hedge = hedge
+        self._hedge_state = None if hedge is None else channel.method_state(method, hedge)
 
-    def _prepare(self, timeout: float | None, metadata: Metadata | None) -> tuple[float | None, Metadata | None]:
-        """The timeout and metadata this call is sent with."""
+    def _prepare(
+        self, timeout: float | None, metadata: Metadata | None
+    ) -> tuple[float | None, Metadata | None, CallScope | None]:
+        """The timeout, metadata and inherited scope this call is sent with.
+
+        Inside a handler (or a ``deadline_after`` block) the timeout is
+        bounded by the inherited deadline; a call with no time left is
+        refused here, before anything is sent.
+        """
         if timeout is None:
             timeout = self._timeout
+        scope = scope_var.get()
+        now = time.monotonic()
+        if scope is not None:
+            try:
+                timeout = bounded_timeout(timeout, scope.deadline, now, self._margin)
+            except DeadlinePassed as exc:
+                raise DeadlineExceeded(f"{self.method} not sent: {exc}") from None
+        self._budget.deposit(now)
         if self._metadata:
             metadata = self._metadata + tuple(metadata) if metadata else self._metadata
-        return timeout, metadata
+        if self._token is not None:
+            header = self._token()
+            metadata = (*metadata, header) if metadata else (header,)
+        return timeout, metadata, scope
 
-    def _failover(self, exc: grpc.RpcError, attempt: int, deadline: float | None) -> tuple[bool, float | None]:
-        """After a failed attempt: whether to try another endpoint, and its timeout."""
-        if attempt >= self._channel.config.failover_attempts:
-            return False, None
-        if not may_fail_over(exc.code(), exc.details(), self.idempotent):
-            return False, None
-        if deadline is None:
-            return True, None
-        remaining = deadline - time.monotonic()
-        return remaining > 0, remaining
+    def _retry_delay(
+        self, exc: grpc.RpcError, attempts: int, failovers: int, deadline: float | None, scope: CallScope | None
+    ) -> tuple[float, bool] | None:
+        """After a failed attempt: ``(seconds to wait, was sent)``, or ``None`` to give up.
+
+        ``attempts`` counts the attempts that were sent, ``failovers`` those
+        that never left the client (see :mod:`rpcframe._core.retry`).
+        """
+        now = time.monotonic()
+        remaining = None if deadline is None else deadline - now
+        if remaining is not None and remaining <= 0:
+            return None
+        code = exc.code()
+        if never_sent(code, exc.details()):
+            return (0.0, False) if failovers < self._failovers else None
+        verdict = decide(
+            self._retry, attempt=attempts, code=code.name, idempotent=self.idempotent,
+            chain_stop=scope is not None and scope.is_retry, pushback=pushback_of(exc),
+            remaining=remaining, rand=random.random(),
+        )  # fmt: skip
+        if not verdict.retry:
+            return None
+        stats = self._channel.stats
+        if not self._budget.try_withdraw(now):
+            stats.budget_refused += 1
+            return None
+        stats.retries += 1
+        return verdict.delay, True
+
+    def _hedge_delay(self, scope: CallScope | None) -> float | None:
+        """Seconds before this call's first backup, or ``None`` not to hedge it."""
+        if self._hedge_state is None or (scope is not None and scope.is_retry):
+            return None
+        return self._hedge_state.latencies.delay(self._hedge)  # type: ignore[arg-type]
+
+    def _may_hedge(self) -> bool:
+        """Spend one backup from the hedging budget (counted in stats)."""
+        stats = self._channel.stats
+        if self._hedge_state is not None and self._hedge_state.budget.try_withdraw(time.monotonic()):
+            stats.hedges += 1
+            return True
+        stats.budget_refused += 1
+        return False
+
+
+def with_attempt(metadata: Metadata | None, attempt: int) -> Metadata:
+    """``metadata`` plus the marker of the ``attempt``-th attempt (2 or more)."""
+    marker = ((ATTEMPT_KEY, str(attempt)),)
+    return tuple(metadata) + marker if metadata else marker
 
 
 def endpoint_of(stats: EndpointStats) -> Any:
@@ -214,7 +336,9 @@ def endpoint_of(stats: EndpointStats) -> Any:
 
 
 __all__ = [
+    "ATTEMPT_KEY",
     "BalancedChannelBase",
+    "CallStats",
     "Metadata",
     "MethodBase",
     "NoEndpointError",
@@ -222,7 +346,8 @@ __all__ = [
     "connectivity_of",
     "endpoint_of",
     "is_idempotent",
-    "may_fail_over",
     "never_sent",
     "outcome_of",
+    "pushback_of",
+    "with_attempt",
 ]

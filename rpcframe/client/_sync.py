@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .._core.deadline import CallScope
 from ..balancing.balancer import BalancerCore, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
-from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
+from ..errors import Cancelled, DeadlineExceeded, RpcError, Unavailable, from_grpc
+from ..security.tls import channel_credentials
 from ._common import (
     BalancedChannelBase,
     Metadata,
@@ -24,6 +26,7 @@ from ._common import (
     Target,
     connectivity_of,
     outcome_of,
+    with_attempt,
 )
 
 __all__ = ["Channel", "connect"]
@@ -32,21 +35,33 @@ S = TypeVar("S")
 
 
 class ResponseStream(grpc.Call):  # type: ignore[misc]
-    """A streaming call's responses; iteration raises rpcframe errors."""
+    """A streaming call's responses; iteration raises rpcframe errors.
 
-    __slots__ = ("_call",)
+    A server stream that fails before its first response is restarted on
+    another endpoint when the retry policy allows (``restart``).
+    """
 
-    def __init__(self, call: Any) -> None:
+    __slots__ = ("_call", "_restart")
+
+    def __init__(self, call: Any, restart: Callable[[grpc.RpcError, Any], Any | None] | None = None) -> None:
         self._call = call
+        self._restart = restart
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self) -> Any:
-        try:
-            return next(self._call)
-        except grpc.RpcError as exc:
-            raise from_grpc(exc) from None
+        while True:
+            try:
+                response = next(self._call)
+            except grpc.RpcError as exc:
+                call = None if self._restart is None else self._restart(exc, self._call)
+                if call is None:
+                    raise from_grpc(exc) from None
+                self._call = call
+                continue
+            self._restart = None  # a response arrived: the stream is no longer replayable
+            return response
 
     def cancel(self) -> bool:
         """Cancel the call; the server sees CANCELLED."""
@@ -131,7 +146,13 @@ class _Subchannel(SubchannelBase):
     """One endpoint: a grpc channel, its connectivity, and its health watch."""
 
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
-        super().__init__(address, grpc.insecure_channel(address, options=config.channel_options()))
+        options, tls = config.channel_options(), config.tls
+        if tls is not None:
+            creds = channel_credentials(tls)
+            channel = grpc.secure_channel(address, creds, options=options + tls.channel_options())
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        super().__init__(address, channel)
         self._core = core
         self._closed = threading.Event()
         self._kick: grpc.Future | None = None
@@ -205,8 +226,8 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        timeout, metadata = self._prepare(timeout, metadata)
-        return self._invoke(False, request, timeout, metadata, credentials, wait_for_ready, compression)
+        timeout, metadata, scope = self._prepare(timeout, metadata)
+        return self._invoke(False, request, timeout, metadata, scope, (credentials, wait_for_ready, compression))
 
     def with_call(
         self,
@@ -218,8 +239,8 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
         """Like calling the method, but also return the call (for metadata)."""
-        timeout, metadata = self._prepare(timeout, metadata)
-        return self._invoke(True, request, timeout, metadata, credentials, wait_for_ready, compression)  # type: ignore[no-any-return]
+        timeout, metadata, scope = self._prepare(timeout, metadata)
+        return self._invoke(True, request, timeout, metadata, scope, (credentials, wait_for_ready, compression))  # type: ignore[no-any-return]
 
     def _invoke(
         self,
@@ -227,33 +248,51 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         request: Any,
         timeout: float | None,
         metadata: Metadata | None,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-        compression: grpc.Compression | None,
+        scope: CallScope | None,
+        rest: tuple[grpc.CallCredentials | None, bool | None, grpc.Compression | None],
     ) -> Any:
         channel: Channel = self._channel  # type: ignore[assignment]
         deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        failed = None
+        hedge_delay = self._hedge_delay(scope)
+        if hedge_delay is not None:
+            return _Hedged(self, request, metadata, scope, rest, deadline).run(hedge_delay, with_call)
+        credentials, wait_for_ready, compression = rest
+        attempts, failovers, failed, sent_metadata = 1, 0, None, metadata
         while True:
             stats, done = channel._pick(wait_for_ready, deadline, failed)
             mc = stats.handle.call(self)
             start = time.perf_counter()
             try:
-                if with_call:
-                    result = mc.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
+                if scope is not None:
+                    result = _cancellable(mc, scope, with_call, request, timeout, sent_metadata, rest)
+                elif with_call:
+                    result = mc.with_call(request, timeout, sent_metadata, credentials, wait_for_ready, compression)
                 else:
-                    result = mc(request, timeout, metadata, credentials, wait_for_ready, compression)
+                    result = mc(request, timeout, sent_metadata, credentials, wait_for_ready, compression)
             except grpc.RpcError as exc:
                 if done(outcome_of(exc.code()), time.perf_counter() - start):
                     channel.balancer.refresh()
-                retry, timeout = self._failover(exc, attempt, deadline)
-                if not retry:
+                step = self._retry_delay(exc, attempts, failovers, deadline, scope)
+                if step is None:
                     raise channel._error(exc) from None
-                attempt += 1
+                delay, sent = step
+                if sent:
+                    attempts += 1
+                else:
+                    failovers += 1
+                    channel.stats.failovers += 1
+                if delay:
+                    time.sleep(delay)
+                timeout = _remaining(deadline)
+                sent_metadata = with_attempt(metadata, attempts + failovers)
                 failed = stats
                 continue
+            except grpc.FutureCancelledError:
+                done(Outcome.IGNORED, time.perf_counter() - start)
+                raise Cancelled(f"{self.method}: cancelled with the incoming call") from None
             done(Outcome.SUCCESS, time.perf_counter() - start)
+            if self._hedge_state is not None:
+                self._hedge_state.latencies.add(time.perf_counter() - start)
             return result
 
     def future(
@@ -265,14 +304,159 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> grpc.Future:
-        """Start the call and return a future of its response (no failover)."""
-        timeout, metadata = self._prepare(timeout, metadata)
+        """Start the call and return a future of its response (no retries)."""
+        timeout, metadata, scope = self._prepare(timeout, metadata)
         channel: Channel = self._channel  # type: ignore[assignment]
         stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout)
         start = time.perf_counter()
         future = stats.handle.call(self).future(request, timeout, metadata, credentials, wait_for_ready, compression)
-        future.add_done_callback(lambda f: done(_future_outcome(f), time.perf_counter() - start))
+        _watch_future(future, done, start, scope)
         return _Future(future, channel)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Time left for the next attempt; DeadlineExceeded when none is."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before the call could be retried")
+    return remaining
+
+
+def _cancellable(
+    mc: Any, scope: CallScope, with_call: bool, request: Any, timeout: float | None, metadata: Metadata | None,
+    rest: tuple[Any, Any, Any],
+) -> Any:  # fmt: skip
+    """A blocking call made while handling a call: cancelled if that call ends early."""
+    future = mc.future(request, timeout, metadata, *rest)
+    scope.track(future)
+    try:
+        result = future.result()
+    finally:
+        scope.untrack(future)
+    return (result, future) if with_call else result
+
+
+def _watch_future(future: Any, done: Any, start: float, scope: CallScope | None) -> None:
+    """Report a future's outcome to its pick and keep it cancellable from the incoming call."""
+    if scope is not None:
+        scope.track(future)
+
+    def finished(f: Any) -> None:
+        done(_future_outcome(f), time.perf_counter() - start)
+        if scope is not None:
+            scope.untrack(f)
+
+    future.add_done_callback(finished)
+
+
+class _Attempt:
+    """One copy of a hedged call."""
+
+    __slots__ = ("done", "future", "index", "start", "stats")
+
+    def __init__(self, future: Any, stats: Any, done: Any, index: int) -> None:
+        self.future, self.stats, self.done, self.index = future, stats, done, index
+        self.start = time.perf_counter()
+
+
+class _Hedged:
+    """One hedged unary call: a backup after ``delay``, first answer wins, losers cancelled."""
+
+    def __init__(
+        self, method: UnaryUnary, request: Any, metadata: Metadata | None, scope: CallScope | None,
+        rest: tuple[Any, Any, Any], deadline: float | None,
+    ) -> None:  # fmt: skip
+        self._method = method
+        self._channel: Channel = method._channel  # type: ignore[assignment]
+        self._request = request
+        self._metadata = metadata
+        self._scope = scope
+        self._rest = rest
+        self._deadline = deadline
+        self._changed = threading.Event()
+        self._running: list[_Attempt] = []
+        self._sent = 0
+
+    def _send(self) -> None:
+        self._sent += 1
+        avoid = self._running[-1].stats if self._running else None
+        stats, done = self._channel._pick(self._rest[1], self._deadline, avoid)
+        metadata = self._metadata if self._sent == 1 else with_attempt(self._metadata, self._sent)
+        try:
+            timeout = _remaining(self._deadline)
+        except DeadlineExceeded:
+            done(Outcome.IGNORED, 0.0)
+            raise
+        future = stats.handle.call(self._method).future(self._request, timeout, metadata, *self._rest)
+        if self._scope is not None:
+            self._scope.track(future)
+        future.add_done_callback(lambda _: self._changed.set())
+        self._running.append(_Attempt(future, stats, done, self._sent))
+
+    def run(self, delay: float, with_call: bool) -> Any:
+        method = self._method
+        max_attempts = method._hedge.max_attempts  # type: ignore[union-attr]
+        self._send()
+        error: BaseException | None = None
+        wait: float | None = delay
+        try:
+            while self._running:
+                if not self._changed.wait(wait if self._sent < max_attempts else None):
+                    if method._may_hedge():
+                        self._send()
+                    else:
+                        wait = None  # budget spent: wait for what is running
+                    continue
+                self._changed.clear()
+                for attempt in [a for a in self._running if a.future.done()]:
+                    self._running.remove(attempt)
+                    error = self._settle(attempt)
+                    if error is None:
+                        result = attempt.future.result()
+                        return (result, attempt.future) if with_call else result
+                if not self._fatal(error) and not self._running and self._sent < max_attempts:
+                    self._send()  # every copy failed retryably: the next goes now
+                elif self._fatal(error):
+                    break
+        finally:
+            self._cancel_rest()
+        assert error is not None
+        raise self._channel._error(error) if isinstance(error, grpc.RpcError) else error from None
+
+    def _fatal(self, error: BaseException | None) -> bool:
+        """Whether a copy's failure ends the whole call (not retryable)."""
+        if error is None:
+            return False
+        return not isinstance(error, grpc.RpcError) or error.code().name not in self._method._retry.retryable_codes
+
+    def _settle(self, attempt: _Attempt) -> BaseException | None:
+        """Report an ended copy to its pick; its error, or None if it answered."""
+        future, elapsed = attempt.future, time.perf_counter() - attempt.start
+        if self._scope is not None:
+            self._scope.untrack(future)
+        if future.cancelled():
+            attempt.done(Outcome.IGNORED, elapsed)
+            return Cancelled(f"{self._method.method}: cancelled with the incoming call")
+        exc = future.exception()
+        if exc is None:
+            attempt.done(Outcome.SUCCESS, elapsed)
+            self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]
+            if attempt.index > 1:
+                self._channel.stats.hedge_wins += 1
+            return None
+        if attempt.done(outcome_of(exc.code()), elapsed):
+            self._channel.balancer.refresh()
+        return exc  # type: ignore[no-any-return]
+
+    def _cancel_rest(self) -> None:
+        for attempt in self._running:
+            attempt.future.cancel()
+            attempt.done(Outcome.IGNORED, time.perf_counter() - attempt.start)
+            if self._scope is not None:
+                self._scope.untrack(attempt.future)
+        self._running.clear()
 
 
 def _future_outcome(future: Any) -> Outcome:
@@ -282,18 +466,58 @@ def _future_outcome(future: Any) -> Outcome:
     return outcome_of(exc.code()) if isinstance(exc, grpc.RpcError) else Outcome.SUCCESS
 
 
-def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], wait_for_ready: bool | None) -> Any:
+def _start_stream(
+    method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None, avoid: Any = None
+) -> Any:
     """Pick once for a stream; the pick is released when the stream ends."""
     channel: Channel = method._channel  # type: ignore[assignment]
-    timeout = args[0]
-    stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout)
+    timeout, wait_for_ready = args[0], args[3]
+    stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout, avoid)
     call = stats.handle.call(method)(request, *args)
+    call._rpcframe_stats = stats
     # Streams count as in-flight while open; their length says nothing about
     # the endpoint's latency, so they neither age nor feed the EWMA.
     stats.as_stream()
-    if not call.add_callback(lambda: done(Outcome.IGNORED, -1.0)):
+    if scope is None:
+        if not call.add_callback(lambda: done(Outcome.IGNORED, -1.0)):
+            done(Outcome.IGNORED, -1.0)
+        return call
+    scope.track(call)
+
+    def ended() -> None:
         done(Outcome.IGNORED, -1.0)
+        scope.untrack(call)
+
+    if not call.add_callback(ended):
+        ended()
     return call
+
+
+class _StreamRetry:
+    """Restarts a server stream that failed before its first response (when the policy allows)."""
+
+    __slots__ = ("_args", "_attempts", "_deadline", "_failovers", "_method", "_request", "_scope")
+
+    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
+        self._method, self._request, self._args, self._scope = method, request, args, scope
+        self._deadline = None if args[0] is None else time.monotonic() + args[0]
+        self._attempts, self._failovers = 1, 0
+
+    def __call__(self, exc: grpc.RpcError, failed: Any) -> Any | None:
+        step = self._method._retry_delay(exc, self._attempts, self._failovers, self._deadline, self._scope)
+        if step is None:
+            return None
+        delay, sent = step
+        if sent:
+            self._attempts += 1
+        else:
+            self._failovers += 1
+            self._method._channel.stats.failovers += 1
+        if delay:
+            time.sleep(delay)
+        metadata = with_attempt(self._args[1], self._attempts + self._failovers)
+        args = (_remaining(self._deadline), metadata, *self._args[2:])
+        return _start_stream(self._method, self._request, args, self._scope, getattr(failed, "_rpcframe_stats", None))
 
 
 class UnaryStream(MethodBase, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
@@ -311,9 +535,9 @@ class UnaryStream(MethodBase, grpc.UnaryStreamMultiCallable):  # type: ignore[mi
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> ResponseStream:
-        timeout, metadata = self._prepare(timeout, metadata)
+        timeout, metadata, scope = self._prepare(timeout, metadata)
         args = (timeout, metadata, credentials, wait_for_ready, compression)
-        return ResponseStream(_start_stream(self, request, args, wait_for_ready))
+        return ResponseStream(_start_stream(self, request, args, scope), _StreamRetry(self, request, args, scope))
 
 
 class StreamUnary(MethodBase, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
@@ -356,13 +580,13 @@ class StreamUnary(MethodBase, grpc.StreamUnaryMultiCallable):  # type: ignore[mi
         compression: grpc.Compression | None = None,
     ) -> grpc.Future:
         """Start the call and return a future of its response."""
-        timeout, metadata = self._prepare(timeout, metadata)
+        timeout, metadata, scope = self._prepare(timeout, metadata)
         channel: Channel = self._channel  # type: ignore[assignment]
         stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout)
         start = time.perf_counter()
         mc = stats.handle.call(self)
         future = mc.future(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        future.add_done_callback(lambda f: done(_future_outcome(f), time.perf_counter() - start))
+        _watch_future(future, done, start, scope)
         return _Future(future, channel)
 
 
@@ -381,9 +605,9 @@ class StreamStream(MethodBase, grpc.StreamStreamMultiCallable):  # type: ignore[
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> ResponseStream:
-        timeout, metadata = self._prepare(timeout, metadata)
+        timeout, metadata, scope = self._prepare(timeout, metadata)
         args = (timeout, metadata, credentials, wait_for_ready, compression)
-        return ResponseStream(_start_stream(self, request_iterator, args, wait_for_ready))
+        return ResponseStream(_start_stream(self, request_iterator, args, scope))
 
 
 class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, NoReturn
@@ -14,8 +15,10 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
-from ._common import BadRequest, ServerBase, is_grpc_abort, status_for_exception
+from ..errors import DeadlineExceeded
+from ._common import BadRequest, ServerBase, incoming_scope, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -216,26 +219,48 @@ class Server(ServerBase):
         # Plain functions are the generated base's "not implemented" stubs
         # (or handlers that write with context.write); they run inline.
         is_async = inspect.iscoroutinefunction(behaviour)
+        cap = self.config.max_deadline
+        guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if guard is not None and (denied := guard(context)) is not None:
+                await context.abort(*denied)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             self._inflight += 1
+            # Each call runs in its own task, so the scope is this call's alone.
+            scope = incoming_scope(CallScope, context, cap)
+            scope_var.set(scope)
             try:
                 result = behaviour(request, context)
-                return (await result) if is_async else result
+                if not is_async:
+                    return result
+                if cap is None:
+                    return await result
+                return await _capped(result, scope, cap)
+            except asyncio.CancelledError:
+                scope.cancel_all()  # the caller cancelled or its deadline passed
+                raise
             except Exception as exc:
                 await self._fail(exc, context, method)
             finally:
+                scope.ended = True
                 self._leave()
 
         return call
 
     def _wrap_generator(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        cap = self.config.max_deadline
+        guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
+
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if guard is not None and (denied := guard(context)) is not None:
+                await context.abort(*denied)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             self._inflight += 1
+            scope = incoming_scope(CallScope, context, cap)
+            token = scope_var.set(scope)
             try:
                 responses = behaviour(request, context)
                 if inspect.isasyncgen(responses):
@@ -244,9 +269,29 @@ class Server(ServerBase):
                 else:
                     for response in responses:
                         yield response
+            except asyncio.CancelledError:
+                scope.cancel_all()
+                raise
             except Exception as exc:
                 await self._fail(exc, context, method)
             finally:
+                scope.ended = True
+                try:
+                    scope_var.reset(token)
+                except ValueError:
+                    pass  # finalized outside the call's task
                 self._leave()
 
         return stream
+
+
+async def _capped(result: Any, scope: CallScope, cap: float) -> Any:
+    """Await a handler within ``ServerConfig.max_deadline``."""
+    timeout = asyncio.timeout(scope.remaining(time.monotonic()))
+    try:
+        async with timeout:
+            return await result
+    except TimeoutError:
+        if not timeout.expired():
+            raise  # the handler's own TimeoutError
+        raise DeadlineExceeded(f"the handler ran past its deadline (server max_deadline {cap} s)") from None

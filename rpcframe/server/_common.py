@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,8 +19,11 @@ from typing import Any
 
 import grpc
 
+from .._core.deadline import CallScope
 from ..config import ServerConfig
 from ..errors import ConfigError, RpcError
+from ..security.guard import guard_factory
+from ..security.tls import server_credentials
 
 _LOG = logging.getLogger("rpcframe.server")
 
@@ -146,6 +150,28 @@ def status_for_exception(
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})", ()
 
 
+#: Metadata that marks a request as a retry or hedge of an earlier attempt:
+#: rpcframe's own, and the one grpc core's retries send.
+RETRY_KEYS = frozenset({"rpcframe-attempt", "grpc-previous-rpc-attempts"})
+
+
+def incoming_scope(scope_type: type[CallScope], context: Any, cap: float | None) -> CallScope:
+    """The scope an incoming call gives the calls its handler makes.
+
+    Its deadline is the caller's (from ``grpc-timeout``), shortened to
+    ``cap`` (``ServerConfig.max_deadline``) when that is sooner.
+    """
+    remaining = context.time_remaining()
+    if cap is not None and (remaining is None or remaining > cap):
+        remaining = cap
+    is_retry = False
+    for key, _ in context.invocation_metadata() or ():
+        if key in RETRY_KEYS:
+            is_retry = True
+            break
+    return scope_type(None if remaining is None else time.monotonic() + remaining, is_retry)
+
+
 def _parse_safely(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.request_streaming:
         return handler  # a streamed request's bad message ends the stream with grpc's own status
@@ -166,6 +192,9 @@ class ServerBase:
         self._services: list[Service] = []
         self._ports: list[int] = []
         self._started = False
+        # method -> auth guard, or None without ServerConfig.auth (then the wrapper checks nothing).
+        self._guard_for = guard_factory(config.auth, config.tls)
+        self._credentials: Any = None
 
     @property
     def service_names(self) -> tuple[str, ...]:
@@ -196,9 +225,15 @@ class ServerBase:
         return tuple(s.name for s in services)
 
     def bind(self, address: str) -> int:
-        """Listen on ``host:port`` (plaintext); returns the port actually bound."""
+        """Listen on ``host:port`` (TLS when ``config.tls`` is set); returns the port actually bound."""
+        tls = self.config.tls
+        if tls is not None and self._credentials is None:
+            self._credentials = server_credentials(tls)  # one reloading credential for every port
         try:
-            port = int(self._grpc_server.add_insecure_port(address))
+            if tls is not None:
+                port = int(self._grpc_server.add_secure_port(address, self._credentials))
+            else:
+                port = int(self._grpc_server.add_insecure_port(address))
         except RuntimeError as exc:
             raise ConfigError(f"cannot bind {address}: {exc}") from None
         if port == 0:

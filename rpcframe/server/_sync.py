@@ -14,8 +14,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
-from ._common import BadRequest, ServerBase, is_grpc_abort, status_for_exception
+from ._common import BadRequest, ServerBase, incoming_scope, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -23,6 +24,42 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the grace period, cancelled handlers get this long to return.
 _CANCEL_WAIT = 5.0
+
+
+class _Scope(CallScope):
+    """An incoming call's scope on the thread-pool server.
+
+    A sync handler cannot be interrupted, so when its call is cancelled or
+    its deadline passes, grpc's termination callback cancels the outgoing
+    calls it has in flight. The callback is registered with the first
+    outgoing call, so handlers that call nothing pay nothing for it.
+    """
+
+    __slots__ = ("_context",)
+
+    def __init__(self, deadline: float | None, is_retry: bool = False, parent: CallScope | None = None) -> None:
+        super().__init__(deadline, is_retry, parent)
+        self._context: Any = None
+
+    def track(self, call: Any) -> None:
+        context, self._context = self._context, None
+        if context is not None and not context.add_callback(self.cancel_all):
+            self.cancel_all()  # the incoming call is already over
+        super().track(call)
+
+
+def _new_scope(context: grpc.ServicerContext, cap: float | None) -> CallScope:
+    scope = incoming_scope(_Scope, context, cap)
+    scope._context = context  # type: ignore[attr-defined]
+    return scope
+
+
+def _end_scope(scope: CallScope, token: Any) -> None:
+    scope.ended = True
+    try:
+        scope_var.reset(token)
+    except ValueError:
+        pass  # a response generator closed from another thread: its context is gone anyway
 
 
 class Server(ServerBase):
@@ -170,18 +207,26 @@ class Server(ServerBase):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         enter, leave, fail = self._enter, self._leave, self._fail
+        cap = self.config.max_deadline
+        set_scope = scope_var.set
+        guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
         if handler.response_streaming:
             behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if guard is not None and (denied := guard(context)) is not None:
+                    context.abort(*denied)
                 if type(request) is BadRequest:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 enter()
+                scope = _new_scope(context, cap)
+                token = set_scope(scope)
                 try:
                     yield from behaviour(request, context)
                 except Exception as exc:
                     fail(exc, context, method)
                 finally:
+                    _end_scope(scope, token)
                     leave()
 
             key = "stream_stream" if handler.request_streaming else "unary_stream"
@@ -190,14 +235,19 @@ class Server(ServerBase):
         behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            if guard is not None and (denied := guard(context)) is not None:
+                context.abort(*denied)
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             enter()
+            scope = _new_scope(context, cap)
+            token = set_scope(scope)
             try:
                 return behaviour(request, context)
             except Exception as exc:
                 fail(exc, context, method)
             finally:
+                _end_scope(scope, token)
                 leave()
 
         key = "stream_unary" if handler.request_streaming else "unary_unary"
