@@ -90,3 +90,29 @@ def signers() -> Signers:
     rsa_priv, rsa_pub = _pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
     ec_priv, ec_pub = _pem_pair(ec.generate_private_key(ec.SECP256R1()))
     return Signers(rsa_priv, rsa_pub, ec_priv, ec_pub)
+
+
+def server_tls(pki: Pki, *, mutual: bool = True) -> Any:
+    from rpcframe.security import TLSConfig
+
+    cert, key = pki.server_files
+    return TLSConfig.for_server(cert, key, client_ca=pki.ca_pem if mutual else None)
+
+
+def client_tls(pki: Pki, *, cert: bool = True, ca: bytes | None = None, server_name: str | None = None) -> Any:
+    from rpcframe.security import TLSConfig
+
+    leaf = pki.client
+    return TLSConfig.for_client(
+        ca or pki.ca_pem,
+        cert=Pki.chain(leaf) if cert else None,
+        key=leaf.private_key_pem.bytes() if cert else None,
+        server_name=server_name,
+    )
+
+
+def jwt_config(signers: Signers, **over: Any) -> Any:
+    from rpcframe.security import JWTConfig, JWTKey
+
+    keys = (JWTKey(signers.rsa_public, "RS256"), JWTKey(signers.ec_public, "ES256"), JWTKey(HS_SECRET, "HS256"))
+    return JWTConfig(issuer=ISSUER, audience=AUDIENCE, keys=keys, **over)
