@@ -10,7 +10,8 @@ from .balancing.endpoint import Endpoint
 from .balancing.pickers import register_policy
 from .balancing.resolver import DNSResolver, ManualResolver, Resolver, StaticResolver
 from .client._sync import Channel, ResponseStream, connect
-from .config import ChannelConfig, ServerConfig
+from .config import BudgetConfig, ChannelConfig, HedgePolicy, MethodConfig, RetryPolicy, ServerConfig
+from .deadline import deadline_after, time_remaining
 from .errors import (
     Aborted,
     AlreadyExists,
@@ -33,6 +34,19 @@ from .errors import (
     Unknown,
 )
 from .health.outlier import OutlierConfig
+from .security import (
+    ApiKeys,
+    AuthConfig,
+    Identity,
+    JWTConfig,
+    JWTKey,
+    Policy,
+    RefreshingToken,
+    Rule,
+    StaticToken,
+    TLSConfig,
+    peer,
+)
 from .server._sync import Server
 
 try:
@@ -43,6 +57,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "ApiKeys",
+    "AuthConfig",
+    "BudgetConfig",
     "Cancelled",
     "Channel",
     "ChannelConfig",
@@ -52,26 +69,40 @@ __all__ = [
     "DeadlineExceeded",
     "Endpoint",
     "FailedPrecondition",
+    "HedgePolicy",
+    "Identity",
     "Internal",
     "InvalidArgument",
+    "JWTConfig",
+    "JWTKey",
     "ManualResolver",
+    "MethodConfig",
     "NotFound",
     "OutOfRange",
     "OutlierConfig",
     "PermissionDenied",
+    "Policy",
+    "RefreshingToken",
     "Resolver",
     "ResourceExhausted",
     "ResponseStream",
+    "RetryPolicy",
     "RpcError",
     "RpcframeError",
+    "Rule",
     "Server",
     "ServerConfig",
     "StaticResolver",
+    "StaticToken",
+    "TLSConfig",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
-    "__version__",
     "connect",
+    "deadline_after",
+    "peer",
     "register_policy",
+    "time_remaining",
+    "__version__",
 ]

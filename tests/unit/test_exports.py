@@ -24,5 +24,8 @@ def test_public_api() -> None:
         "TLSConfig", "AuthConfig", "JWTConfig", "JWTKey", "ApiKeys", "Policy", "Rule",
         "StaticToken", "RefreshingToken", "Identity", "peer",
     }  # fmt: skip
+    assert set(rpcframe.__all__) >= {
+        "RetryPolicy", "HedgePolicy", "BudgetConfig", "MethodConfig", "deadline_after", "time_remaining",
+    }  # fmt: skip
     assert set(rpcframe.aio.__all__) == {"Call", "Channel", "Server", "connect"}
     assert not [n for n in rpcframe.__all__ if n.startswith("_") and n != "__version__"]
