@@ -4,6 +4,7 @@
 
     python -m benchmarks.run            # full: 5 rounds of 4 s per scenario and stack (~8 min)
     python -m benchmarks.run --quick    # 3 rounds of 1 s (~1.5 min on 2 cores)
+    python -m benchmarks.run --only 3backends --out /tmp/bench   # one scenario, results elsewhere
 
 Every scenario runs the same load against two stacks: a server and client
 written against grpcio alone ("raw") and the same servicer served and called
@@ -22,8 +23,15 @@ the load generator (``os.times`` in its process). CPU per call is the
 number to watch: QPS from a saturated Python client scatters 10–40% from
 run to run, CPU per call much less.
 
-Results go to ``benchmarks/results/``: ``latest.json``, ``latest.md`` and
-PNG plots.
+One scenario measures client-side balancing rather than the stack:
+``aio-unary-64-3backends`` runs one rpcframe asyncio server process listening
+on 3 ports; the raw side calls it through one grpc.aio channel to one of the
+addresses, the rpcframe side through an rpcframe.aio channel to all three
+(``a:1,b:2,c:3``: default ``peak_ewma`` policy, health checking on). Same
+server process, same load, so the difference is the balancing client's cost.
+
+Results go to ``benchmarks/results/`` (``--out DIR`` for another directory):
+``latest.json``, ``latest.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -77,18 +85,22 @@ class ServerKind:
     stack: str  # "raw" | "rpcframe"
     mode: str  # "sync" | "aio"
     uvloop: bool = False
+    ports: int = 1  # addresses the one process listens on
 
     @property
     def name(self) -> str:
-        """Short label, e.g. ``rpcframe-aio-uvloop``."""
+        """Short label, e.g. ``rpcframe-aio-uvloop`` or ``rpcframe-aio-asyncio-3ports``."""
         loop = ("-uvloop" if self.uvloop else "-asyncio") if self.mode == "aio" else ""
-        return f"{self.stack}-{self.mode}{loop}"
+        ports = f"-{self.ports}ports" if self.ports > 1 else ""
+        return f"{self.stack}-{self.mode}{loop}{ports}"
 
     def argv(self) -> list[str]:
         """The command that starts it."""
         args = [sys.executable, "-m", "examples.bench_server", f"--{self.stack}", f"--{self.mode}"]
         if self.mode == "aio":
             args.append("--uvloop" if self.uvloop else "--no-uvloop")
+        if self.ports > 1:
+            args += ["--ports", str(self.ports)]
         return [*args, "--bind", "127.0.0.1:0", "--workers", "16", "--grace", "2"]
 
 
@@ -100,6 +112,7 @@ class Side:
     server: ServerKind
     client: str  # "raw" | "rpcframe"
     uvloop: bool = False  # client loop in aio mode
+    endpoints: int = 1  # the client's target lists this many of the server's addresses (``a:1,b:2,c:3``)
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,8 @@ RF_SYNC = ServerKind("rpcframe", "sync")
 RAW_AIO = ServerKind("raw", "aio", uvloop=False)
 RF_AIO = ServerKind("rpcframe", "aio", uvloop=False)
 RF_AIO_UVLOOP = ServerKind("rpcframe", "aio", uvloop=True)
+# One process on 3 ports: rpcframe's server, so the balancing client's health Watch streams get answers.
+RF_AIO_3PORTS = ServerKind("rpcframe", "aio", uvloop=False, ports=3)
 
 _UNARY_64 = bench_pb2.BenchRequest(payload=bytes(64), response_size=64)
 _STREAM_1K = bench_pb2.BenchRequest(response_size=1024, count=STREAM_LENGTH)
@@ -176,6 +191,17 @@ SCENARIOS = [
         Side("raw", RAW_AIO, "raw"),
         Side("rpcframe", RF_AIO_UVLOOP, "rpcframe", uvloop=True),
     ),  # fmt: skip
+    Scenario(
+        "aio-unary-64-3backends",
+        "aio unary 64 B, 64 in flight, rpcframe over 3 endpoints vs raw 1 channel",
+        "Unary",
+        _UNARY_64,
+        "aio",
+        64,
+        # The same server process for both sides; both clients on the default asyncio loop.
+        Side("raw", RF_AIO_3PORTS, "raw"),
+        Side("rpcframe", RF_AIO_3PORTS, "rpcframe", endpoints=3),
+    ),  # fmt: skip
 ]
 
 
@@ -191,19 +217,32 @@ class ServerProcess:
         self.proc = subprocess.Popen(kind.argv(), cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
         self.pid = self.proc.pid
         self.target = ""
+        self.targets: list[str] = []  # every address, in bind order; ``target`` is the first
 
     def wait_ready(self) -> None:
-        """Read the ``serving on HOST:PORT`` line (bounded)."""
+        """Read one ``serving on HOST:PORT`` line per port (bounded)."""
         lines: list[str] = []
         assert self.proc.stdout is not None
         stdout = self.proc.stdout
-        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+
+        def read() -> None:
+            for _ in range(self.kind.ports):
+                lines.append(stdout.readline())
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(SERVER_START_TIMEOUT)
-        match = re.fullmatch(r"serving on (\S+:\d+)\n", lines[0]) if lines else None
-        if match is None:
-            raise RuntimeError(f"{self.kind.name} server did not start: {lines[:1]} {self._stderr_tail()}")
-        self.target = match.group(1)
+        matches = [re.fullmatch(r"serving on (\S+:\d+)\n", line) for line in list(lines)]
+        if len(matches) < self.kind.ports or not all(matches):
+            raise RuntimeError(f"{self.kind.name} server did not start: {lines} {self._stderr_tail()}")
+        self.targets = [m.group(1) for m in matches if m is not None]
+        self.target = self.targets[0]
+
+    def target_for(self, side: Side) -> str:
+        """The client's target: the first ``side.endpoints`` addresses, comma-separated."""
+        if side.endpoints > len(self.targets):
+            raise RuntimeError(f"{side.label} wants {side.endpoints} endpoints, {self.kind.name} has {self.targets}")
+        return ",".join(self.targets[: side.endpoints])
 
     def _stderr_tail(self) -> str:
         self._log.flush()
@@ -281,7 +320,7 @@ def run_once(scenario: Scenario, side: Side, server: ServerProcess, method: Meth
              warmup: float, measure: float) -> Run:  # fmt: skip
     """One load-generator process against one server, CPU sampled over the measured phase only."""
     spec = LoadSpec(
-        target=server.target,
+        target=server.target_for(side),
         method=method,
         request=scenario.request.SerializeToString(),
         mode=scenario.mode,  # type: ignore[arg-type]
@@ -441,8 +480,8 @@ def streaming_paragraph(doc: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
-def plots(doc: dict[str, Any], runs: list[Run]) -> list[Path]:
-    """Write the PNGs; returns their paths."""
+def plots(doc: dict[str, Any], runs: list[Run], out: Path = RESULTS) -> list[Path]:
+    """Write the PNGs into ``out``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,7 +508,7 @@ def plots(doc: dict[str, Any], runs: list[Run]) -> list[Path]:
     bars(ax, "throughput", "throughput per second (calls, or messages for streams), median and min–max")
     ax.set_yscale("log")
     fig.tight_layout()
-    paths.append(RESULTS / "throughput.png")
+    paths.append(out / "throughput.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
@@ -477,7 +516,7 @@ def plots(doc: dict[str, Any], runs: list[Run]) -> list[Path]:
     bars(top, "server_cpu_us", "server CPU µs per call / message")
     bars(bottom, "client_cpu_us", "load generator CPU µs per call / message")
     fig.tight_layout()
-    paths.append(RESULTS / "cpu.png")
+    paths.append(out / "cpu.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
@@ -493,7 +532,7 @@ def plots(doc: dict[str, Any], runs: list[Run]) -> list[Path]:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(RESULTS / "ratios.png")
+    paths.append(out / "ratios.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
@@ -505,7 +544,7 @@ def plots(doc: dict[str, Any], runs: list[Run]) -> list[Path]:
                 if run.scenario == s["name"] and run.side == label and run.histogram is not None:
                     hist.add(run.histogram)
             curves.append((s["stack_labels"][label], hist))
-        paths.append(plot_percentile_curves(curves, RESULTS / f"latency-{s['name']}.png",
+        paths.append(plot_percentile_curves(curves, out / f"latency-{s['name']}.png",
                                             f"{s['title']}: latency per call, all rounds"))  # fmt: skip
     return paths
 
@@ -516,7 +555,8 @@ def plots(doc: dict[str, Any], runs: list[Run]) -> list[Path]:
 def _stack_label(side: Side) -> str:
     server = side.server
     loop = f", {'uvloop' if side.uvloop else 'asyncio'}" if server.mode == "aio" else ""
-    return f"{side.label} ({server.mode}{loop})"
+    endpoints = f", {side.endpoints} endpoints" if side.endpoints > 1 else ""
+    return f"{side.label} ({server.mode}{loop}{endpoints})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -528,10 +568,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="warmup seconds per run (default 1, quick 0.5)")
     parser.add_argument("--only", default=None, metavar="REGEX", help="run only scenarios whose name matches")
     parser.add_argument("--rewrite-md", action="store_true", help="only rewrite latest.md from latest.json")
+    parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
+                        help="where latest.json, latest.md and the plots go (default benchmarks/results)")  # fmt: skip
     args = parser.parse_args(argv)
+    out: Path = args.out
     if args.rewrite_md:
-        doc = json.loads((RESULTS / "latest.json").read_text(encoding="utf-8"))
-        (RESULTS / "latest.md").write_text(markdown(doc), encoding="utf-8")
+        doc = json.loads((out / "latest.json").read_text(encoding="utf-8"))
+        (out / "latest.md").write_text(markdown(doc), encoding="utf-8")
         return 0
     rounds = args.rounds or (3 if args.quick else 5)
     measure = args.measure or (1.0 if args.quick else 4.0)
@@ -591,14 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             **summarize(scenario, mine),
             "runs": [r.row() for r in mine],
         })  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     report = markdown(doc)
-    (RESULTS / "latest.md").write_text(report, encoding="utf-8")
-    written = plots(doc, runs)
+    (out / "latest.md").write_text(report, encoding="utf-8")
+    written = plots(doc, runs, out)
     print()
     print(report)
-    print(f"wrote {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'} and {len(written)} plots "
+    print(f"wrote {out / 'latest.json'}, {out / 'latest.md'} and {len(written)} plots "
           f"in {doc['duration_s']:.0f} s")  # fmt: skip
     return 0
 

@@ -17,7 +17,13 @@ imports rpcframe)::
     python -m examples.bench_server --rpcframe --aio --bind 127.0.0.1:0
 
 The runner prints ``serving on HOST:PORT`` once it accepts calls and exits
-with code 0 after draining on SIGTERM or SIGINT.
+with code 0 after draining on SIGTERM or SIGINT. ``--ports N`` makes the one
+server listen on N ports of the ``--bind`` host (port 0: each a free one;
+else N consecutive ports from the given one) and print one ``serving on
+HOST:PORT`` line per port, in bind order, all once the server accepts calls;
+the first line is the same as without ``--ports``. One process behind N
+addresses is how the suite measures client-side balancing against a single
+channel without giving the balanced side more server CPU.
 """
 
 from __future__ import annotations
@@ -174,9 +180,16 @@ aio_servicer = AioBenchServicer()
 # -- runners -------------------------------------------------------------------
 
 
-def _ready(bind: str, port: int) -> None:
+def _ready(bind: str, ports: list[int]) -> None:
     host = bind.rpartition(":")[0]
-    print(f"serving on {host}:{port}", flush=True)
+    print("".join(f"serving on {host}:{port}\n" for port in ports), end="", flush=True)
+
+
+def _binds(bind: str, count: int) -> list[str]:
+    """``count`` addresses on ``bind``'s host: all port 0, or consecutive ports from ``bind``'s."""
+    host, _, port_text = bind.rpartition(":")
+    port = int(port_text)
+    return [f"{host}:{port + i if port else 0}" for i in range(count)]
 
 
 def _wait_for_signal() -> None:
@@ -213,49 +226,49 @@ def _run_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
         asyncio.run(main)
 
 
-def serve_raw_sync(bind: str, workers: int, grace: float) -> None:
+def serve_raw_sync(bind: str, workers: int, grace: float, ports: int = 1) -> None:
     """grpcio's thread-pool server, as a grpcio user writes it (plus reflection)."""
     server = grpc.server(ThreadPoolExecutor(max_workers=workers))
     bench_pb2_grpc.add_BenchServiceServicer_to_server(BenchServicer(), server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(bind)
+    bound = [server.add_insecure_port(b) for b in _binds(bind, ports)]
     server.start()
-    _ready(bind, port)
+    _ready(bind, bound)
     _wait_for_signal()
     server.stop(grace).wait()
 
 
-async def serve_raw_aio(bind: str, grace: float) -> None:
+async def serve_raw_aio(bind: str, grace: float, ports: int = 1) -> None:
     """grpc.aio's server, as a grpcio user writes it (plus reflection)."""
     server = grpc.aio.server()
     bench_pb2_grpc.add_BenchServiceServicer_to_server(AioBenchServicer(), server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(bind)
+    bound = [server.add_insecure_port(b) for b in _binds(bind, ports)]
     await server.start()
-    _ready(bind, port)
+    _ready(bind, bound)
     await _wait_for_signal_aio()
     await server.stop(grace)
 
 
-def serve_rpcframe_sync(bind: str, workers: int, grace: float) -> None:
+def serve_rpcframe_sync(bind: str, workers: int, grace: float, ports: int = 1) -> None:
     """rpcframe's thread-pool server (health and reflection included)."""
     import rpcframe
 
     server = rpcframe.Server(rpcframe.ServerConfig(max_workers=workers, grace_period=grace))
     server.add(BenchServicer())
-    port = server.bind(bind)
-    server.run(on_ready=lambda: _ready(bind, port))
+    bound = [server.bind(b) for b in _binds(bind, ports)]
+    server.run(on_ready=lambda: _ready(bind, bound))
 
 
-async def serve_rpcframe_aio(bind: str, grace: float) -> None:
+async def serve_rpcframe_aio(bind: str, grace: float, ports: int = 1) -> None:
     """rpcframe's asyncio server (health and reflection included)."""
     import rpcframe
     import rpcframe.aio
 
     server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=grace))
     server.add(AioBenchServicer())
-    port = server.bind(bind)
-    await server.run(on_ready=lambda: _ready(bind, port))
+    bound = [server.bind(b) for b in _binds(bind, ports)]
+    await server.run(on_ready=lambda: _ready(bind, bound))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,19 +288,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="127.0.0.1:50051", metavar="HOST:PORT", help="port 0 picks a free one")
     parser.add_argument("--workers", type=int, default=16, help="thread-pool size of sync servers (default 16)")
     parser.add_argument("--grace", type=float, default=2.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--ports", type=int, default=1, metavar="N",
+                        help="listen on N ports of the --bind host, one 'serving on' line each")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.ports < 1:
+        parser.error("--ports must be >= 1")
     stack_name = args.stack or "rpcframe"
     # Each stack's own default loop: rpcframe runs on uvloop, grpc.aio on asyncio.
     use_uvloop = args.uvloop if args.uvloop is not None else stack_name == "rpcframe"
     if stack_name == "raw":
         if args.aio:
-            _run_loop(serve_raw_aio(args.bind, args.grace), use_uvloop)
+            _run_loop(serve_raw_aio(args.bind, args.grace, args.ports), use_uvloop)
         else:
-            serve_raw_sync(args.bind, args.workers, args.grace)
+            serve_raw_sync(args.bind, args.workers, args.grace, args.ports)
     elif args.aio:
-        _run_loop(serve_rpcframe_aio(args.bind, args.grace), use_uvloop)
+        _run_loop(serve_rpcframe_aio(args.bind, args.grace, args.ports), use_uvloop)
     else:
-        serve_rpcframe_sync(args.bind, args.workers, args.grace)
+        serve_rpcframe_sync(args.bind, args.workers, args.grace, args.ports)
     return 0
 
 
