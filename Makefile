@@ -49,10 +49,12 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.balancing
+	$(PY) -m benchmarks.security
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
 	$(PY) -m benchmarks.balancing --quick
+	$(PY) -m benchmarks.security --quick
 
 # pytest-benchmark micro-benchmarks of hot-path pieces (not part of make test).
 bench-micro: setup
