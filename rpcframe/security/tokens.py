@@ -146,6 +146,9 @@ class RefreshingToken:
 def token_parts(token: str | TokenSource) -> tuple[tuple[Header, ...], Callable[[], Header] | None]:
     """(fixed headers, per-call header function) for a channel's token setting."""
     source = StaticToken(token) if isinstance(token, str) else token
+    if not isinstance(source, TokenSource):
+        kind = type(token).__name__
+        raise ConfigError(f"ChannelConfig.token must be a str, StaticToken or RefreshingToken, got {kind}")
     if isinstance(source, StaticToken):
         return (source.header(),), None
     return (), source.header

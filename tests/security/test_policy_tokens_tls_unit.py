@@ -103,6 +103,8 @@ def test_static_tokens() -> None:
     assert StaticToken("abc").header() == ("authorization", "Bearer abc")
     assert StaticToken("k", scheme=None, key_name="x-api-key").header() == ("x-api-key", "k")
     assert token_parts("abc") == ((("authorization", "Bearer abc"),), None)
+    with pytest.raises(ConfigError, match="must be a str"):
+        token_parts(b"bytes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         StaticToken("a\nb")
     with pytest.raises(ConfigError):
@@ -198,6 +200,15 @@ def test_tls_config_validation(pki: Pki, tmp_path: Path) -> None:
         TLSConfig.for_client(b"garbage")
     with pytest.raises(ConfigError, match="optional"):
         TLSConfig.for_server(cert, key, client_ca=pki.ca_pem).__class__(cert=cert, key=key, client_auth="optional")  # type: ignore[arg-type]
+
+
+def test_server_tls_needs_a_certificate(pki: Pki) -> None:
+    import rpcframe
+
+    server = rpcframe.Server(rpcframe.ServerConfig(tls=TLSConfig.for_client(pki.ca_pem)))
+    with pytest.raises(ConfigError, match="needs cert and key"):
+        server.bind("127.0.0.1:0")
+    server.stop(0)
 
 
 def test_mismatched_key_is_refused(pki: Pki) -> None:
