@@ -206,6 +206,10 @@ class ChannelConfig:
             ("grpc.max_send_message_length", self.max_send_message_length),
             ("grpc.max_receive_message_length", self.max_receive_message_length),
             ("grpc.primary_user_agent", self.user_agent),
+            # Each endpoint channel owns its connection: with grpc's global
+            # subchannel pool, a new channel to an address whose earlier
+            # server died inherits that connection's reconnect backoff.
+            ("grpc.use_local_subchannel_pool", 1),
             *_keepalive_options(self.keepalive_time, self.keepalive_timeout, self.keepalive_permit_without_calls),
             *self.grpc_options,
         )

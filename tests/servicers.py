@@ -64,7 +64,7 @@ class ScriptedEcho(EchoServicer):
             self.release.wait(10)
             self.finished.set()
         if kind == "deadline":
-            remaining = context.time_remaining()
+            remaining = rpcframe.time_remaining()  # the incoming deadline, as handlers see it
             return echo_pb2.EchoResponse(message="none" if remaining is None else f"{remaining:.3f}")
         return super().Echo(request, context)
 
@@ -102,7 +102,7 @@ class AioScriptedEcho(AioEchoServicer):
                 raise
             self.finished.set()
         if kind == "deadline":
-            remaining = context.time_remaining()
+            remaining = rpcframe.time_remaining()  # the incoming deadline, as handlers see it
             return echo_pb2.EchoResponse(message="none" if remaining is None else f"{remaining:.3f}")
         return await super().Echo(request, context)
 

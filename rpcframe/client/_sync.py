@@ -139,7 +139,16 @@ class _Future(grpc.Future):  # type: ignore[misc]
         self._future.add_done_callback(lambda _: fn(self))
 
 
-_POLL_EXIT = 0.3  # > grpc's 0.2 s connectivity poll interval
+_POLL_EXIT = 2.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s)
+
+
+def _cancel_kick(kick: grpc.Future | None) -> None:
+    # grpc's ready-future fails when cancelled a second time (its callbacks are gone).
+    if kick is not None and not kick.done():
+        try:
+            kick.cancel()
+        except TypeError:
+            pass
 
 
 class _Subchannel(SubchannelBase):
@@ -171,6 +180,8 @@ class _Subchannel(SubchannelBase):
             # A dropped connection leaves the channel IDLE; reconnect at once
             # so the endpoint returns as soon as its server does.
             self._kick = grpc.channel_ready_future(self.channel)
+            if self._closed.is_set():
+                _cancel_kick(self._kick)
 
     def _watch_health(self, service: str) -> None:
         request = health_pb2.HealthCheckRequest(service=service)
@@ -196,8 +207,7 @@ class _Subchannel(SubchannelBase):
     def close(self) -> None:
         """Stop watching and close the channel (cancels its active calls)."""
         self._closed.set()
-        if self._kick is not None:
-            self._kick.cancel()
+        _cancel_kick(self._kick)
         if self._watch is not None:
             self._watch.cancel()
         self.channel.unsubscribe(self._on_state)
@@ -207,7 +217,14 @@ class _Subchannel(SubchannelBase):
         threading.Thread(target=self._close_channel, daemon=True, name="rpcframe-close").start()
 
     def _close_channel(self) -> None:
-        time.sleep(_POLL_EXIT)
+        # A state change delivered during close() may have started a new
+        # ready-future; stop it, then wait (bounded) until grpc's polling
+        # thread has seen that nobody listens and exited.
+        _cancel_kick(self._kick)
+        state = getattr(self.channel, "_connectivity_state", None)
+        until = time.monotonic() + _POLL_EXIT
+        while time.monotonic() < until and (state is None or state.polling):
+            time.sleep(0.05)
         self.channel.close()
 
 

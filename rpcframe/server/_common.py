@@ -155,6 +155,9 @@ def status_for_exception(
 RETRY_KEYS = frozenset({"rpcframe-attempt", "grpc-previous-rpc-attempts"})
 
 
+_NO_DEADLINE = 1e9  # seconds; anything longer is grpc's infinite future
+
+
 def incoming_scope(scope_type: type[CallScope], context: Any, cap: float | None) -> CallScope:
     """The scope an incoming call gives the calls its handler makes.
 
@@ -162,6 +165,8 @@ def incoming_scope(scope_type: type[CallScope], context: Any, cap: float | None)
     ``cap`` (``ServerConfig.max_deadline``) when that is sooner.
     """
     remaining = context.time_remaining()
+    if remaining is not None and remaining > _NO_DEADLINE:
+        remaining = None  # the sync server reports "no deadline" as ~INT64_MAX seconds
     if cap is not None and (remaining is None or remaining > cap):
         remaining = cap
     is_retry = False
