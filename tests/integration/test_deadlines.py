@@ -125,7 +125,8 @@ def test_expired_deadline_is_never_sent(chain: tuple[str, list[Relay], ScriptedE
     error = relays[0].errors[0]
     assert isinstance(error, rpcframe.DeadlineExceeded)
     assert "not sent" in error.details()
-    assert relays[1].calls == 0 and last.calls == 0
+    assert relays[1].calls == 0
+    assert last.calls == 0
 
 
 def test_deadline_after_block_bounds_calls_at_the_edge(chain: tuple[str, list[Relay], ScriptedEcho]) -> None:
@@ -214,7 +215,8 @@ async def test_aio_expired_deadline_is_never_sent(aio_chain: tuple[str, list[Aio
 
         await eventually(relay_gave_up)
     # The relay's handler was cancelled at the deadline, or refused to send.
-    assert relays[1].calls == 0 and last.calls == 0
+    assert relays[1].calls == 0
+    assert last.calls == 0
 
 
 async def test_aio_cancel_cascades_to_the_last_hop(aio_chain: tuple[str, list[AioRelay], AioScriptedEcho]) -> None:

@@ -66,7 +66,8 @@ def test_nested_deadline_block_shortens_and_shares_tracking() -> None:
     token = scope_var.set(outer)
     try:
         with deadline_scope(100.0, now=100.0) as longer:
-            assert longer.deadline == 105.0 and longer.is_retry
+            assert longer.deadline == 105.0
+            assert longer.is_retry
         with deadline_scope(1.0, now=100.0) as shorter:
             assert shorter.deadline == 101.0
             call = Cancellable()
@@ -82,7 +83,8 @@ def test_deadline_after_and_time_remaining() -> None:
     assert rpcframe.time_remaining() is None
     with rpcframe.deadline_after(2.0):
         left = rpcframe.time_remaining()
-        assert left is not None and 1.5 < left <= 2.0
+        assert left is not None
+        assert 1.5 < left <= 2.0
     assert rpcframe.time_remaining() is None
     with pytest.raises(rpcframe.ConfigError), rpcframe.deadline_after(0):
         pass
@@ -149,7 +151,8 @@ def test_budget_allows_ratio_of_requests_plus_floor() -> None:
 
 def test_budget_forgets_after_ttl() -> None:
     budget = RateBudget(BudgetConfig(ratio=0.0, min_per_second=0.1, ttl=10))
-    assert budget.try_withdraw(50.0) and not budget.try_withdraw(50.5)
+    assert budget.try_withdraw(50.0)
+    assert not budget.try_withdraw(50.5)
     assert not budget.try_withdraw(59.0)
     assert budget.try_withdraw(61.0)
 
@@ -160,7 +163,8 @@ def test_budget_with_no_floor_needs_requests() -> None:
         budget.deposit(10.0 + i * 0.01)
     assert not budget.try_withdraw(10.5)
     budget.deposit(10.5)
-    assert budget.try_withdraw(10.5) and not budget.try_withdraw(10.5)
+    assert budget.try_withdraw(10.5)
+    assert not budget.try_withdraw(10.5)
 
 
 def test_budget_config_validates() -> None:
@@ -192,7 +196,8 @@ def test_latency_window_keeps_only_recent_samples() -> None:
         window.add(1.0)
     for _ in range(10):
         window.add(0.01)
-    assert window.value == 0.01 and window.samples == 20
+    assert window.value == 0.01
+    assert window.samples == 20
 
 
 def test_hedge_policy_validates() -> None:
