@@ -310,9 +310,13 @@ class MethodBase:
 
     def _hedge_delay(self, scope: CallScope | None) -> float | None:
         """Seconds before this call's first backup, or ``None`` not to hedge it."""
-        if self._hedge_state is None or (scope is not None and scope.is_retry):
+        state = self._hedge_state
+        if state is None:
             return None
-        return self._hedge_state.latencies.delay(self._hedge)  # type: ignore[arg-type]
+        state.budget.deposit(time.monotonic())  # every call of the method earns hedging budget
+        if scope is not None and scope.is_retry:
+            return None
+        return state.latencies.delay(self._hedge)  # type: ignore[arg-type]
 
     def _may_hedge(self) -> bool:
         """Spend one backup from the hedging budget (counted in stats)."""

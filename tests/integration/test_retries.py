@@ -1,0 +1,313 @@
+"""Retries, budgets, chain stop, pushback and hedging against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+import rpcframe
+import rpcframe.aio
+from generated.rpcframe.bench.v1 import bench_pb2, bench_pb2_grpc
+from generated.rpcframe.echo.v1 import echo_pb2 as pb
+from generated.rpcframe.echo.v1 import echo_pb2_grpc
+from tests.conftest import wait_until
+from tests.servicers import ScriptedEcho
+
+ECHO = "rpcframe.echo.v1.EchoService/Echo"
+
+
+class Backend:
+    """An in-process thread-pool server."""
+
+    def __init__(self, servicer: object) -> None:
+        self.servicer = servicer
+        self.server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1))
+        self.server.add(servicer)
+        self.address = f"127.0.0.1:{self.server.bind('127.0.0.1:0')}"
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+@pytest.fixture
+def echoes() -> Iterator[list[Backend]]:
+    started = [Backend(ScriptedEcho(name)) for name in "abc"]
+    yield started
+    for backend in started:
+        backend.servicer.release.set()  # type: ignore[attr-defined]
+        backend.stop()
+
+
+def _config(**kwargs: Any) -> rpcframe.ChannelConfig:
+    kwargs.setdefault("policy", "round_robin")
+    return rpcframe.ChannelConfig(slow_start=0, default_timeout=10, **kwargs)
+
+
+def _connect(backends: list[Backend], **kwargs: Any) -> rpcframe.Channel:
+    channel = rpcframe.connect([b.address for b in backends], _config(**kwargs))
+    wait_until(lambda: sum(state == "READY" for _, state in channel.endpoints()) == len(backends))
+    return channel
+
+
+def _calls(backends: list[Backend]) -> list[int]:
+    return [b.servicer.calls for b in backends]  # type: ignore[attr-defined]
+
+
+def test_idempotent_call_is_retried_on_another_endpoint(echoes: list[Backend]) -> None:
+    echoes[0].servicer.failing = True  # type: ignore[attr-defined]
+    with _connect(echoes) as channel:
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        answers = [stub.Echo(pb.EchoRequest(message="whoami")).message for _ in range(30)]
+        assert "a" not in answers
+        assert len(answers) == 30
+        assert channel.stats.retries == echoes[0].servicer.calls > 0  # type: ignore[attr-defined]
+
+
+def test_retry_budget_caps_extra_attempts(echoes: list[Backend]) -> None:
+    for backend in echoes:
+        backend.servicer.failing = True  # type: ignore[attr-defined]
+    budget = rpcframe.BudgetConfig(ratio=0.0, min_per_second=0.2, ttl=10)  # 2 retries per 10 s
+    with _connect(echoes, retry_budget=budget) as channel:
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        for _ in range(5):
+            with pytest.raises(rpcframe.Unavailable):
+                stub.Echo(pb.EchoRequest(message="x"))
+        assert sum(_calls(echoes)) == 5 + 2
+        assert channel.stats.retries == 2
+        assert channel.stats.budget_refused >= 3
+
+
+def test_non_retryable_status_is_not_retried(echoes: list[Backend]) -> None:
+    with _connect(echoes) as channel:
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        with pytest.raises(rpcframe.NotFound):
+            stub.Echo(pb.EchoRequest(message="raise:NotFound:gone"))
+        assert sum(_calls(echoes)) == 1
+        assert channel.stats.retries == 0
+
+
+class Recorder(bench_pb2_grpc.BenchServiceServicer):
+    """Record has a side effect; ``mode`` makes it fail after recording."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, int] = {}
+        self.mode = ""
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def Record(self, request: bench_pb2.RecordRequest, context: Any) -> bench_pb2.RecordResponse:
+        self.records[request.key] = self.records.get(request.key, 0) + 1
+        if self.mode == "unavailable":
+            raise rpcframe.Unavailable("recorded, then lost")
+        if self.mode == "hang":
+            self.inside.set()
+            self.release.wait(5)
+        return bench_pb2.RecordResponse(times=self.records[request.key])
+
+
+@pytest.fixture
+def recorders() -> Iterator[list[Backend]]:
+    started = [Backend(Recorder()) for _ in range(2)]
+    yield started
+    for backend in started:
+        backend.servicer.release.set()  # type: ignore[attr-defined]
+        backend.stop()
+
+
+def _records(backends: list[Backend], key: str) -> int:
+    return sum(b.servicer.records.get(key, 0) for b in backends)  # type: ignore[attr-defined]
+
+
+def test_non_idempotent_method_runs_once_when_it_fails_after_send(recorders: list[Backend]) -> None:
+    for backend in recorders:
+        backend.servicer.mode = "unavailable"  # type: ignore[attr-defined]
+    with _connect(recorders) as channel:
+        stub = channel.stub(bench_pb2_grpc.BenchServiceStub)
+        for i in range(10):
+            with pytest.raises(rpcframe.Unavailable):
+                stub.Record(bench_pb2.RecordRequest(key=f"k{i}"))
+        assert [_records(recorders, f"k{i}") for i in range(10)] == [1] * 10
+        assert channel.stats.retries == 0
+
+
+def test_non_idempotent_method_runs_once_when_its_server_dies_mid_call(recorders: list[Backend]) -> None:
+    for backend in recorders:
+        backend.servicer.mode = "hang"  # type: ignore[attr-defined]
+    with _connect(recorders, policy="pick_first") as channel:
+        stub = channel.stub(bench_pb2_grpc.BenchServiceStub)
+        future = stub.Record.future(bench_pb2.RecordRequest(key="pay"))
+        wait_until(recorders[0].servicer.inside.is_set)  # type: ignore[attr-defined]
+        threading.Thread(target=recorders[0].stop, daemon=True).start()
+        with pytest.raises(rpcframe.RpcError) as info:
+            future.result(timeout=10)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert _records(recorders, "pay") == 1
+        # Through the blocking path too: the connection breaks after send.
+        recorders[1].servicer.inside.clear()  # type: ignore[attr-defined]
+        wait_until(lambda: dict(channel.endpoints()).get(recorders[0].address) != "READY")
+        thread = threading.Thread(target=lambda: wait_until(recorders[1].servicer.inside.is_set, 10) or recorders[1].stop(), daemon=True)  # type: ignore[attr-defined]  # noqa: E501
+        thread.start()
+        with pytest.raises(rpcframe.RpcError):
+            stub.Record(bench_pb2.RecordRequest(key="pay-2"))
+        thread.join(10)
+        assert _records(recorders, "pay-2") == 1
+
+
+class Relay(ScriptedEcho):
+    """Forwards every Echo downstream and counts what it saw."""
+
+    def __init__(self, downstream: str) -> None:
+        super().__init__("relay")
+        self.channel = rpcframe.connect(downstream, _config())
+
+    def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
+        return self.channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(request)  # type: ignore[no-any-return]
+
+
+def test_a_retried_request_is_not_retried_again_downstream() -> None:
+    last = Backend(ScriptedEcho("c"))
+    last.servicer.failing = True  # type: ignore[attr-defined]
+    relay = Backend(Relay(last.address))
+    try:
+        with rpcframe.connect(relay.address, _config(retry=rpcframe.RetryPolicy(max_attempts=1))) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            with pytest.raises(rpcframe.Unavailable):
+                stub.Echo(pb.EchoRequest(message="x"))
+            assert last.servicer.calls == 3  # type: ignore[attr-defined]  # the relay retried (3 attempts)
+            with pytest.raises(rpcframe.Unavailable):
+                stub.Echo(pb.EchoRequest(message="x"), metadata=(("rpcframe-attempt", "2"),))
+            assert last.servicer.calls == 4  # type: ignore[attr-defined]  # marked as a retry: no retry
+    finally:
+        relay.stop()
+        relay.servicer.channel.close()  # type: ignore[attr-defined]
+        last.stop()
+
+
+class PushingBack(ScriptedEcho):
+    """Fails the first call with UNAVAILABLE and a retry pushback."""
+
+    def __init__(self, pushback: str) -> None:
+        super().__init__("p")
+        self.pushback = pushback
+
+    def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
+        self.calls += 1
+        if self.calls == 1:
+            raise rpcframe.Unavailable("busy", trailing_metadata=(("grpc-retry-pushback-ms", self.pushback),))
+        return pb.EchoResponse(message="ok")
+
+
+def test_server_pushback_sets_the_retry_delay() -> None:
+    backend = Backend(PushingBack("300"))
+    try:
+        with _connect([backend]) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            start = time.monotonic()
+            assert stub.Echo(pb.EchoRequest(message="x")).message == "ok"
+            assert time.monotonic() - start >= 0.3
+            assert backend.servicer.calls == 2  # type: ignore[attr-defined]
+    finally:
+        backend.stop()
+
+
+def test_negative_pushback_stops_retries() -> None:
+    backend = Backend(PushingBack("-1"))
+    try:
+        with _connect([backend]) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            with pytest.raises(rpcframe.Unavailable):
+                stub.Echo(pb.EchoRequest(message="x"))
+            assert backend.servicer.calls == 1  # type: ignore[attr-defined]
+    finally:
+        backend.stop()
+
+
+# -- hedging -----------------------------------------------------------------------
+
+
+class FirstStalls(ScriptedEcho):
+    """The first call to any of the servers sharing ``state`` stalls until cancelled."""
+
+    def __init__(self, name: str, state: dict[str, Any]) -> None:
+        super().__init__(name)
+        self.state = state
+
+    def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
+        with self.state["lock"]:
+            first = not self.state["taken"]
+            self.state["taken"] = True
+        if first:
+            context.add_callback(self.state["cancelled"].set)
+            self.state["cancelled"].wait(5)
+            return pb.EchoResponse(message="slow")
+        return pb.EchoResponse(message=self.name)
+
+
+HEDGED = {ECHO: rpcframe.MethodConfig(hedge=rpcframe.HedgePolicy(delay=0.05, max_extra_load=1.0))}
+
+
+@pytest.fixture
+def stalling() -> Iterator[tuple[list[Backend], dict[str, Any]]]:
+    state: dict[str, Any] = {"lock": threading.Lock(), "taken": False, "cancelled": threading.Event()}
+    started = [Backend(FirstStalls(name, state)) for name in "ab"]
+    yield started, state
+    state["cancelled"].set()
+    for backend in started:
+        backend.stop()
+
+
+def test_hedged_call_answers_from_the_backup_and_cancels_the_loser(
+    stalling: tuple[list[Backend], dict[str, Any]],
+) -> None:
+    backends, state = stalling
+    with _connect(backends, methods=HEDGED) as channel:
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        assert stub.Echo(pb.EchoRequest(message="x")).message in ("a", "b")
+        wait_until(state["cancelled"].is_set)
+        assert (channel.stats.hedges, channel.stats.hedge_wins) == (1, 1)
+
+
+async def test_aio_hedged_call_answers_from_the_backup_and_cancels_the_loser(
+    stalling: tuple[list[Backend], dict[str, Any]],
+) -> None:
+    backends, state = stalling
+    config = _config(methods=HEDGED)
+    async with rpcframe.aio.connect([b.address for b in backends], config) as channel:
+        async with asyncio.timeout(5):
+            while sum(s == "READY" for _, s in channel.endpoints()) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        assert (await stub.Echo(pb.EchoRequest(message="x"))).message in ("a", "b")
+        async with asyncio.timeout(5):
+            while not state["cancelled"].is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        assert (channel.stats.hedges, channel.stats.hedge_wins) == (1, 1)
+
+
+def test_non_idempotent_method_is_never_hedged(recorders: list[Backend]) -> None:
+    methods = {"rpcframe.bench.v1.BenchService": rpcframe.MethodConfig(hedge=rpcframe.HedgePolicy(delay=0.0))}
+    with _connect(recorders, methods=methods) as channel:
+        stub = channel.stub(bench_pb2_grpc.BenchServiceStub)
+        for i in range(5):
+            stub.Record(bench_pb2.RecordRequest(key=f"h{i}"))
+        assert [_records(recorders, f"h{i}") for i in range(5)] == [1] * 5
+        assert channel.stats.hedges == 0
+
+
+async def test_aio_idempotent_call_is_retried_on_another_endpoint(echoes: list[Backend]) -> None:
+    echoes[1].servicer.failing = True  # type: ignore[attr-defined]
+    async with rpcframe.aio.connect([b.address for b in echoes], _config()) as channel:
+        async with asyncio.timeout(5):
+            while sum(s == "READY" for _, s in channel.endpoints()) < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        answers = [(await stub.Echo(pb.EchoRequest(message="whoami"))).message for _ in range(30)]
+        assert "b" not in answers
+        assert channel.stats.retries == echoes[1].servicer.calls > 0  # type: ignore[attr-defined]
