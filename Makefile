@@ -50,11 +50,13 @@ bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.balancing
 	$(PY) -m benchmarks.security
+	$(PY) -m benchmarks.retries
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
 	$(PY) -m benchmarks.balancing --quick
 	$(PY) -m benchmarks.security --quick
+	$(PY) -m benchmarks.retries --quick
 
 # pytest-benchmark micro-benchmarks of hot-path pieces (not part of make test).
 bench-micro: setup
