@@ -339,12 +339,14 @@ class _Hedged:
         self._running.clear()
 
 
-def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> Call:
-    """Pick once for a stream; the pick is released when the stream ends."""
+def _open_stream(
+    method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None, avoid: Any = None
+) -> tuple[Any, Any]:
+    """Pick once for a stream; the pick is released when the stream ends. Returns (call, endpoint)."""
     channel: Channel = method._channel  # type: ignore[assignment]
     timeout, metadata, credentials, wait_for_ready, compression = args
     try:
-        stats, done = channel._pick_now(wait_for_ready)
+        stats, done = channel._pick_now(wait_for_ready, avoid)
     except NoEndpointError:
         raise Unavailable(channel.balancer.reason) from None
     call = stats.handle.call(method)(
@@ -364,7 +366,54 @@ def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], scope
             scope.untrack(call)
 
         call.add_done_callback(ended)
-    return Call(call)
+    return call, stats
+
+
+def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> Call:
+    return Call(_open_stream(method, request, args, scope)[0])
+
+
+class _RetryingStream(Call):
+    """A server stream that is restarted elsewhere if it fails before its first response."""
+
+    __slots__ = ("_args", "_attempts", "_deadline", "_failovers", "_method", "_request", "_scope", "_stats")
+
+    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
+        call, self._stats = _open_stream(method, request, args, scope)
+        super().__init__(call)
+        self._method, self._request, self._args, self._scope = method, request, args, scope
+        self._deadline = None if args[0] is None else time.monotonic() + args[0]
+        self._attempts, self._failovers = 1, 0
+
+    async def _responses(self) -> AsyncIterator[Any]:
+        replayable = True
+        while True:
+            try:
+                async for response in self._call:
+                    replayable = False
+                    yield response
+                return
+            except grpc.RpcError as exc:
+                if not replayable or not await self._restart(exc):
+                    raise from_grpc(exc) from None
+
+    async def _restart(self, exc: grpc.RpcError) -> bool:
+        method = self._method
+        step = method._retry_delay(exc, self._attempts, self._failovers, self._deadline, self._scope)
+        if step is None:
+            return False
+        delay, sent = step
+        if sent:
+            self._attempts += 1
+        else:
+            self._failovers += 1
+            method._channel.stats.failovers += 1
+        if delay:
+            await asyncio.sleep(delay)
+        metadata = with_attempt(self._args[1], self._attempts + self._failovers)
+        args = (_remaining(self._deadline), metadata, *self._args[2:])
+        self._call, self._stats = _open_stream(method, self._request, args, self._scope, self._stats)
+        return True
 
 
 class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
@@ -404,7 +453,7 @@ class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignor
         compression: grpc.Compression | None = None,
     ) -> Any:
         timeout, metadata, scope = self._prepare(timeout, metadata)
-        return _start_stream(self, request, (timeout, metadata, credentials, wait_for_ready, compression), scope)
+        return _RetryingStream(self, request, (timeout, metadata, credentials, wait_for_ready, compression), scope)
 
 
 class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]

@@ -311,3 +311,69 @@ async def test_aio_idempotent_call_is_retried_on_another_endpoint(echoes: list[B
         answers = [(await stub.Echo(pb.EchoRequest(message="whoami"))).message for _ in range(30)]
         assert "b" not in answers
         assert channel.stats.retries == echoes[1].servicer.calls > 0  # type: ignore[attr-defined]
+
+
+# -- streams -----------------------------------------------------------------------
+
+
+class FlakyExpand(ScriptedEcho):
+    """Expand fails with UNAVAILABLE before its first response (``failing``) or after it (``midway``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.midway = False
+        self.streams = 0
+
+    def Expand(self, request: pb.ExpandRequest, context: Any) -> Iterator[pb.EchoResponse]:
+        self.streams += 1
+        if self.failing:
+            raise rpcframe.Unavailable(f"{self.name} is failing")
+        yield pb.EchoResponse(message=self.name, index=0)
+        if self.midway:
+            raise rpcframe.Unavailable(f"{self.name} broke midway")
+        for i in range(1, request.count):
+            yield pb.EchoResponse(message=self.name, index=i)
+
+
+@pytest.fixture
+def flaky() -> Iterator[list[Backend]]:
+    started = [Backend(FlakyExpand(name)) for name in "ab"]
+    started[0].servicer.failing = True  # type: ignore[attr-defined]
+    yield started
+    for backend in started:
+        backend.stop()
+
+
+def _streams(backends: list[Backend]) -> list[int]:
+    return [b.servicer.streams for b in backends]  # type: ignore[attr-defined]
+
+
+def test_server_stream_is_retried_before_its_first_response(flaky: list[Backend]) -> None:
+    with _connect(flaky) as channel:
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        for _ in range(6):
+            assert [r.message for r in stub.Expand(pb.ExpandRequest(count=3))] == ["b"] * 3
+        assert channel.stats.retries == _streams(flaky)[0] > 0
+
+
+def test_server_stream_is_not_retried_after_a_response(flaky: list[Backend]) -> None:
+    flaky[0].servicer.failing = False  # type: ignore[attr-defined]
+    for backend in flaky:
+        backend.servicer.midway = True  # type: ignore[attr-defined]
+    with _connect(flaky) as channel:
+        stream = channel.stub(echo_pb2_grpc.EchoServiceStub).Expand(pb.ExpandRequest(count=3))
+        assert next(stream).index == 0
+        with pytest.raises(rpcframe.Unavailable, match="broke midway"):
+            next(stream)
+        assert sum(_streams(flaky)) == 1
+
+
+async def test_aio_server_stream_is_retried_before_its_first_response(flaky: list[Backend]) -> None:
+    async with rpcframe.aio.connect([b.address for b in flaky], _config()) as channel:
+        async with asyncio.timeout(5):
+            while sum(s == "READY" for _, s in channel.endpoints()) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        for _ in range(6):
+            assert [r.message async for r in stub.Expand(pb.ExpandRequest(count=3))] == ["b"] * 3
+        assert channel.stats.retries == _streams(flaky)[0] > 0
