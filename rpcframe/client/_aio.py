@@ -233,18 +233,26 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 class _Attempt:
-    """One copy of a hedged call, as a task."""
+    """One copy of a hedged call."""
 
-    __slots__ = ("call", "done", "index", "start", "stats", "task")
+    __slots__ = ("call", "done", "index", "start", "stats")
 
     def __init__(self, call: Any, stats: Any, done: Any, index: int) -> None:
         self.call, self.stats, self.done, self.index = call, stats, done, index
-        self.task: asyncio.Future[Any] = asyncio.ensure_future(call)
         self.start = time.perf_counter()
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _Hedged:
-    """One hedged unary call: a backup after a delay, first answer wins, losers cancelled."""
+    """One hedged unary call: a backup after a delay, first answer wins, losers cancelled.
+
+    Driven by the calls' done-callbacks and one timer, not by a task per
+    copy: hedged methods stay close to the cost of plain calls.
+    """
 
     def __init__(self, call: UnaryCall, deadline: float | None) -> None:
         self._call = call
@@ -252,6 +260,8 @@ class _Hedged:
         self._channel = call._channel
         self._deadline = deadline
         self._running: list[_Attempt] = []
+        self._ready: list[_Attempt] = []
+        self._wakeup: asyncio.Future[None] | None = None
         self._sent = 0
 
     async def _send(self) -> None:
@@ -265,7 +275,26 @@ class _Hedged:
             done(Outcome.IGNORED, 0.0)
             raise
         metadata = None if self._sent == 1 else with_attempt(call._args[1], self._sent)
-        self._running.append(_Attempt(call._send(stats, metadata), stats, done, self._sent))
+        attempt = _Attempt(call._send(stats, metadata), stats, done, self._sent)
+        self._running.append(attempt)
+        attempt.call.add_done_callback(lambda _: self._finished(attempt))
+
+    def _finished(self, attempt: _Attempt) -> None:
+        self._ready.append(attempt)
+        if self._wakeup is not None:
+            _wake(self._wakeup)
+
+    async def _next(self, wait: float | None) -> None:
+        """Wait until a copy ends or ``wait`` seconds pass."""
+        loop = asyncio.get_running_loop()
+        self._wakeup = wakeup = loop.create_future()
+        timer = None if wait is None else loop.call_later(wait, _wake, wakeup)
+        try:
+            await wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
 
     async def run(self, delay: float) -> Any:
         method = self._method
@@ -275,22 +304,20 @@ class _Hedged:
         await self._send()
         try:
             while self._running:
-                finished, _ = await asyncio.wait(
-                    [a.task for a in self._running],
-                    timeout=wait if self._sent < max_attempts else None,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not finished:
+                if not self._ready:
+                    await self._next(wait if self._sent < max_attempts else None)
+                if not self._ready:  # the hedging delay passed first
                     if method._may_hedge():
                         await self._send()
                     else:
                         wait = None  # budget spent: wait for what is running
                     continue
-                for attempt in [a for a in self._running if a.task in finished]:
+                ready, self._ready = self._ready, []
+                for attempt in ready:
                     self._running.remove(attempt)
-                    error = self._settle(attempt)
+                    response, error = await self._settle(attempt)
                     if error is None:
-                        return attempt.task.result()
+                        return response
                 if self._fatal(error):
                     break
                 if not self._running and self._sent < max_attempts:
@@ -305,34 +332,31 @@ class _Hedged:
             return False
         return not isinstance(error, grpc.RpcError) or error.code().name not in self._method._retry.retryable_codes
 
-    def _settle(self, attempt: _Attempt) -> BaseException | None:
-        """Report an ended copy to its pick; its error, or None if it answered."""
+    async def _settle(self, attempt: _Attempt) -> tuple[Any, BaseException | None]:
+        """Report an ended copy to its pick: (response, None) or (None, its error)."""
         elapsed = time.perf_counter() - attempt.start
         scope = self._call._scope
         if scope is not None:
             scope.untrack(attempt.call)
-        if attempt.task.cancelled():
+        if attempt.call.cancelled():
             attempt.done(Outcome.IGNORED, elapsed)
-            return Cancelled(f"{self._method.method}: cancelled")
-        exc = attempt.task.exception()
-        if exc is None:
-            attempt.done(Outcome.SUCCESS, elapsed)
-            self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]
-            if attempt.index > 1:
-                self._channel.stats.hedge_wins += 1
-            return None
-        if isinstance(exc, grpc.RpcError):
+            return None, Cancelled(f"{self._method.method}: cancelled")
+        try:
+            response = await attempt.call  # already done: returns or raises at once
+        except grpc.RpcError as exc:
             if attempt.done(outcome_of(exc.code()), elapsed):
                 self._channel.balancer.refresh()
-        else:
-            attempt.done(Outcome.IGNORED, elapsed)
-        return exc
+            return None, exc
+        attempt.done(Outcome.SUCCESS, elapsed)
+        self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]
+        if attempt.index > 1:
+            self._channel.stats.hedge_wins += 1
+        return response, None
 
     def _cancel_rest(self) -> None:
         scope = self._call._scope
         for attempt in self._running:
             attempt.call.cancel()
-            attempt.task.cancel()
             attempt.done(Outcome.IGNORED, time.perf_counter() - attempt.start)
             if scope is not None:
                 scope.untrack(attempt.call)
