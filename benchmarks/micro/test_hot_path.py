@@ -98,7 +98,7 @@ def target() -> Iterator[str]:
 def test_prepare(benchmark: Any, config: rpcframe.ChannelConfig, metadata: Any) -> None:
     with rpcframe.connect("127.0.0.1:1", config) as channel:  # never called: nothing listens there
         method = channel.stub(bench_pb2_grpc.BenchServiceStub).Unary
-        timeout, _ = benchmark(method._prepare, None, metadata)
+        timeout, _, _ = benchmark(method._prepare, None, metadata)
         assert timeout == config.default_timeout
 
 
