@@ -26,6 +26,66 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _CANCEL_WAIT = 5.0
 
 
+class _Health(health.HealthServicer):  # type: ignore[misc]
+    """grpcio's thread-pool health servicer without its shutdown deadlock.
+
+    grpcio's ``set()`` writes to every Watch stream while holding the lock
+    that grpc's server thread needs to finish a closing Watch; the write
+    waits for that thread, so a status change racing a client hang-up
+    (typically SIGTERM's NOT_SERVING) can hang the server for good. Here
+    writes happen under a separate lock the server thread never takes, which
+    also keeps every watcher's updates in order.
+    """
+
+    _gracefully_shutting_down: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._send_lock = threading.Lock()
+
+    def Watch(self, request: Any, context: Any, send_response_callback: Any = None) -> Any:  # noqa: N802
+        if send_response_callback is None:
+            return super().Watch(request, context)  # blocking fallback, not used by grpcio >= 1.20
+        service = request.service
+        with self._send_lock:
+            with self._lock:
+                status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
+                context.add_callback(self._on_close_callback(send_response_callback, service))
+            send_response_callback(health_pb2.HealthCheckResponse(status=status))
+        return None
+
+    def set(self, service: str, status: int) -> None:
+        """Set a service's status and tell its watchers (ignored once shutdown began)."""
+        with self._send_lock:
+            with self._lock:
+                if self._gracefully_shutting_down:
+                    return
+                self._server_status[service] = status
+                watchers = tuple(self._send_response_callbacks.get(service, ()))
+            _tell(watchers, status)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Report NOT_SERVING for every service, for good."""
+        with self._send_lock:
+            with self._lock:
+                if self._gracefully_shutting_down:
+                    return
+                self._gracefully_shutting_down = True
+                services = list(self._server_status)
+                for service in services:
+                    self._server_status[service] = _NOT_SERVING
+                watchers = [tuple(self._send_response_callbacks.get(s, ())) for s in services]
+            for group in watchers:
+                _tell(group, _NOT_SERVING)
+
+
+def _tell(watchers: tuple[Any, ...], status: int) -> None:
+    response = health_pb2.HealthCheckResponse(status=status)
+    for send in watchers:
+        send(response)
+
+
 class _Scope(CallScope):
     """An incoming call's scope on the thread-pool server.
 
@@ -87,7 +147,7 @@ class Server(ServerBase):
             options=cfg.server_options(),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        self.health = health.HealthServicer() if cfg.health else None
+        self.health = _Health() if cfg.health else None
         self._idle = threading.Condition()
         self._inflight = 0
         self._stopping = False
