@@ -114,9 +114,9 @@ class ChannelConfig:
             is healthy, spread calls over all connected ones (0 disables).
         ewma_decay: seconds of the peak-EWMA latency decay.
         dns_refresh: seconds between DNS re-resolutions (``dns:///`` targets).
-        failover_attempts: extra endpoints tried when a call fails before its
-            request left the client (any method) or with UNAVAILABLE on a
-            dropped connection (methods marked NO_SIDE_EFFECTS / IDEMPOTENT).
+        failover_attempts: extra endpoints tried, at once, when a call fails
+            before its request left the client (any method); sent calls
+            follow ``retry``.
         close_grace: seconds a removed endpoint's channel stays open for its
             in-flight calls.
         retry: how sent calls that failed are retried (see
