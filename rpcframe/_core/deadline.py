@@ -49,15 +49,34 @@ class CallScope:
             is the normal end of the call, not a reason to cancel anything.
     """
 
-    __slots__ = ("calls", "cancelled", "deadline", "ended", "is_retry", "root")
+    __slots__ = ("_deadline", "_is_retry", "_pending", "calls", "cancelled", "ended", "root")
 
     def __init__(self, deadline: float | None, is_retry: bool = False, parent: CallScope | None = None) -> None:
-        self.deadline = deadline
-        self.is_retry = is_retry
+        self._deadline = deadline
+        self._is_retry = is_retry
+        self._pending = False  # a subclass sets it to fill the two fields in on first use
         self.root: CallScope = self if parent is None else parent.root
         self.calls: set[Any] | None = None
         self.cancelled = False
         self.ended = False
+
+    @property
+    def deadline(self) -> float | None:
+        """Absolute monotonic deadline in seconds, or ``None``."""
+        if self._pending:
+            self._resolve()
+        return self._deadline
+
+    @property
+    def is_retry(self) -> bool:
+        """Whether the incoming call was a retry or hedge (chain stop)."""
+        if self._pending:
+            self._resolve()
+        return self._is_retry
+
+    def _resolve(self) -> None:
+        """Fill in ``_deadline`` and ``_is_retry`` (lazy subclasses override)."""
+        self._pending = False
 
     def remaining(self, now: float) -> float | None:
         """Seconds left at ``now`` (may be negative), or ``None`` without deadline."""

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded
-from ._common import BadRequest, ServerBase, incoming_scope, is_grpc_abort, status_for_exception
+from ._common import BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -229,7 +229,7 @@ class Server(ServerBase):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             self._inflight += 1
             # Each call runs in its own task, so the scope is this call's alone.
-            scope = incoming_scope(CallScope, context, cap)
+            scope = IncomingScope(context, cap)
             scope_var.set(scope)
             try:
                 result = behaviour(request, context)
@@ -259,7 +259,7 @@ class Server(ServerBase):
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             self._inflight += 1
-            scope = incoming_scope(CallScope, context, cap)
+            scope = IncomingScope(context, cap)
             token = scope_var.set(scope)
             try:
                 responses = behaviour(request, context)

@@ -158,23 +158,37 @@ RETRY_KEYS = frozenset({"rpcframe-attempt", "grpc-previous-rpc-attempts"})
 _NO_DEADLINE = 1e9  # seconds; anything longer is grpc's infinite future
 
 
-def incoming_scope(scope_type: type[CallScope], context: Any, cap: float | None) -> CallScope:
-    """The scope an incoming call gives the calls its handler makes.
+class IncomingScope(CallScope):
+    """An incoming call's scope, read from its context only when first asked.
 
-    Its deadline is the caller's (from ``grpc-timeout``), shortened to
-    ``cap`` (``ServerConfig.max_deadline``) when that is sooner.
+    Most handlers call nothing downstream: they never pay for reading the
+    deadline and metadata. The deadline is the caller's (``grpc-timeout``),
+    shortened to ``cap`` (``ServerConfig.max_deadline``, counted from the
+    call's start) when that is sooner.
     """
-    remaining = context.time_remaining()
-    if remaining is not None and remaining > _NO_DEADLINE:
-        remaining = None  # the sync server reports "no deadline" as ~INT64_MAX seconds
-    if cap is not None and (remaining is None or remaining > cap):
-        remaining = cap
-    is_retry = False
-    for key, _ in context.invocation_metadata() or ():
-        if key in RETRY_KEYS:
-            is_retry = True
-            break
-    return scope_type(None if remaining is None else time.monotonic() + remaining, is_retry)
+
+    __slots__ = ("_cap_at", "context")
+
+    def __init__(self, context: Any, cap: float | None) -> None:
+        super().__init__(None)
+        self.context = context
+        self._cap_at = None if cap is None else time.monotonic() + cap
+        self._pending = True
+
+    def _resolve(self) -> None:
+        self._pending = False
+        context = self.context
+        remaining = context.time_remaining()
+        # The sync server reports "no deadline" as about INT64_MAX seconds.
+        deadline = None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
+        cap_at = self._cap_at
+        if cap_at is not None and (deadline is None or deadline > cap_at):
+            deadline = cap_at
+        self._deadline = deadline
+        for key, _ in context.invocation_metadata() or ():
+            if key in RETRY_KEYS:
+                self._is_retry = True
+                break
 
 
 def _parse_safely(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

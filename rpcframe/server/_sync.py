@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
-from ._common import BadRequest, ServerBase, incoming_scope, is_grpc_abort, status_for_exception
+from ._common import BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -86,7 +86,7 @@ def _tell(watchers: tuple[Any, ...], status: int) -> None:
         send(response)
 
 
-class _Scope(CallScope):
+class _Scope(IncomingScope):
     """An incoming call's scope on the thread-pool server.
 
     A sync handler cannot be interrupted, so when its call is cancelled or
@@ -95,23 +95,18 @@ class _Scope(CallScope):
     outgoing call, so handlers that call nothing pay nothing for it.
     """
 
-    __slots__ = ("_context",)
+    __slots__ = ("_watching",)
 
-    def __init__(self, deadline: float | None, is_retry: bool = False, parent: CallScope | None = None) -> None:
-        super().__init__(deadline, is_retry, parent)
-        self._context: Any = None
+    def __init__(self, context: Any, cap: float | None) -> None:
+        super().__init__(context, cap)
+        self._watching = False
 
     def track(self, call: Any) -> None:
-        context, self._context = self._context, None
-        if context is not None and not context.add_callback(self.cancel_all):
-            self.cancel_all()  # the incoming call is already over
+        if not self._watching:
+            self._watching = True
+            if not self.context.add_callback(self.cancel_all):
+                self.cancel_all()  # the incoming call is already over
         super().track(call)
-
-
-def _new_scope(context: grpc.ServicerContext, cap: float | None) -> CallScope:
-    scope = incoming_scope(_Scope, context, cap)
-    scope._context = context  # type: ignore[attr-defined]
-    return scope
 
 
 def _end_scope(scope: CallScope, token: Any) -> None:
@@ -279,7 +274,7 @@ class Server(ServerBase):
                 if type(request) is BadRequest:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 enter()
-                scope = _new_scope(context, cap)
+                scope = _Scope(context, cap)
                 token = set_scope(scope)
                 try:
                     yield from behaviour(request, context)
@@ -300,7 +295,7 @@ class Server(ServerBase):
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             enter()
-            scope = _new_scope(context, cap)
+            scope = _Scope(context, cap)
             token = set_scope(scope)
             try:
                 return behaviour(request, context)
