@@ -20,6 +20,7 @@ from ..config import ChannelConfig
 from ..errors import Cancelled, DeadlineExceeded, RpcError, Unavailable, from_grpc
 from ..security.tls import channel_credentials
 from ._common import (
+    Attempts,
     BalancedChannelBase,
     Metadata,
     MethodBase,
@@ -27,6 +28,7 @@ from ._common import (
     Target,
     connectivity_of,
     outcome_of,
+    remaining_timeout,
     with_attempt,
 )
 
@@ -174,11 +176,12 @@ class UnaryCall(Call):
             delay = method._hedge_delay(scope)
             if delay is not None:
                 return await _Hedged(self, deadline).run(delay)
-        attempts, failovers, failed = 1, 0, None
+        tries: Attempts | None = None
+        failed = None
         while True:
             if self._call is None:
                 stats, self._done = await channel._pick_waiting(self._args[3], deadline, failed)
-                metadata = with_attempt(self._args[1], attempts + failovers) if failed is not None else None
+                metadata = None if tries is None else with_attempt(self._args[1], tries.number)
                 self._call = self._send(stats, metadata)
             try:
                 response = await self._call
@@ -186,18 +189,13 @@ class UnaryCall(Call):
                 self._untrack()
                 if self._done(outcome_of(exc.code()), time.perf_counter() - self._start):
                     channel.balancer.refresh()
-                step = method._retry_delay(exc, attempts, failovers, deadline, scope)
-                if step is None:
+                tries = tries or Attempts(method, deadline, scope)
+                delay = tries.delay(exc)
+                if delay is None:
                     raise channel._error(exc) from None
-                delay, sent = step
-                if sent:
-                    attempts += 1
-                else:
-                    failovers += 1
-                    channel.stats.failovers += 1
                 if delay:
                     await asyncio.sleep(delay)
-                self._args = (_remaining(deadline), *self._args[1:])
+                self._args = (tries.timeout(), *self._args[1:])
                 self._call = None
                 failed = self._stats
                 continue
@@ -220,16 +218,6 @@ class UnaryCall(Call):
     def cancel(self) -> bool:
         """Cancel the call; the server sees CANCELLED."""
         return self._call is not None and bool(self._call.cancel())
-
-
-def _remaining(deadline: float | None) -> float | None:
-    """Time left for the next attempt; DeadlineExceeded when none is."""
-    if deadline is None:
-        return None
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise DeadlineExceeded("the deadline passed before the call could be retried")
-    return remaining
 
 
 class _Attempt:
@@ -270,7 +258,7 @@ class _Hedged:
         avoid = self._running[-1].stats if self._running else None
         stats, done = await self._channel._pick_waiting(call._args[3], self._deadline, avoid)
         try:
-            call._args = (_remaining(self._deadline), *call._args[1:])
+            call._args = (remaining_timeout(self._deadline), *call._args[1:])
         except DeadlineExceeded:
             done(Outcome.IGNORED, 0.0)
             raise
@@ -400,14 +388,13 @@ def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], scope
 class _RetryingStream(Call):
     """A server stream that is restarted elsewhere if it fails before its first response."""
 
-    __slots__ = ("_args", "_attempts", "_deadline", "_failovers", "_method", "_request", "_scope", "_stats")
+    __slots__ = ("_args", "_method", "_request", "_scope", "_stats", "_tries")
 
     def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
         call, self._stats = _open_stream(method, request, args, scope)
         super().__init__(call)
         self._method, self._request, self._args, self._scope = method, request, args, scope
-        self._deadline = None if args[0] is None else time.monotonic() + args[0]
-        self._attempts, self._failovers = 1, 0
+        self._tries = Attempts(method, None if args[0] is None else time.monotonic() + args[0], scope)
 
     async def _responses(self) -> AsyncIterator[Any]:
         replayable = True
@@ -422,21 +409,13 @@ class _RetryingStream(Call):
                     raise from_grpc(exc) from None
 
     async def _restart(self, exc: grpc.RpcError) -> bool:
-        method = self._method
-        step = method._retry_delay(exc, self._attempts, self._failovers, self._deadline, self._scope)
-        if step is None:
+        delay = self._tries.delay(exc)
+        if delay is None:
             return False
-        delay, sent = step
-        if sent:
-            self._attempts += 1
-        else:
-            self._failovers += 1
-            method._channel.stats.failovers += 1
         if delay:
             await asyncio.sleep(delay)
-        metadata = with_attempt(self._args[1], self._attempts + self._failovers)
-        args = (_remaining(self._deadline), metadata, *self._args[2:])
-        self._call, self._stats = _open_stream(method, self._request, args, self._scope, self._stats)
+        args = (self._tries.timeout(), with_attempt(self._args[1], self._tries.number), *self._args[2:])
+        self._call, self._stats = _open_stream(self._method, self._request, args, self._scope, self._stats)
         return True
 
 

@@ -6,7 +6,7 @@ applies the channel's policy (:meth:`MethodBase._prepare`: default timeout and
 metadata), picks an endpoint from the balancer's current picker, sends the
 call on that endpoint's grpc channel, reports the outcome to the pick's
 done-callback, and retries, fails over or hedges on another endpoint when the
-contract and the budget allow (:meth:`MethodBase._retry_delay`, policy in
+contract and the budget allow (:class:`Attempts`, policy in
 :mod:`rpcframe._core.retry`). The fronts only differ in how they wait.
 """
 
@@ -177,12 +177,18 @@ class BalancedChannelBase:
         if core.all_failed and not wait_for_ready:
             raise Unavailable(core.reason)
         stats, done = picker.pick()
-        if avoid is not None and len(picker.endpoints) > 1:
+        if avoid is not None and stats is avoid and len(picker.endpoints) > 1:
             for _ in range(_AVOID_TRIES):
-                if stats is not avoid:
-                    break
                 done(Outcome.IGNORED, 0.0)
                 stats, done = picker.pick()
+                if stats is not avoid:
+                    return stats, done
+            # A policy that keeps choosing it (pick_first): take the next one in order.
+            done(Outcome.IGNORED, 0.0)
+            endpoints = picker.endpoints
+            stats = endpoints[(endpoints.index(avoid) + 1) % len(endpoints)]
+            stats.begin()
+            done = stats.done
         return stats, done
 
 
@@ -279,35 +285,6 @@ class MethodBase:
             metadata = (*metadata, header) if metadata else (header,)
         return timeout, metadata, scope
 
-    def _retry_delay(
-        self, exc: grpc.RpcError, attempts: int, failovers: int, deadline: float | None, scope: CallScope | None
-    ) -> tuple[float, bool] | None:
-        """After a failed attempt: ``(seconds to wait, was sent)``, or ``None`` to give up.
-
-        ``attempts`` counts the attempts that were sent, ``failovers`` those
-        that never left the client (see :mod:`rpcframe._core.retry`).
-        """
-        now = time.monotonic()
-        remaining = None if deadline is None else deadline - now
-        if remaining is not None and remaining <= 0:
-            return None
-        code = exc.code()
-        if never_sent(code, exc.details()):
-            return (0.0, False) if failovers < self._failovers else None
-        verdict = decide(
-            self._retry, attempt=attempts, code=code.name, idempotent=self.idempotent,
-            chain_stop=scope is not None and scope.is_retry, pushback=pushback_of(exc),
-            remaining=remaining, rand=random.random(),
-        )  # fmt: skip
-        if not verdict.retry:
-            return None
-        stats = self._channel.stats
-        if not self._budget.try_withdraw(now):
-            stats.budget_refused += 1
-            return None
-        stats.retries += 1
-        return verdict.delay, True
-
     def _hedge_delay(self, scope: CallScope | None) -> float | None:
         """Seconds before this call's first backup, or ``None`` not to hedge it."""
         state = self._hedge_state
@@ -328,6 +305,69 @@ class MethodBase:
         return False
 
 
+class Attempts:
+    """The attempts of one call after its first failure; decides the next (both fronts).
+
+    ``sent`` counts attempts that reached the server, ``moved`` those that
+    never left the client (see :mod:`rpcframe._core.retry`). Created only
+    when a call fails, so the fast path allocates nothing for it.
+    """
+
+    __slots__ = ("_method", "_scope", "deadline", "moved", "sent")
+
+    def __init__(self, method: MethodBase, deadline: float | None, scope: CallScope | None) -> None:
+        self._method, self._scope, self.deadline = method, scope, deadline
+        self.sent, self.moved = 1, 0
+
+    @property
+    def number(self) -> int:
+        """The number of the attempt :meth:`delay` allowed (2 for the first retry)."""
+        return self.sent + self.moved
+
+    def delay(self, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before the next attempt after ``exc``, or ``None`` to give up."""
+        method = self._method
+        now = time.monotonic()
+        remaining = None if self.deadline is None else self.deadline - now
+        if remaining is not None and remaining <= 0:
+            return None
+        stats = method._channel.stats
+        code = exc.code()
+        if never_sent(code, exc.details()):
+            if self.moved >= method._failovers:
+                return None
+            self.moved += 1
+            stats.failovers += 1
+            return 0.0
+        verdict = decide(
+            method._retry, attempt=self.sent, code=code.name, idempotent=method.idempotent,
+            chain_stop=self._scope is not None and self._scope.is_retry, pushback=pushback_of(exc),
+            remaining=remaining, rand=random.random(),
+        )  # fmt: skip
+        if not verdict.retry:
+            return None
+        if not method._budget.try_withdraw(now):
+            stats.budget_refused += 1
+            return None
+        stats.retries += 1
+        self.sent += 1
+        return verdict.delay
+
+    def timeout(self) -> float | None:
+        """The next attempt's timeout: what is left of the deadline."""
+        return remaining_timeout(self.deadline)
+
+
+def remaining_timeout(deadline: float | None) -> float | None:
+    """Time left for another attempt; DeadlineExceeded when none is."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before the call could be retried")
+    return remaining
+
+
 def with_attempt(metadata: Metadata | None, attempt: int) -> Metadata:
     """``metadata`` plus the marker of the ``attempt``-th attempt (2 or more)."""
     marker = ((ATTEMPT_KEY, str(attempt)),)
@@ -341,6 +381,7 @@ def endpoint_of(stats: EndpointStats) -> Any:
 
 __all__ = [
     "ATTEMPT_KEY",
+    "Attempts",
     "BalancedChannelBase",
     "CallStats",
     "Metadata",
@@ -353,5 +394,6 @@ __all__ = [
     "never_sent",
     "outcome_of",
     "pushback_of",
+    "remaining_timeout",
     "with_attempt",
 ]

@@ -19,6 +19,7 @@ from ..config import ChannelConfig
 from ..errors import Cancelled, DeadlineExceeded, RpcError, Unavailable, from_grpc
 from ..security.tls import channel_credentials
 from ._common import (
+    Attempts,
     BalancedChannelBase,
     Metadata,
     MethodBase,
@@ -26,6 +27,7 @@ from ._common import (
     Target,
     connectivity_of,
     outcome_of,
+    remaining_timeout,
     with_attempt,
 )
 
@@ -274,7 +276,7 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         if hedge_delay is not None:
             return _Hedged(self, request, metadata, scope, rest, deadline).run(hedge_delay, with_call)
         credentials, wait_for_ready, compression = rest
-        attempts, failovers, failed, sent_metadata = 1, 0, None, metadata
+        tries, failed, sent_metadata = None, None, metadata
         while True:
             stats, done = channel._pick(wait_for_ready, deadline, failed)
             mc = stats.handle.call(self)
@@ -289,19 +291,14 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
             except grpc.RpcError as exc:
                 if done(outcome_of(exc.code()), time.perf_counter() - start):
                     channel.balancer.refresh()
-                step = self._retry_delay(exc, attempts, failovers, deadline, scope)
-                if step is None:
+                tries = tries or Attempts(self, deadline, scope)
+                delay = tries.delay(exc)
+                if delay is None:
                     raise channel._error(exc) from None
-                delay, sent = step
-                if sent:
-                    attempts += 1
-                else:
-                    failovers += 1
-                    channel.stats.failovers += 1
                 if delay:
                     time.sleep(delay)
-                timeout = _remaining(deadline)
-                sent_metadata = with_attempt(metadata, attempts + failovers)
+                timeout = tries.timeout()
+                sent_metadata = with_attempt(metadata, tries.number)
                 failed = stats
                 continue
             except grpc.FutureCancelledError:
@@ -329,16 +326,6 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         future = stats.handle.call(self).future(request, timeout, metadata, credentials, wait_for_ready, compression)
         _watch_future(future, done, start, scope)
         return _Future(future, channel)
-
-
-def _remaining(deadline: float | None) -> float | None:
-    """Time left for the next attempt; DeadlineExceeded when none is."""
-    if deadline is None:
-        return None
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise DeadlineExceeded("the deadline passed before the call could be retried")
-    return remaining
 
 
 def _cancellable(
@@ -402,7 +389,7 @@ class _Hedged:
         stats, done = self._channel._pick(self._rest[1], self._deadline, avoid)
         metadata = self._metadata if self._sent == 1 else with_attempt(self._metadata, self._sent)
         try:
-            timeout = _remaining(self._deadline)
+            timeout = remaining_timeout(self._deadline)
         except DeadlineExceeded:
             done(Outcome.IGNORED, 0.0)
             raise
@@ -513,27 +500,19 @@ def _start_stream(
 class _StreamRetry:
     """Restarts a server stream that failed before its first response (when the policy allows)."""
 
-    __slots__ = ("_args", "_attempts", "_deadline", "_failovers", "_method", "_request", "_scope")
+    __slots__ = ("_args", "_method", "_request", "_scope", "_tries")
 
     def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
         self._method, self._request, self._args, self._scope = method, request, args, scope
-        self._deadline = None if args[0] is None else time.monotonic() + args[0]
-        self._attempts, self._failovers = 1, 0
+        self._tries = Attempts(method, None if args[0] is None else time.monotonic() + args[0], scope)
 
     def __call__(self, exc: grpc.RpcError, failed: Any) -> Any | None:
-        step = self._method._retry_delay(exc, self._attempts, self._failovers, self._deadline, self._scope)
-        if step is None:
+        delay = self._tries.delay(exc)
+        if delay is None:
             return None
-        delay, sent = step
-        if sent:
-            self._attempts += 1
-        else:
-            self._failovers += 1
-            self._method._channel.stats.failovers += 1
         if delay:
             time.sleep(delay)
-        metadata = with_attempt(self._args[1], self._attempts + self._failovers)
-        args = (_remaining(self._deadline), metadata, *self._args[2:])
+        args = (self._tries.timeout(), with_attempt(self._args[1], self._tries.number), *self._args[2:])
         return _start_stream(self._method, self._request, args, self._scope, getattr(failed, "_rpcframe_stats", None))
 
 

@@ -377,3 +377,30 @@ async def test_aio_server_stream_is_retried_before_its_first_response(flaky: lis
         for _ in range(6):
             assert [r.message async for r in stub.Expand(pb.ExpandRequest(count=3))] == ["b"] * 3
         assert channel.stats.retries == _streams(flaky)[0] > 0
+
+
+class AttemptRecorder(ScriptedEcho):
+    """Records the ``rpcframe-attempt`` marker of every call it gets."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.markers: list[str | None] = []
+
+    def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
+        marks = [v for k, v in context.invocation_metadata() if k == "rpcframe-attempt"]
+        self.markers.append(marks[0] if marks else None)
+        return super().Echo(request, context)
+
+
+def test_retries_carry_their_attempt_number() -> None:
+    backends = [Backend(AttemptRecorder(name)) for name in "ab"]
+    backends[0].servicer.failing = True  # type: ignore[attr-defined]
+    try:
+        with _connect(backends, policy="pick_first") as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            assert stub.Echo(pb.EchoRequest(message="whoami")).message == "b"
+        assert backends[0].servicer.markers == [None]  # type: ignore[attr-defined]
+        assert backends[1].servicer.markers == ["2"]  # type: ignore[attr-defined]
+    finally:
+        for backend in backends:
+            backend.stop()
