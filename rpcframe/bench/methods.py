@@ -160,6 +160,7 @@ def resolve_method(
     proto_module: str | None = None,
     reflection: bool | None = None,
     connect_timeout: float = 5.0,
+    channel: grpc.Channel | None = None,
 ) -> MethodInfo:
     """Resolve ``package.Service/Method`` to its kind and message descriptors.
 
@@ -170,6 +171,9 @@ def resolve_method(
         reflection: True: only reflection; False: only stubs; None: stubs,
             then reflection.
         connect_timeout: seconds to wait for the server (reflection only).
+        channel: an open channel to ask reflection on instead of a plaintext
+            one to ``target`` (so its TLS, token and balancing apply); its
+            errors other than UNIMPLEMENTED propagate as ``grpc.RpcError``.
     """
     service, method = parse_method_name(name)
     if reflection is not True:
@@ -190,36 +194,45 @@ def resolve_method(
             return _info_from(found, "stubs")
         if reflection is False:
             raise BenchError(f"unknown service {service!r}: no generated stubs define it (try --proto-module)")
+    if channel is not None:
+        return _reflect(channel, service, method, target)
     return _from_reflection(service, method, target, connect_timeout)
 
 
 def _from_reflection(service: str, method: str, target: str, connect_timeout: float) -> MethodInfo:
-    # Imported here: only runs that need reflection pay for it.
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
     channel = grpc.insecure_channel(target)
     try:
         try:
             grpc.channel_ready_future(channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             raise BenchError(f"cannot connect to {target} within {connect_timeout:g}s") from None
-        database = ProtoReflectionDescriptorDatabase(channel)
         try:
-            file_proto = database.FindFileContainingSymbol(service)
-        except KeyError:
-            known = ", ".join(s for s in database.get_services() if not s.startswith("grpc.")) or "none"
-            raise BenchError(f"{target} does not serve {service!r} (it serves: {known})") from None
+            return _reflect(channel, service, method, target)
         except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                raise BenchError(
-                    f"{service!r} is not in any generated stubs and {target} does not serve reflection; "
-                    "pass --proto-module"
-                ) from None
             raise BenchError(f"reflection request to {target} failed: {exc.code().name}: {exc.details()}") from None
-        files: list[descriptor_pb2.FileDescriptorProto] = []
-        _collect_reflected(database, file_proto, set(), files)
     finally:
         channel.close()
+
+
+def _reflect(channel: grpc.Channel, service: str, method: str, target: str) -> MethodInfo:
+    """Ask the server's reflection over ``channel``; RPC errors other than UNIMPLEMENTED propagate."""
+    # Imported here: only runs that need reflection pay for it.
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(channel)
+    try:
+        file_proto = database.FindFileContainingSymbol(service)
+    except KeyError:
+        known = ", ".join(s for s in database.get_services() if not s.startswith("grpc.")) or "none"
+        raise BenchError(f"{target} does not serve {service!r} (it serves: {known})") from None
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+            raise BenchError(
+                f"{service!r} is not in any generated stubs and {target} does not serve reflection; pass --proto-module"
+            ) from None
+        raise
+    files: list[descriptor_pb2.FileDescriptorProto] = []
+    _collect_reflected(database, file_proto, set(), files)
     pool = descriptor_pool.DescriptorPool()
     for proto in files:
         pool.Add(proto)

@@ -1,4 +1,4 @@
-"""The ``rpcframe`` command: codegen, serve, health, bench.
+"""The ``rpcframe`` command: codegen, serve, call, health, bench.
 
 Every subcommand reports bad input as one ``rpcframe: error: ...`` line on
 stderr with a non-zero exit code, never a traceback.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import _bench, _codegen, _health, _serve
+from . import _bench, _call, _codegen, _health, _serve
 from ._common import CliError
 
 __all__ = ["main"]
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="rpcframe", description="gRPC services with rpcframe")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (_codegen, _serve, _health, _bench):
+    for module in (_codegen, _serve, _call, _health, _bench):
         module.register(sub)
     return parser
 
