@@ -1,9 +1,10 @@
-"""`make demo`: every call kind, then balancing and failover across three backends.
+"""`make demo`: every call kind, balancing and failover, then deadlines, retries and hedging.
 
 Part 1 starts ``rpcframe serve examples.echo:aio_servicer`` on a free port,
 runs the four call kinds through the sync and the asyncio client, checks
 health, then sends SIGTERM and shows the server draining. Part 2 is
-:mod:`examples.balancing_demo`. Exits non-zero if anything fails.
+:mod:`examples.balancing_demo`, part 3 :mod:`examples.resilience_demo`.
+Exits non-zero if anything fails.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import rpcframe
 import rpcframe.aio
-from examples import balancing_demo
+from examples import balancing_demo, resilience_demo
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 
@@ -131,7 +132,10 @@ def main() -> int:
         if code != 0 or len(rows) != 8:
             return 1
         print("\n== balancing and failover ==\n")
-        return balancing_demo.main()
+        if balancing_demo.main() != 0:
+            return 1
+        print("\n== deadlines, retries and hedging ==\n")
+        return resilience_demo.main()
     finally:
         if proc.poll() is None:
             proc.kill()
