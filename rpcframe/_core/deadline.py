@@ -133,7 +133,9 @@ def bounded_timeout(timeout: float | None, deadline: float | None, now: float, m
     left = deadline - now
     if left <= margin:
         if left <= 0:
-            raise DeadlinePassed(f"the deadline passed {-left * 1000:.1f} ms before the call was sent")
+            # No figure: a server reports a passed deadline as 0 s left, so
+            # how long ago it passed is not always known.
+            raise DeadlinePassed("the deadline had passed before the call was sent")
         raise DeadlinePassed(f"only {left * 1000:.1f} ms of the deadline were left (margin {margin * 1000:.0f} ms)")
     left -= margin
     return left if timeout is None or timeout > left else timeout

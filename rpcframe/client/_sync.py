@@ -736,7 +736,11 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
                 self._changed.wait(remaining)
 
     def close(self) -> None:
-        """Close every endpoint's channel; active calls are cancelled."""
+        """Close every endpoint's channel; active calls are cancelled.
+
+        Returns at once; the connections close in the background within
+        about half a second (grpc's connectivity thread must stop first).
+        """
         self._closed = True
         self._resolver.close()
         for entry in self._core.entries():
