@@ -35,9 +35,7 @@ from google.protobuf.message import Message
 from ..client._sync import Channel, connect
 from ..config import ChannelConfig
 from ..errors import ConfigError
-from ..security.tls import TLSConfig
-from ..security.tokens import check_token_transport
-from ._common import CliError
+from ._common import CliError, add_client_security_flags, client_security
 
 if TYPE_CHECKING:
     from ..bench.methods import MethodInfo
@@ -73,7 +71,6 @@ exit codes:
 _HEADER_KEY = re.compile(r"^[0-9a-z_.-]+$")
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
                type(None): "null"}  # fmt: skip
-_TLS_FLAGS = (("TLSConfig.ca", "--tls-ca"), ("TLSConfig.cert", "--tls-cert"), ("TLSConfig.key", "--tls-key"))
 _STDIN = ("-", "@-")
 
 
@@ -117,15 +114,7 @@ def register(sub: Any) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print to stderr the method, where its types came from, response headers and "
                         "trailers")  # fmt: skip
-    sec = p.add_argument_group("security")
-    sec.add_argument("--tls", action="store_true", help="connect with TLS (implied by the other --tls-* flags)")
-    sec.add_argument("--tls-ca", metavar="FILE", help="CA certificates (PEM) the server's must chain to "
-                                                      "(default: the system roots)")  # fmt: skip
-    sec.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mTLS")
-    sec.add_argument("--tls-key", metavar="FILE", help="private key (PEM) of --tls-cert")
-    sec.add_argument("--server-name", metavar="NAME", help="name the server's certificate must carry (and SNI)")
-    sec.add_argument("--token", metavar="TOKEN",
-                     help="send 'authorization: Bearer TOKEN'; refused over plaintext except to loopback")  # fmt: skip
+    add_client_security_flags(p)
     p.set_defaults(run=run)
 
 
@@ -151,32 +140,10 @@ def _headers(items: Sequence[str]) -> tuple[tuple[str, str | bytes], ...]:
     return tuple(out)
 
 
-def _tls(args: argparse.Namespace) -> TLSConfig | None:
-    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.server_name):
-        return None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise CliError("--tls-cert and --tls-key go together", 2)
-    try:
-        return TLSConfig.for_client(args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.server_name)
-    except ConfigError as exc:
-        message = str(exc)
-        for field, flag in _TLS_FLAGS:
-            message = message.replace(field, flag)
-        raise CliError(message, 2) from None
-
-
 def _open_channel(args: argparse.Namespace, timeout: float | None) -> Channel:
-    tls = _tls(args)
-    if args.token is not None and tls is None:
-        try:
-            check_token_transport(args.target, False, False)
-        except ConfigError:
-            raise CliError(
-                f"--token is not sent in clear text to {args.target}: connect with TLS (--tls, --tls-ca ...); "
-                "plaintext is allowed only to loopback addresses and unix sockets", 2,
-            ) from None  # fmt: skip
+    tls, token = client_security(args)
     try:
-        config = ChannelConfig(default_timeout=timeout, metadata=_headers(args.header), tls=tls, token=args.token)
+        config = ChannelConfig(default_timeout=timeout, metadata=_headers(args.header), tls=tls, token=token)
         return connect(args.target, config)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
 from typing import Any
+
+from ..errors import ConfigError
+from ..security.auth import ApiKeys, AuthConfig, JWTConfig, JWTVerifier
+from ..security.tls import TLSConfig, server_material
+from ..security.tokens import check_token_transport
 
 
 class CliError(Exception):
@@ -50,3 +56,152 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise CliError(f"{address!r}: port must be in 0..65535", 2)
     return host, number
+
+
+# --- security flags: TLS and tokens for clients (call, health), TLS and auth for serve ----------
+
+_CLIENT_TLS_FIELDS = (("TLSConfig.ca", "--tls-ca"), ("TLSConfig.cert", "--tls-cert"), ("TLSConfig.key", "--tls-key"))
+_SERVER_TLS_FIELDS = (
+    ("TLSConfig.ca", "--client-ca"),
+    ("TLSConfig.cert", "--tls-cert"),
+    ("TLSConfig.key", "--tls-key"),
+    ("TLSConfig: the private key does not belong to the certificate", "--tls-key is not the key of --tls-cert"),
+    ("TLSConfig: certificate or key", "--tls-cert or --tls-key"),
+)
+
+
+def _usage_error(exc: ConfigError, fields: tuple[tuple[str, str], ...] = ()) -> CliError:
+    """A ConfigError about a flag's value, worded with the flag's name; exit code 2."""
+    message = str(exc)
+    for field, flag in fields:
+        message = message.replace(field, flag)
+    return CliError(message, 2)
+
+
+def add_client_security_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--server-name``, ``--token``."""
+    sec = parser.add_argument_group("security")
+    sec.add_argument("--tls", action="store_true", help="connect with TLS (implied by the other --tls-* flags)")
+    sec.add_argument("--tls-ca", metavar="FILE", help="CA certificates (PEM) the server's must chain to "
+                                                      "(default: the system roots)")  # fmt: skip
+    sec.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mTLS")
+    sec.add_argument("--tls-key", metavar="FILE", help="private key (PEM) of --tls-cert")
+    sec.add_argument("--server-name", metavar="NAME", help="name the server's certificate must carry (and SNI)")
+    sec.add_argument("--token", metavar="TOKEN",
+                     help="send 'authorization: Bearer TOKEN'; refused over plaintext except to loopback")  # fmt: skip
+
+
+def client_tls(args: argparse.Namespace) -> TLSConfig | None:
+    """The client TLS the flags ask for (None: plaintext); CliError (exit 2) on bad flags or files."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.server_name):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CliError("--tls-cert and --tls-key go together", 2)
+    try:
+        return TLSConfig.for_client(args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.server_name)
+    except ConfigError as exc:
+        raise _usage_error(exc, _CLIENT_TLS_FIELDS) from None
+
+
+def client_security(args: argparse.Namespace) -> tuple[TLSConfig | None, str | None]:
+    """``(tls, token)`` for ``ChannelConfig`` from the client flags, a token only over TLS or to loopback."""
+    tls = client_tls(args)
+    if args.token is not None and tls is None:
+        try:
+            check_token_transport(args.target, False, False)
+        except ConfigError:
+            raise CliError(
+                f"--token is not sent in clear text to {args.target}: connect with TLS (--tls, --tls-ca ...); "
+                "plaintext is allowed only to loopback addresses and unix sockets", 2,
+            ) from None  # fmt: skip
+    return tls, args.token
+
+
+def add_server_security_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tls-cert``, ``--tls-key``, ``--client-ca``, ``--api-key-file``, ``--jwt-*``."""
+    sec = parser.add_argument_group(
+        "security",
+        "Certificate files are re-read when they change (rotate them without a restart). With --api-key-file or "
+        "--jwt-jwks every call needs a key or token, also over mTLS (health and reflection stay open).",
+    )
+    sec.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM); needs --tls-key")
+    sec.add_argument("--tls-key", metavar="FILE", help="private key (PEM, unencrypted) of --tls-cert")
+    sec.add_argument("--client-ca", metavar="FILE",
+                     help="mTLS: require client certificates signed by these CA certificates (PEM)")  # fmt: skip
+    sec.add_argument("--api-key-file", metavar="FILE",
+                     help="accept the API keys of FILE, one NAME:KEY a line (# comments); only their SHA-256 "
+                          "digests are kept. Clients send 'x-api-key: KEY', or 'authorization: Bearer KEY' "
+                          "(rpcframe call --token KEY) when --jwt-jwks is not set")  # fmt: skip
+    sec.add_argument("--jwt-jwks", metavar="FILE",
+                     help="accept JWT bearer tokens signed by a key of this JWKS file (re-read when a token names "
+                          "a new key id); needs --jwt-issuer and --jwt-audience")  # fmt: skip
+    sec.add_argument("--jwt-issuer", metavar="ISS", help="the 'iss' a JWT must carry")
+    sec.add_argument("--jwt-audience", metavar="AUD", action="append",
+                     help="an 'aud' a JWT may carry (repeatable)")  # fmt: skip
+
+
+def server_tls(args: argparse.Namespace) -> TLSConfig | None:
+    """``ServerConfig.tls`` from the serve flags (None: plaintext); CliError (exit 2) on bad flags or files."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.client_ca is not None:
+            raise CliError("--client-ca needs --tls-cert and --tls-key (mTLS is TLS that also checks clients)", 2)
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise CliError("--tls-cert and --tls-key go together", 2)
+    try:
+        tls = TLSConfig.for_server(args.tls_cert, args.tls_key, client_ca=args.client_ca)
+        server_material(tls)  # the key belongs to the certificate: say so now, not at bind
+    except ConfigError as exc:
+        raise _usage_error(exc, _SERVER_TLS_FIELDS) from None
+    return tls
+
+
+def _read_api_keys(path: str) -> ApiKeys:
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CliError(f"--api-key-file: cannot read {path!r}: {reason}", 2) from None
+    keys: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, sep, key = text.partition(":")
+        name, key = name.strip(), key.strip()
+        if not sep or not name or not key:
+            raise CliError(f"--api-key-file {path} line {number}: expected NAME:KEY", 2)
+        if name in keys:
+            raise CliError(f"--api-key-file {path} line {number}: the name {name!r} is used twice", 2)
+        keys[name] = key
+    if not keys:
+        raise CliError(f"--api-key-file {path}: no NAME:KEY line", 2)
+    return ApiKeys.from_plain(keys)
+
+
+def _jwt(args: argparse.Namespace) -> JWTConfig | None:
+    given = [args.jwt_jwks is not None, args.jwt_issuer is not None, bool(args.jwt_audience)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise CliError("--jwt-jwks, --jwt-issuer and --jwt-audience go together", 2)
+    try:
+        config = JWTConfig(issuer=args.jwt_issuer, audience=tuple(args.jwt_audience), jwks_file=args.jwt_jwks)
+        JWTVerifier(config)  # reads the JWKS file: an unreadable one is an error now, not at the first call
+    except ConfigError as exc:
+        raise _usage_error(exc, (("JWTConfig.jwks_file", "--jwt-jwks"),)) from None
+    return config
+
+
+def server_auth(args: argparse.Namespace) -> AuthConfig | None:
+    """``ServerConfig.auth`` from the serve flags (None: no call is checked).
+
+    A key or token is required even with ``--client-ca``: the certificate
+    admits the connection, the token the call (``AuthConfig.mtls`` off).
+    """
+    jwt = _jwt(args)
+    api_keys = _read_api_keys(args.api_key_file) if args.api_key_file is not None else None
+    if jwt is None and api_keys is None:
+        return None
+    return AuthConfig(jwt=jwt, api_keys=api_keys, mtls=False)

@@ -1,4 +1,4 @@
-"""``rpcframe serve MODULE:OBJECT --bind HOST:PORT``."""
+"""``rpcframe serve MODULE:OBJECT --bind HOST:PORT [--tls-cert FILE --tls-key FILE [--client-ca FILE]]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .. import _loop
 from ..config import ServerConfig
 from ..errors import ConfigError
 from ..server import _aio, _sync
-from ._common import CliError, load_object, split_host_port
+from ._common import CliError, add_server_security_flags, load_object, server_auth, server_tls, split_host_port
 
 
 def register(sub: Any) -> None:
@@ -36,6 +36,7 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=16, help="thread-pool size of the sync server (default 16)")
     p.add_argument("--no-reflection", action="store_true", help="do not serve grpc.reflection")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_server_security_flags(p)
     p.set_defaults(run=run)
 
 
@@ -84,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
     binds: list[str] = args.bind or ["127.0.0.1:50051"]
     for address in binds:
         split_host_port(address)
+    tls, auth = server_tls(args), server_auth(args)
     try:
-        config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection,
-                              grace_period=args.grace, drain_delay=args.drain_delay)  # fmt: skip
+        config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection, grace_period=args.grace,
+                              drain_delay=args.drain_delay, tls=tls, auth=auth)  # fmt: skip
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
     use_aio = _is_async(servicers) if args.aio is None else args.aio

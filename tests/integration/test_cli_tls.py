@@ -1,0 +1,239 @@
+"""`rpcframe serve` / `health` / `call` over TLS and mTLS, with API keys and JWTs: real subprocesses.
+
+Certificates are made at test time (trustme), JWT keys too. Each server is a
+`rpcframe serve` child process, stopped by PID with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import jwt
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.security.conftest import AUDIENCE, ISSUER, Pki
+
+REPO = Path(__file__).resolve().parents[2]
+ECHO = "rpcframe.echo.v1.EchoService/Echo"
+API_KEY = "key-" + secrets.token_hex(16)
+UNAUTHENTICATED = 64 + 16  # `rpcframe call` exits with 64 + the gRPC status
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """ca.pem, server.pem/.key (localhost, 127.0.0.1), client.pem/.key, keys.txt, jwks.json and a JWT signing key."""
+    ca = trustme.CA()
+    out = Pki(ca, ca.issue_cert("localhost", "127.0.0.1"), ca.issue_cert("client.test"), tmp_path_factory.mktemp("pki"))
+    out.write("ca.pem", out.ca_pem)
+    out.write("server.pem", Pki.chain(out.server))
+    out.write("server.key", out.server.private_key_pem.bytes())
+    out.write("client.pem", Pki.chain(out.client))
+    out.write("client.key", out.client.private_key_pem.bytes())
+    out.write("keys.txt", f"# name:key\nci-bot:{API_KEY}\n\nother: key-{secrets.token_hex(16)}\n".encode())
+    signing = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signing.public_key()))
+    jwk.update(kid="k1", alg="RS256", use="sig")
+    out.write("jwks.json", json.dumps({"keys": [jwk]}).encode())
+    out.write("jwt-signing.key", signing.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))  # fmt: skip
+    return out
+
+
+def _token(pki: Pki, expires_in: int = 300) -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + expires_in}
+    return jwt.encode(claims, (pki.dir / "jwt-signing.key").read_bytes(), algorithm="RS256", headers={"kid": "k1"})
+
+
+class ServeProcess:
+    """`rpcframe serve examples.echo:servicer` in a child process, stopped by PID."""
+
+    def __init__(self, *flags: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rpcframe", "serve", "examples.echo:servicer", "--bind", "127.0.0.1:0",
+             "--grace", "1", *flags],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(20)
+        if not lines or not lines[0]:
+            pytest.fail(f"server did not become ready: {self.kill()}")
+        match = re.fullmatch(r"serving on (127\.0\.0\.1:\d+)\n", lines[0])  # the ready line, unchanged by TLS
+        assert match, lines[0]
+        self.target = match.group(1)
+
+    def kill(self) -> str:
+        """Kill the process if it still runs; return what it wrote to stderr."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.communicate(timeout=10)[1]
+
+    def stop(self) -> None:
+        """SIGTERM, then a bounded wait: it drains and exits 0 without a traceback."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"server ignored SIGTERM: {self.kill()}")
+        err = self.kill()
+        assert code == 0, err
+        assert "Traceback" not in err, err
+
+
+@contextmanager
+def _serve(*flags: str) -> Iterator[ServeProcess]:
+    server = ServeProcess(*flags)
+    try:
+        yield server
+    except BaseException:
+        server.kill()
+        raise
+    server.stop()
+
+
+def _tls_flags(pki: Pki) -> tuple[str, ...]:
+    return "--tls-cert", str(pki.dir / "server.pem"), "--tls-key", str(pki.dir / "server.key")
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Pki) -> Iterator[ServeProcess]:
+    with _serve(*_tls_flags(pki)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mtls_server(pki: Pki) -> Iterator[ServeProcess]:
+    with _serve(*_tls_flags(pki), "--client-ca", str(pki.dir / "ca.pem")) as server:
+        yield server
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rpcframe", *args], cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def _ok(result: subprocess.CompletedProcess[str], stdout: str) -> None:
+    assert (result.returncode, result.stdout.strip()) == (0, stdout), result.stderr
+
+
+def _failed(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    """Exit ``code`` and one ``rpcframe: error:`` line containing ``message``; no traceback, no output."""
+    assert result.returncode == code, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rpcframe: error: ")]
+    assert len(errors) == 1, result.stderr
+    assert message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+# --- health over TLS and mTLS ------------------------------------------------------------------------
+
+
+def test_health_over_tls(tls_server: ServeProcess, pki: Pki) -> None:
+    _ok(_cli("health", tls_server.target, "--tls-ca", str(pki.dir / "ca.pem")), "SERVING")
+    # The certificate names localhost too: --server-name checks (and sends) that name instead.
+    _ok(_cli("health", tls_server.target, "--tls-ca", str(pki.dir / "ca.pem"), "--server-name", "localhost"),
+        "SERVING")  # fmt: skip
+
+
+def test_plaintext_health_against_tls_server_fails_fast(tls_server: ServeProcess) -> None:
+    start = time.monotonic()
+    result = _cli("health", tls_server.target, "--timeout", "20")
+    assert time.monotonic() - start < 10  # a failed connection is not waited on for the whole --timeout
+    _failed(result, 4, "accepts connections but not plaintext gRPC: if it serves TLS, add --tls or --tls-ca")
+
+
+def test_untrusted_server_certificate(tls_server: ServeProcess, pki: Pki) -> None:
+    other_ca = pki.write("other-ca.pem", trustme.CA().cert_pem.bytes())
+    result = _cli("health", tls_server.target, "--tls-ca", str(other_ca), "--timeout", "20")
+    _failed(result, 4, "the TLS connection failed: check --tls-ca and --server-name")
+
+
+def test_mtls_health_needs_a_client_certificate(mtls_server: ServeProcess, pki: Pki) -> None:
+    ca = str(pki.dir / "ca.pem")
+    start = time.monotonic()
+    without = _cli("health", mtls_server.target, "--tls-ca", ca, "--timeout", "20")
+    assert time.monotonic() - start < 10
+    _failed(without, 4, "a server that requires client certificates also needs --tls-cert and --tls-key")
+    with_cert = _cli("health", mtls_server.target, "--tls-ca", ca,
+                     "--tls-cert", str(pki.dir / "client.pem"), "--tls-key", str(pki.dir / "client.key"))  # fmt: skip
+    _ok(with_cert, "SERVING")
+
+
+# --- API keys and JWTs ---------------------------------------------------------------------------------
+
+
+def test_api_keys(pki: Pki) -> None:
+    with _serve(*_tls_flags(pki), "--api-key-file", str(pki.dir / "keys.txt")) as server:
+        call = ("call", server.target, ECHO, "-d", '{"message": "hi"}', "--tls-ca", str(pki.dir / "ca.pem"))
+        _failed(_cli(*call), UNAUTHENTICATED, "UNAUTHENTICATED: missing credentials")
+        _ok(_cli(*call, "--token", API_KEY), '{"message": "hi"}')
+        _ok(_cli(*call, "-H", f"x-api-key: {API_KEY}"), '{"message": "hi"}')
+        _failed(_cli(*call, "--token", "key-wrong"), UNAUTHENTICATED, "UNAUTHENTICATED: unknown API key")
+        # Health stays open to callers without a key.
+        _ok(_cli("health", server.target, "--tls-ca", str(pki.dir / "ca.pem")), "SERVING")
+
+
+def test_jwt(pki: Pki) -> None:
+    jwt_flags = ("--jwt-jwks", str(pki.dir / "jwks.json"), "--jwt-issuer", ISSUER,
+                 "--jwt-audience", "someone-else", "--jwt-audience", AUDIENCE)  # fmt: skip
+    with _serve("--api-key-file", str(pki.dir / "keys.txt"), *jwt_flags) as server:
+        # Plaintext, to loopback only (where `call` sends a token in clear text).
+        call = ("call", server.target, ECHO, "-d", '{"message": "hi"}')
+        _failed(_cli(*call), UNAUTHENTICATED, "missing credentials")
+        _ok(_cli(*call, "--token", _token(pki)), '{"message": "hi"}')
+        _failed(_cli(*call, "--token", _token(pki, expires_in=-3600)), UNAUTHENTICATED, "JWT expired")
+        _ok(_cli(*call, "-H", f"x-api-key: {API_KEY}"), '{"message": "hi"}')  # both kinds are accepted
+
+
+# --- bad flags -------------------------------------------------------------------------------------------
+
+SERVE = ("serve", "examples.echo:servicer", "--bind", "127.0.0.1:0")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((*SERVE, "--tls-cert", "{dir}/server.pem"), "--tls-cert and --tls-key go together"),
+        ((*SERVE, "--tls-key", "{dir}/server.key"), "--tls-cert and --tls-key go together"),
+        ((*SERVE, "--client-ca", "{dir}/ca.pem"), "--client-ca needs --tls-cert and --tls-key"),
+        ((*SERVE, "--tls-cert", "{dir}/missing.pem", "--tls-key", "{dir}/server.key"),
+         "--tls-cert: cannot read '{dir}/missing.pem': No such file or directory"),
+        ((*SERVE, "--tls-cert", "{dir}/server.pem", "--tls-key", "{dir}/client.key"),
+         "--tls-key is not the key of --tls-cert"),
+        ((*SERVE, "--tls-cert", "{dir}/server.pem", "--tls-key", "{dir}/server.key", "--client-ca", "{dir}/keys.txt"),
+         "--client-ca: not PEM data"),
+        ((*SERVE, "--api-key-file", "{dir}/missing.txt"), "--api-key-file: cannot read '{dir}/missing.txt'"),
+        ((*SERVE, "--api-key-file", "{dir}/ca.pem"), "--api-key-file {dir}/ca.pem line 1: expected NAME:KEY"),
+        ((*SERVE, "--jwt-issuer", ISSUER), "--jwt-jwks, --jwt-issuer and --jwt-audience go together"),
+        ((*SERVE, "--jwt-jwks", "{dir}/missing.json", "--jwt-issuer", "i", "--jwt-audience", "a"),
+         "--jwt-jwks '{dir}/missing.json': No such file or directory"),
+        (("health", "127.0.0.1:1", "--tls-cert", "{dir}/client.pem"), "--tls-cert and --tls-key go together"),
+        (("health", "127.0.0.1:1", "--tls-ca", "{dir}/missing.pem"), "--tls-ca: cannot read"),
+        (("health", "192.0.2.1:50051", "--token", "t"), "--token is not sent in clear text to 192.0.2.1:50051"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, tuple) else re.sub(r"\W+", "-", value.replace("{dir}/", ""))[:40],
+)  # fmt: skip
+def test_bad_flags(pki: Pki, args: tuple[str, ...], message: str) -> None:
+    start = time.monotonic()
+    result = _cli(*(a.format(dir=pki.dir) for a in args))
+    assert time.monotonic() - start < 10  # refused before serving or connecting
+    _failed(result, 2, message.format(dir=pki.dir))
