@@ -16,7 +16,7 @@ import pytest
 
 import rpcframe
 from rpcframe.security import TLSConfig
-from tests.conftest import Running
+from tests.conftest import Running, wait_until
 from tests.servicers import ScriptedEcho
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,9 +136,10 @@ def test_bad_line_in_client_stream_cancels_the_call() -> None:
         result = _call(f"127.0.0.1:{port}", f"{ECHO}/Collect", "-d", "-", stdin='{"message": "a"}\n{"nope": 1}\n')
         _failed(result, 2, "stdin line 2: not a valid rpcframe.echo.v1.EchoRequest: Message type")
         assert 'no field named "nope"' in result.stderr
-        # The server saw a cancelled stream, never a complete one it could act on.
-        assert servicer.done.wait(5)
-        assert servicer.received == ["a"]
+        # The server saw a cancelled stream (or none: grpc may cancel before
+        # the handler starts), never a complete one it could act on.
+        wait_until(lambda: server.inflight == 0)
+        assert servicer.received in ([], ["a"])
         assert not servicer.completed
     finally:
         server.stop(0)
