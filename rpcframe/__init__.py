@@ -7,6 +7,7 @@ The sync API lives here; the asyncio API with the same names in
 from importlib.metadata import PackageNotFoundError, version
 
 from .balancing.endpoint import Endpoint
+from .balancing.etcd import EtcdRegistration, EtcdResolver
 from .balancing.pickers import register_policy
 from .balancing.resolver import DNSResolver, ManualResolver, Resolver, StaticResolver
 from .client._sync import Channel, ResponseStream, connect
@@ -68,6 +69,8 @@ __all__ = [
     "DataLoss",
     "DeadlineExceeded",
     "Endpoint",
+    "EtcdRegistration",
+    "EtcdResolver",
     "FailedPrecondition",
     "HedgePolicy",
     "Identity",

@@ -7,6 +7,8 @@ Targets understood by :func:`resolver_for`:
 - ``static:///a:1,b:2`` — the same, explicitly;
 - ``dns:///host:port`` — looked up with ``getaddrinfo`` and re-resolved
   every ``dns_refresh`` seconds; changes are pushed to the balancer;
+- ``etcd://host:port/key/prefix/`` — the endpoints registered under a key
+  prefix in etcd, watched (see :mod:`rpcframe.balancing.etcd`);
 - a :class:`Resolver` instance (e.g. :class:`ManualResolver` in tests, or a
   discovery client such as etcd).
 """
@@ -153,9 +155,13 @@ def resolver_for(target: str | Sequence[str] | Resolver, dns_refresh: float = 30
     if target.startswith("dns:///"):
         host, port = _split_host_port(target.removeprefix("dns:///"))
         return DNSResolver(host, port, dns_refresh)
+    if target.startswith("etcd://"):
+        from .etcd import EtcdResolver  # imported here: etcd.py imports this module
+
+        return EtcdResolver.from_target(target)
     if target.startswith(("unix:", "unix-abstract:")):
         return StaticResolver([target])
     body = target.removeprefix("static:///")
     if "://" in body:
-        raise ConfigError(f"{target!r}: unknown target scheme (use host:port, static:///, dns:///)")
+        raise ConfigError(f"{target!r}: unknown target scheme (use host:port, static:///, dns:///, etcd://)")
     return StaticResolver([a.strip() for a in body.split(",") if a.strip()])
