@@ -141,7 +141,7 @@ class _Future(grpc.Future):  # type: ignore[misc]
         self._future.add_done_callback(lambda _: fn(self))
 
 
-_POLL_EXIT = 2.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s)
+_POLL_EXIT = 10.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s; slow under load)
 
 
 def _cancel_kick(kick: grpc.Future | None) -> None:
