@@ -43,6 +43,7 @@ from hdrh.histogram import HdrHistogram
 
 import rpcframe
 import rpcframe.aio
+from benchmarks._children import ChildServers
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe import _loop
@@ -67,6 +68,9 @@ class DelayedEcho(echo_pb2_grpc.EchoServiceServicer):
 
 
 async def _serve(delays: Sequence[float]) -> None:
+    # Handle SIGTERM before saying "serving on": a parent may stop us at once.
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     servers = []
     for i, delay in enumerate(delays):
         server = rpcframe.aio.Server(rpcframe.ServerConfig(reflection=False, grace_period=0))
@@ -75,39 +79,16 @@ async def _serve(delays: Sequence[float]) -> None:
         await server.start()
         servers.append(server)
         print(f"serving on 127.0.0.1:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     for server in servers:
         await server.stop(0)
 
 
-class Backends:
+class Backends(ChildServers):
     """A child process serving one delayed echo backend per delay."""
 
     def __init__(self, delays: Sequence[float]) -> None:
-        args = [sys.executable, "-m", "benchmarks.balancing", "serve", "--delays", ",".join(map(str, delays))]
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.addresses = []
-        for _ in delays:
-            match = re.fullmatch(r"serving on (\S+)\n", self.proc.stdout.readline())
-            if not match:
-                self.stop()
-                raise RuntimeError("backend process failed to start")
-            self.addresses.append(match.group(1))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        super().__init__(["-m", "benchmarks.balancing", "serve", "--delays", ",".join(map(str, delays))], len(delays))
 
 
 # -- tail latency -------------------------------------------------------------------

@@ -24,10 +24,8 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from hdrh.histogram import HdrHistogram
 
 import rpcframe
 import rpcframe.aio
+from benchmarks._children import ChildServers
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 
@@ -67,6 +66,9 @@ class Backend(echo_pb2_grpc.EchoServiceServicer):
 
 
 async def _serve(mode: str) -> None:
+    # Handle SIGTERM before saying "serving on": a parent may stop us at once.
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     servers = []
     for i in range(3):
         server = rpcframe.aio.Server(rpcframe.ServerConfig(reflection=False, grace_period=0))
@@ -76,38 +78,16 @@ async def _serve(mode: str) -> None:
         await server.start()
         servers.append(server)
         print(f"serving on 127.0.0.1:{port}", flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     for server in servers:
         await server.stop(0)
 
 
-class Backends:
+class Backends(ChildServers):
     """The child process serving 3 backends, stopped by PID."""
 
     def __init__(self, mode: str) -> None:
-        args = [sys.executable, "-m", "benchmarks.retries", "serve", "--mode", mode]
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.addresses = []
-        for _ in range(3):
-            match = re.fullmatch(r"serving on (\S+)\n", self.proc.stdout.readline())
-            if not match:
-                self.stop()
-                raise RuntimeError("backend process failed to start")
-            self.addresses.append(match.group(1))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        super().__init__(["-m", "benchmarks.retries", "serve", "--mode", mode], 3)
 
 
 async def _served(channel: rpcframe.aio.Channel, addresses: list[str]) -> int:

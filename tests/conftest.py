@@ -11,7 +11,7 @@ import pytest
 
 import rpcframe
 import rpcframe.aio
-from tests.servicers import AioScriptedEcho, ScriptedEcho
+from tests.servicers import AioScriptedEcho, Backend, ScriptedEcho
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> None:
@@ -78,3 +78,12 @@ def run_in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[obje
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, out
+
+
+@pytest.fixture
+def backends() -> Iterator[list[Backend]]:
+    """Three thread-pool echo servers named a, b and c."""
+    started = [Backend(name) for name in ("a", "b", "c")]
+    yield started
+    for backend in started:
+        backend.stop()

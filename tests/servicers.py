@@ -115,3 +115,25 @@ def tagged() -> ScriptedEcho:
 def aio_tagged() -> AioScriptedEcho:
     """Factory for `rpcframe serve`: an asyncio servicer named by $RPCFRAME_SERVER_ID."""
     return AioScriptedEcho()
+
+
+class Backend:
+    """An in-process thread-pool rpcframe server on 127.0.0.1, port 0.
+
+    A name serves a :class:`ScriptedEcho` of that name ("whoami" answers it);
+    any other servicer object is served as it is.
+    """
+
+    def __init__(self, servicer: object) -> None:
+        self.servicer: Any = ScriptedEcho(servicer) if isinstance(servicer, str) else servicer
+        self.server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1))
+        self.server.add(self.servicer)
+        self.address = f"127.0.0.1:{self.server.bind('127.0.0.1:0')}"
+        self.server.start()
+
+    def stop(self) -> None:
+        """Release blocked handlers and stop the server at once."""
+        release = getattr(self.servicer, "release", None)
+        if release is not None:
+            release.set()
+        self.server.stop(0)

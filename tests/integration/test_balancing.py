@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,33 +21,10 @@ from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.balancing.resolver import ManualResolver
 from tests.conftest import eventually, run_in_thread, wait_until
-from tests.servicers import AioScriptedEcho, ScriptedEcho
+from tests.servicers import AioScriptedEcho, Backend
 
 REPO = Path(__file__).resolve().parents[2]
 WHOAMI = pb.EchoRequest(message="whoami")
-
-
-class Backend:
-    """An in-process sync rpcframe server with a named scripted servicer."""
-
-    def __init__(self, name: str) -> None:
-        self.servicer = ScriptedEcho(name)
-        self.server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1))
-        self.server.add(self.servicer)
-        self.address = f"127.0.0.1:{self.server.bind('127.0.0.1:0')}"
-        self.server.start()
-
-    def stop(self) -> None:
-        self.servicer.release.set()
-        self.server.stop(0)
-
-
-@pytest.fixture
-def backends() -> Iterator[list[Backend]]:
-    started = [Backend(n) for n in ("a", "b", "c")]
-    yield started
-    for backend in started:
-        backend.stop()
 
 
 def _config(policy: str, **kwargs: object) -> rpcframe.ChannelConfig:

@@ -34,7 +34,7 @@ from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.balancing.endpoint import Endpoint
 from rpcframe.balancing.etcd import EtcdRegistration, EtcdResolver
 from tests.conftest import eventually, wait_until
-from tests.servicers import ScriptedEcho
+from tests.servicers import Backend
 
 WHOAMI = pb.EchoRequest(message="whoami")
 _prefixes = itertools.count()
@@ -412,29 +412,6 @@ def test_registration_fails_loudly_when_etcd_is_unreachable() -> None:
 
 
 # -- channels over etcd -------------------------------------------------------
-
-
-class Backend:
-    """An in-process echo server answering "whoami" with its name."""
-
-    def __init__(self, name: str) -> None:
-        self.servicer = ScriptedEcho(name)
-        self.server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1))
-        self.server.add(self.servicer)
-        self.address = f"127.0.0.1:{self.server.bind('127.0.0.1:0')}"
-        self.server.start()
-
-    def stop(self) -> None:
-        self.servicer.release.set()
-        self.server.stop(0)
-
-
-@pytest.fixture
-def backends() -> Iterator[list[Backend]]:
-    started = [Backend(n) for n in ("a", "b", "c")]
-    yield started
-    for backend in started:
-        backend.stop()
 
 
 def _config() -> rpcframe.ChannelConfig:

@@ -17,23 +17,9 @@ from generated.rpcframe.bench.v1 import bench_pb2, bench_pb2_grpc
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from tests.conftest import wait_until
-from tests.servicers import ScriptedEcho
+from tests.servicers import Backend, ScriptedEcho
 
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
-
-
-class Backend:
-    """An in-process thread-pool server."""
-
-    def __init__(self, servicer: object) -> None:
-        self.servicer = servicer
-        self.server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1))
-        self.server.add(servicer)
-        self.address = f"127.0.0.1:{self.server.bind('127.0.0.1:0')}"
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop(0)
 
 
 @pytest.fixture
@@ -41,7 +27,7 @@ def echoes() -> Iterator[list[Backend]]:
     started = [Backend(ScriptedEcho(name)) for name in "abc"]
     yield started
     for backend in started:
-        backend.servicer.release.set()  # type: ignore[attr-defined]
+        backend.servicer.release.set()
         backend.stop()
 
 
@@ -57,22 +43,22 @@ def _connect(backends: list[Backend], **kwargs: Any) -> rpcframe.Channel:
 
 
 def _calls(backends: list[Backend]) -> list[int]:
-    return [b.servicer.calls for b in backends]  # type: ignore[attr-defined]
+    return [b.servicer.calls for b in backends]
 
 
 def test_idempotent_call_is_retried_on_another_endpoint(echoes: list[Backend]) -> None:
-    echoes[0].servicer.failing = True  # type: ignore[attr-defined]
+    echoes[0].servicer.failing = True
     with _connect(echoes) as channel:
         stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
         answers = [stub.Echo(pb.EchoRequest(message="whoami")).message for _ in range(30)]
         assert "a" not in answers
         assert len(answers) == 30
-        assert channel.stats.retries == echoes[0].servicer.calls > 0  # type: ignore[attr-defined]
+        assert channel.stats.retries == echoes[0].servicer.calls > 0
 
 
 def test_retry_budget_caps_extra_attempts(echoes: list[Backend]) -> None:
     for backend in echoes:
-        backend.servicer.failing = True  # type: ignore[attr-defined]
+        backend.servicer.failing = True
     budget = rpcframe.BudgetConfig(ratio=0.0, min_per_second=0.2, ttl=10)  # 2 retries per 10 s
     with _connect(echoes, retry_budget=budget) as channel:
         stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
@@ -117,17 +103,17 @@ def recorders() -> Iterator[list[Backend]]:
     started = [Backend(Recorder()) for _ in range(2)]
     yield started
     for backend in started:
-        backend.servicer.release.set()  # type: ignore[attr-defined]
+        backend.servicer.release.set()
         backend.stop()
 
 
 def _records(backends: list[Backend], key: str) -> int:
-    return sum(b.servicer.records.get(key, 0) for b in backends)  # type: ignore[attr-defined]
+    return sum(b.servicer.records.get(key, 0) for b in backends)
 
 
 def test_non_idempotent_method_runs_once_when_it_fails_after_send(recorders: list[Backend]) -> None:
     for backend in recorders:
-        backend.servicer.mode = "unavailable"  # type: ignore[attr-defined]
+        backend.servicer.mode = "unavailable"
     with _connect(recorders) as channel:
         stub = channel.stub(bench_pb2_grpc.BenchServiceStub)
         for i in range(10):
@@ -137,26 +123,36 @@ def test_non_idempotent_method_runs_once_when_it_fails_after_send(recorders: lis
         assert channel.stats.retries == 0
 
 
+def _stop_when_inside(backend: Backend) -> threading.Thread:
+    """Stop ``backend``'s server once a Record call is inside its handler."""
+
+    def stop() -> None:
+        wait_until(backend.servicer.inside.is_set, 10)
+        backend.server.stop(0)
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_non_idempotent_method_runs_once_when_its_server_dies_mid_call(recorders: list[Backend]) -> None:
     for backend in recorders:
-        backend.servicer.mode = "hang"  # type: ignore[attr-defined]
+        backend.servicer.mode = "hang"
     with _connect(recorders, policy="pick_first") as channel:
         stub = channel.stub(bench_pb2_grpc.BenchServiceStub)
-        future = stub.Record.future(bench_pb2.RecordRequest(key="pay"))
-        wait_until(recorders[0].servicer.inside.is_set)  # type: ignore[attr-defined]
-        threading.Thread(target=recorders[0].stop, daemon=True).start()
+        # Through a future: the first backend dies while the call is inside it.
+        stopping = _stop_when_inside(recorders[0])
         with pytest.raises(rpcframe.RpcError) as info:
-            future.result(timeout=10)
+            stub.Record.future(bench_pb2.RecordRequest(key="pay")).result(timeout=10)
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert _records(recorders, "pay") == 1
-        # Through the blocking path too: the connection breaks after send.
-        recorders[1].servicer.inside.clear()  # type: ignore[attr-defined]
+        stopping.join(10)
+        # Through the blocking path too, on the second backend.
         wait_until(lambda: dict(channel.endpoints()).get(recorders[0].address) != "READY")
-        thread = threading.Thread(target=lambda: wait_until(recorders[1].servicer.inside.is_set, 10) or recorders[1].stop(), daemon=True)  # type: ignore[attr-defined]  # noqa: E501
-        thread.start()
+        stopping = _stop_when_inside(recorders[1])
         with pytest.raises(rpcframe.RpcError):
             stub.Record(bench_pb2.RecordRequest(key="pay-2"))
-        thread.join(10)
+        stopping.join(10)
         assert _records(recorders, "pay-2") == 1
 
 
@@ -173,20 +169,20 @@ class Relay(ScriptedEcho):
 
 def test_a_retried_request_is_not_retried_again_downstream() -> None:
     last = Backend(ScriptedEcho("c"))
-    last.servicer.failing = True  # type: ignore[attr-defined]
+    last.servicer.failing = True
     relay = Backend(Relay(last.address))
     try:
         with rpcframe.connect(relay.address, _config(retry=rpcframe.RetryPolicy(max_attempts=1))) as channel:
             stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
             with pytest.raises(rpcframe.Unavailable):
                 stub.Echo(pb.EchoRequest(message="x"))
-            assert last.servicer.calls == 3  # type: ignore[attr-defined]  # the relay retried (3 attempts)
+            assert last.servicer.calls == 3  # the relay retried (3 attempts)
             with pytest.raises(rpcframe.Unavailable):
                 stub.Echo(pb.EchoRequest(message="x"), metadata=(("rpcframe-attempt", "2"),))
-            assert last.servicer.calls == 4  # type: ignore[attr-defined]  # marked as a retry: no retry
+            assert last.servicer.calls == 4  # marked as a retry: no retry
     finally:
         relay.stop()
-        relay.servicer.channel.close()  # type: ignore[attr-defined]
+        relay.servicer.channel.close()
         last.stop()
 
 
@@ -212,7 +208,7 @@ def test_server_pushback_sets_the_retry_delay() -> None:
             start = time.monotonic()
             assert stub.Echo(pb.EchoRequest(message="x")).message == "ok"
             assert time.monotonic() - start >= 0.3
-            assert backend.servicer.calls == 2  # type: ignore[attr-defined]
+            assert backend.servicer.calls == 2
     finally:
         backend.stop()
 
@@ -224,7 +220,7 @@ def test_negative_pushback_stops_retries() -> None:
             stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
             with pytest.raises(rpcframe.Unavailable):
                 stub.Echo(pb.EchoRequest(message="x"))
-            assert backend.servicer.calls == 1  # type: ignore[attr-defined]
+            assert backend.servicer.calls == 1
     finally:
         backend.stop()
 
@@ -302,7 +298,7 @@ def test_non_idempotent_method_is_never_hedged(recorders: list[Backend]) -> None
 
 
 async def test_aio_idempotent_call_is_retried_on_another_endpoint(echoes: list[Backend]) -> None:
-    echoes[1].servicer.failing = True  # type: ignore[attr-defined]
+    echoes[1].servicer.failing = True
     async with rpcframe.aio.connect([b.address for b in echoes], _config()) as channel:
         async with asyncio.timeout(5):
             while sum(s == "READY" for _, s in channel.endpoints()) < 3:  # noqa: ASYNC110
@@ -310,7 +306,7 @@ async def test_aio_idempotent_call_is_retried_on_another_endpoint(echoes: list[B
         stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
         answers = [(await stub.Echo(pb.EchoRequest(message="whoami"))).message for _ in range(30)]
         assert "b" not in answers
-        assert channel.stats.retries == echoes[1].servicer.calls > 0  # type: ignore[attr-defined]
+        assert channel.stats.retries == echoes[1].servicer.calls > 0
 
 
 # -- streams -----------------------------------------------------------------------
@@ -338,14 +334,14 @@ class FlakyExpand(ScriptedEcho):
 @pytest.fixture
 def flaky() -> Iterator[list[Backend]]:
     started = [Backend(FlakyExpand(name)) for name in "ab"]
-    started[0].servicer.failing = True  # type: ignore[attr-defined]
+    started[0].servicer.failing = True
     yield started
     for backend in started:
         backend.stop()
 
 
 def _streams(backends: list[Backend]) -> list[int]:
-    return [b.servicer.streams for b in backends]  # type: ignore[attr-defined]
+    return [b.servicer.streams for b in backends]
 
 
 def test_server_stream_is_retried_before_its_first_response(flaky: list[Backend]) -> None:
@@ -357,9 +353,9 @@ def test_server_stream_is_retried_before_its_first_response(flaky: list[Backend]
 
 
 def test_server_stream_is_not_retried_after_a_response(flaky: list[Backend]) -> None:
-    flaky[0].servicer.failing = False  # type: ignore[attr-defined]
+    flaky[0].servicer.failing = False
     for backend in flaky:
-        backend.servicer.midway = True  # type: ignore[attr-defined]
+        backend.servicer.midway = True
     with _connect(flaky) as channel:
         stream = channel.stub(echo_pb2_grpc.EchoServiceStub).Expand(pb.ExpandRequest(count=3))
         assert next(stream).index == 0
@@ -394,13 +390,13 @@ class AttemptRecorder(ScriptedEcho):
 
 def test_retries_carry_their_attempt_number() -> None:
     backends = [Backend(AttemptRecorder(name)) for name in "ab"]
-    backends[0].servicer.failing = True  # type: ignore[attr-defined]
+    backends[0].servicer.failing = True
     try:
         with _connect(backends, policy="pick_first") as channel:
             stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
             assert stub.Echo(pb.EchoRequest(message="whoami")).message == "b"
-        assert backends[0].servicer.markers == [None]  # type: ignore[attr-defined]
-        assert backends[1].servicer.markers == ["2"]  # type: ignore[attr-defined]
+        assert backends[0].servicer.markers == [None]
+        assert backends[1].servicer.markers == ["2"]
     finally:
         for backend in backends:
             backend.stop()

@@ -1,0 +1,39 @@
+"""Backend servers in a child process, known by PID (shared by the benchmark scripts)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ChildServers:
+    """``python ARGS`` in a child process that prints one ``serving on HOST:PORT`` line per server."""
+
+    def __init__(self, args: Sequence[str], count: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.addresses: list[str] = []
+        for _ in range(count):
+            match = re.fullmatch(r"serving on (\S+)\n", self.proc.stdout.readline())
+            if not match:
+                self.stop()
+                raise RuntimeError(f"backend process {' '.join(args)} failed to start")
+            self.addresses.append(match.group(1))
+
+    def stop(self) -> None:
+        """SIGTERM by PID, SIGKILL if it does not exit within 10 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
