@@ -184,6 +184,12 @@ def check_token_transport(target: object, has_tls: bool, allow_insecure: bool) -
     if isinstance(target, str):
         if target.startswith(("unix:", "unix-abstract:")):
             return
+        if target.startswith("etcd://"):
+            raise ConfigError(
+                f"ChannelConfig.token over plaintext to endpoints discovered through {target}: their "
+                "addresses are not known in advance; set ChannelConfig.tls, or allow_insecure_token=True "
+                "if the network is trusted"
+            )
         addresses: Sequence[str] = [a.strip() for a in target.removeprefix("static:///").split(",") if a.strip()]
     elif isinstance(target, list | tuple):
         addresses = [str(a) for a in target]

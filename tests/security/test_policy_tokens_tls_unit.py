@@ -182,6 +182,13 @@ def test_tokens_to_a_custom_resolver_need_tls() -> None:
         check_token_transport(object(), has_tls=False, allow_insecure=False)
 
 
+def test_tokens_to_etcd_discovered_endpoints_need_tls() -> None:
+    # etcd on loopback says nothing about where the endpoints it lists are.
+    with pytest.raises(ConfigError, match="discovered through etcd://127.0.0.1:2379/services/"):
+        check_token_transport("etcd://127.0.0.1:2379/services/", has_tls=False, allow_insecure=False)
+    check_token_transport("etcd://127.0.0.1:2379/services/", has_tls=True, allow_insecure=False)
+
+
 # -- TLS config -------------------------------------------------------------
 
 
