@@ -136,11 +136,12 @@ def test_bad_line_in_client_stream_cancels_the_call() -> None:
         result = _call(f"127.0.0.1:{port}", f"{ECHO}/Collect", "-d", "-", stdin='{"message": "a"}\n{"nope": 1}\n')
         _failed(result, 2, "stdin line 2: not a valid rpcframe.echo.v1.EchoRequest: Message type")
         assert 'no field named "nope"' in result.stderr
-        # The server saw a cancelled stream (or none: grpc may cancel before
-        # the handler starts), never a complete one it could act on.
+        # The CLI cancels instead of half-closing, so the server never gets
+        # the bad line. (grpcio's thread-pool server can still end a
+        # cancelled request stream with StopIteration before it records the
+        # cancellation, so "completed" cannot be asserted either way.)
         wait_until(lambda: server.inflight == 0)
         assert servicer.received in ([], ["a"])
-        assert not servicer.completed
     finally:
         server.stop(0)
 
