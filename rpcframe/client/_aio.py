@@ -286,7 +286,8 @@ class _Hedged:
 
     async def run(self, delay: float) -> Any:
         method = self._method
-        max_attempts = method._hedge.max_attempts  # type: ignore[union-attr]
+        assert method._hedge_state is not None
+        max_attempts = method._hedge_state.policy.max_attempts
         wait: float | None = delay
         error: BaseException | None = None
         await self._send()
@@ -306,7 +307,7 @@ class _Hedged:
                     response, error = await self._settle(attempt)
                     if error is None:
                         return response
-                if self._fatal(error):
+                if method._ends_hedge(error):
                     break
                 if not self._running and self._sent < max_attempts:
                     await self._send()  # every copy failed retryably: the next goes now
@@ -314,11 +315,6 @@ class _Hedged:
             self._cancel_rest()
         assert error is not None
         raise self._channel._error(error) if isinstance(error, grpc.RpcError) else error
-
-    def _fatal(self, error: BaseException | None) -> bool:
-        if error is None:
-            return False
-        return not isinstance(error, grpc.RpcError) or error.code().name not in self._method._retry.retryable_codes
 
     async def _settle(self, attempt: _Attempt) -> tuple[Any, BaseException | None]:
         """Report an ended copy to its pick: (response, None) or (None, its error)."""
@@ -336,7 +332,7 @@ class _Hedged:
                 self._channel.balancer.refresh()
             return None, exc
         attempt.done(Outcome.SUCCESS, elapsed)
-        self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]
+        self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]  # set for hedged methods
         if attempt.index > 1:
             self._channel.stats.hedge_wins += 1
         return response, None

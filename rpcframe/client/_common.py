@@ -210,11 +210,12 @@ class CallStats:
 
 
 class MethodState:
-    """Per channel and method: recent latencies and the hedging budget."""
+    """Per channel and method: the hedging policy, recent latencies and the hedging budget."""
 
-    __slots__ = ("budget", "latencies")
+    __slots__ = ("budget", "latencies", "policy")
 
     def __init__(self, hedge: HedgePolicy) -> None:
+        self.policy = hedge
         self.latencies = LatencyWindow(hedge.percentile)
         self.budget = RateBudget(BudgetConfig(ratio=hedge.max_extra_load, min_per_second=0.0))
 
@@ -223,7 +224,7 @@ class MethodBase:
     """One stub method's wrapper: its identity and the channel's call policy."""
 
     __slots__ = (
-        "_budget", "_channel", "_failovers", "_hedge", "_hedge_state", "_margin", "_metadata", "_retry",
+        "_budget", "_channel", "_failovers", "_hedge_state", "_margin", "_metadata", "_retry",
         "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
     )  # fmt: skip
 
@@ -256,7 +257,6 @@ class MethodBase:
         # Hedging resends a request that may already be executing: only for
         # methods whose contract says that is harmless, and only unary ones.
         hedge = policy.hedge if self.idempotent and self.kind == "unary_unary" else None
-        self._hedge = hedge
         self._hedge_state = None if hedge is None else channel.method_state(method, hedge)
 
     def _prepare(
@@ -293,7 +293,13 @@ class MethodBase:
         state.budget.deposit(time.monotonic())  # every call of the method earns hedging budget
         if scope is not None and scope.is_retry:
             return None
-        return state.latencies.delay(self._hedge)  # type: ignore[arg-type]
+        return state.latencies.delay(state.policy)
+
+    def _ends_hedge(self, error: BaseException | None) -> bool:
+        """Whether a hedged copy's failure ends the whole call (its status is not retryable)."""
+        if error is None:
+            return False
+        return not isinstance(error, grpc.RpcError) or error.code().name not in self._retry.retryable_codes
 
     def _may_hedge(self) -> bool:
         """Spend one backup from the hedging budget (counted in stats)."""

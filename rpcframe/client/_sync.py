@@ -304,9 +304,10 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
             except grpc.FutureCancelledError:
                 done(Outcome.IGNORED, time.perf_counter() - start)
                 raise Cancelled(f"{self.method}: cancelled with the incoming call") from None
-            done(Outcome.SUCCESS, time.perf_counter() - start)
+            latency = time.perf_counter() - start
+            done(Outcome.SUCCESS, latency)
             if self._hedge_state is not None:
-                self._hedge_state.latencies.add(time.perf_counter() - start)
+                self._hedge_state.latencies.add(latency)
             return result
 
     def future(
@@ -401,7 +402,8 @@ class _Hedged:
 
     def run(self, delay: float, with_call: bool) -> Any:
         method = self._method
-        max_attempts = method._hedge.max_attempts  # type: ignore[union-attr]
+        assert method._hedge_state is not None
+        max_attempts = method._hedge_state.policy.max_attempts
         self._send()
         error: BaseException | None = None
         wait: float | None = delay
@@ -420,20 +422,14 @@ class _Hedged:
                     if error is None:
                         result = attempt.future.result()
                         return (result, attempt.future) if with_call else result
-                if not self._fatal(error) and not self._running and self._sent < max_attempts:
-                    self._send()  # every copy failed retryably: the next goes now
-                elif self._fatal(error):
+                if method._ends_hedge(error):
                     break
+                if not self._running and self._sent < max_attempts:
+                    self._send()  # every copy failed retryably: the next goes now
         finally:
             self._cancel_rest()
         assert error is not None
         raise self._channel._error(error) if isinstance(error, grpc.RpcError) else error from None
-
-    def _fatal(self, error: BaseException | None) -> bool:
-        """Whether a copy's failure ends the whole call (not retryable)."""
-        if error is None:
-            return False
-        return not isinstance(error, grpc.RpcError) or error.code().name not in self._method._retry.retryable_codes
 
     def _settle(self, attempt: _Attempt) -> BaseException | None:
         """Report an ended copy to its pick; its error, or None if it answered."""
@@ -446,7 +442,7 @@ class _Hedged:
         exc = future.exception()
         if exc is None:
             attempt.done(Outcome.SUCCESS, elapsed)
-            self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]
+            self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]  # set for hedged methods
             if attempt.index > 1:
                 self._channel.stats.hedge_wins += 1
             return None
