@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
@@ -9,7 +10,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import rpcframe
+import rpcframe.aio
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+async def serve_until_sigterm(servicers: Sequence[object]) -> None:
+    """In the child: one asyncio server per servicer on a free port, each announced, until SIGTERM."""
+    # Handle SIGTERM before saying "serving on": a parent may stop us at once.
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    servers = []
+    for servicer in servicers:
+        server = rpcframe.aio.Server(rpcframe.ServerConfig(reflection=False, grace_period=0))
+        server.add(servicer)
+        port = server.bind("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        print(f"serving on 127.0.0.1:{port}", flush=True)
+    await stop.wait()
+    for server in servers:
+        await server.stop(0)
 
 
 class ChildServers:

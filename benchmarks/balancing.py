@@ -43,7 +43,7 @@ from hdrh.histogram import HdrHistogram
 
 import rpcframe
 import rpcframe.aio
-from benchmarks._children import ChildServers
+from benchmarks._children import ChildServers, serve_until_sigterm
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe import _loop
@@ -68,20 +68,7 @@ class DelayedEcho(echo_pb2_grpc.EchoServiceServicer):
 
 
 async def _serve(delays: Sequence[float]) -> None:
-    # Handle SIGTERM before saying "serving on": a parent may stop us at once.
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    servers = []
-    for i, delay in enumerate(delays):
-        server = rpcframe.aio.Server(rpcframe.ServerConfig(reflection=False, grace_period=0))
-        server.add(DelayedEcho(delay, f"b{i}"))
-        port = server.bind("127.0.0.1:0")
-        await server.start()
-        servers.append(server)
-        print(f"serving on 127.0.0.1:{port}", flush=True)
-    await stop.wait()
-    for server in servers:
-        await server.stop(0)
+    await serve_until_sigterm([DelayedEcho(delay, f"b{i}") for i, delay in enumerate(delays)])
 
 
 class Backends(ChildServers):

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from hdrh.histogram import HdrHistogram
 
 import rpcframe
 import rpcframe.aio
-from benchmarks._children import ChildServers
+from benchmarks._children import ChildServers, serve_until_sigterm
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 
@@ -66,21 +65,8 @@ class Backend(echo_pb2_grpc.EchoServiceServicer):
 
 
 async def _serve(mode: str) -> None:
-    # Handle SIGTERM before saying "serving on": a parent may stop us at once.
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    servers = []
-    for i in range(3):
-        server = rpcframe.aio.Server(rpcframe.ServerConfig(reflection=False, grace_period=0))
-        stall_p = STALL_P if mode == "stall" else 0.0
-        server.add(Backend(f"b{i}", stall_p, failing=mode == "fail" and i == 0))
-        port = server.bind("127.0.0.1:0")
-        await server.start()
-        servers.append(server)
-        print(f"serving on 127.0.0.1:{port}", flush=True)
-    await stop.wait()
-    for server in servers:
-        await server.stop(0)
+    stall_p = STALL_P if mode == "stall" else 0.0
+    await serve_until_sigterm([Backend(f"b{i}", stall_p, failing=mode == "fail" and i == 0) for i in range(3)])
 
 
 class Backends(ChildServers):
