@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,32 +15,19 @@ import pytest
 
 import rpcframe
 from rpcframe.security import TLSConfig
+from tests.cli import assert_cli_error, run_cli
 from tests.conftest import Running, wait_until
 from tests.servicers import ScriptedEcho
 
-REPO = Path(__file__).resolve().parents[2]
 ECHO = "rpcframe.echo.v1.EchoService"
 
 
 def _call(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rpcframe", "call", *args], cwd=REPO, input=stdin,
-        stdin=subprocess.DEVNULL if stdin is None else None, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    return run_cli("call", *args, stdin=stdin)
 
 
 def _lines(out: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.splitlines()]
-
-
-def _failed(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
-    """The command exited with ``code`` and one ``rpcframe: error:`` line containing ``message``."""
-    assert result.returncode == code, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rpcframe: error: ")]
-    assert len(errors) == 1, result.stderr
-    assert message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
 
 
 def test_unary_by_reflection_with_metadata(sync_server: Running) -> None:
@@ -62,7 +48,7 @@ def test_unary_with_proto_module(sync_server: Running) -> None:
     assert _lines(result.stdout) == [{"message": "stub", "index": 0}]
     assert "types from stubs" in result.stderr
     broken = _call(sync_server.target, f"{ECHO}/Echo", "--proto-module", "generated.no_such_pb2")
-    _failed(broken, 1, "cannot import --proto-module 'generated.no_such_pb2'")
+    assert_cli_error(broken, 1, "cannot import --proto-module 'generated.no_such_pb2'")
 
 
 def test_server_streaming_prints_one_line_per_response(sync_server: Running) -> None:
@@ -89,7 +75,7 @@ def test_bidi_streaming_from_file(sync_server: Running, tmp_path: Path) -> None:
 
 def test_error_status_exit_code_and_trailers(sync_server: Running) -> None:
     result = _call(sync_server.target, f"{ECHO}/Echo", "-d", '{"message": "raise:NotFound:gone"}', "-v")
-    _failed(result, 64 + 5, "rpcframe: error: NOT_FOUND: gone")
+    assert_cli_error(result, 64 + 5, "rpcframe: error: NOT_FOUND: gone")
     assert result.stderr.splitlines()[-1] == "rpcframe: error: NOT_FOUND: gone"
     assert "trailer: x-error-ref: 42" in result.stderr
 
@@ -104,7 +90,7 @@ def test_error_status_exit_code_and_trailers(sync_server: Running) -> None:
     ids=["malformed", "unknown-field", "not-an-object"],
 )
 def test_bad_json_is_a_usage_error(sync_server: Running, data: str, message: str) -> None:
-    _failed(_call(sync_server.target, f"{ECHO}/Echo", "-d", data), 2, message)
+    assert_cli_error(_call(sync_server.target, f"{ECHO}/Echo", "-d", data), 2, message)
     assert sync_server.servicer.calls == 0  # type: ignore[attr-defined]
 
 
@@ -134,7 +120,7 @@ def test_bad_line_in_client_stream_cancels_the_call() -> None:
     server.start()
     try:
         result = _call(f"127.0.0.1:{port}", f"{ECHO}/Collect", "-d", "-", stdin='{"message": "a"}\n{"nope": 1}\n')
-        _failed(result, 2, "stdin line 2: not a valid rpcframe.echo.v1.EchoRequest: Message type")
+        assert_cli_error(result, 2, "stdin line 2: not a valid rpcframe.echo.v1.EchoRequest: Message type")
         assert 'no field named "nope"' in result.stderr
         # The CLI cancels instead of half-closing, so the server never gets
         # the bad line. (grpcio's thread-pool server can still end a
@@ -155,7 +141,7 @@ def test_bad_line_in_client_stream_cancels_the_call() -> None:
     ids=["method", "service"],
 )
 def test_unknown_method_or_service(sync_server: Running, method: str, message: str) -> None:
-    _failed(_call(sync_server.target, method), 1, message)
+    assert_cli_error(_call(sync_server.target, method), 1, message)
 
 
 def test_unreachable_target_fails_fast() -> None:
@@ -165,7 +151,7 @@ def test_unreachable_target_fails_fast() -> None:
     start = time.monotonic()
     result = _call(target, f"{ECHO}/Echo", "-d", '{"message": "hi"}')
     assert time.monotonic() - start < 5  # far below the 10 s default deadline
-    _failed(result, 64 + 14, "rpcframe: error: UNAVAILABLE: ")
+    assert_cli_error(result, 64 + 14, "rpcframe: error: UNAVAILABLE: ")
 
 
 def test_list_services(sync_server: Running) -> None:
@@ -202,7 +188,7 @@ def test_describe_service_and_method(sync_server: Running) -> None:
 
 def test_token_over_plaintext_is_refused() -> None:
     result = _call("192.0.2.1:50051", f"{ECHO}/Echo", "--token", "secret")  # TEST-NET: never contacted
-    _failed(result, 2, "--token is not sent in clear text to 192.0.2.1:50051")
+    assert_cli_error(result, 2, "--token is not sent in clear text to 192.0.2.1:50051")
 
 
 @pytest.fixture

@@ -9,14 +9,10 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import jwt
 import pytest
@@ -24,9 +20,9 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.cli import ServeProcess, assert_cli_error, run_cli
 from tests.security.conftest import AUDIENCE, ISSUER, Pki
 
-REPO = Path(__file__).resolve().parents[2]
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
 API_KEY = "key-" + secrets.token_hex(16)
 UNAUTHENTICATED = 64 + 16  # `rpcframe call` exits with 64 + the gRPC status
@@ -59,52 +55,23 @@ def _token(pki: Pki, expires_in: int = 300) -> str:
     return jwt.encode(claims, (pki.dir / "jwt-signing.key").read_bytes(), algorithm="RS256", headers={"kid": "k1"})
 
 
-class ServeProcess:
-    """`rpcframe serve examples.echo:servicer` in a child process, stopped by PID."""
-
-    def __init__(self, *flags: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rpcframe", "serve", "examples.echo:servicer", "--bind", "127.0.0.1:0",
-             "--grace", "1", *flags],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        reader.join(20)
-        if not lines or not lines[0]:
-            pytest.fail(f"server did not become ready: {self.kill()}")
-        match = re.fullmatch(r"serving on (127\.0\.0\.1:\d+)\n", lines[0])  # the ready line, unchanged by TLS
-        assert match, lines[0]
-        self.target = match.group(1)
-
-    def kill(self) -> str:
-        """Kill the process if it still runs; return what it wrote to stderr."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        return self.proc.communicate(timeout=10)[1]
-
-    def stop(self) -> None:
-        """SIGTERM, then a bounded wait: it drains and exits 0 without a traceback."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"server ignored SIGTERM: {self.kill()}")
-        err = self.kill()
-        assert code == 0, err
-        assert "Traceback" not in err, err
+def _echo_server(*flags: str) -> ServeProcess:
+    """``rpcframe serve examples.echo:servicer`` with ``flags``; its ready line is unchanged by TLS."""
+    return ServeProcess(
+        "examples.echo:servicer", "--bind", "127.0.0.1:0", "--grace", "1", *flags,
+        ready=r"serving on (127\.0\.0\.1:\d+)\n", within=20,
+    )  # fmt: skip
 
 
 @contextmanager
 def _serve(*flags: str) -> Iterator[ServeProcess]:
-    server = ServeProcess(*flags)
+    server = _echo_server(*flags)
     try:
         yield server
     except BaseException:
         server.kill()
         raise
-    server.stop()
+    server.terminate()
 
 
 def _tls_flags(pki: Pki) -> tuple[str, ...]:
@@ -124,24 +91,11 @@ def mtls_server(pki: Pki) -> Iterator[ServeProcess]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rpcframe", *args], cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
-        text=True, timeout=30, check=False,
-    )  # fmt: skip
+    return run_cli(*args, timeout=30)
 
 
 def _ok(result: subprocess.CompletedProcess[str], stdout: str) -> None:
     assert (result.returncode, result.stdout.strip()) == (0, stdout), result.stderr
-
-
-def _failed(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
-    """Exit ``code`` and one ``rpcframe: error:`` line containing ``message``; no traceback, no output."""
-    assert result.returncode == code, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rpcframe: error: ")]
-    assert len(errors) == 1, result.stderr
-    assert message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
 
 
 # --- health over TLS and mTLS ------------------------------------------------------------------------
@@ -158,13 +112,13 @@ def test_plaintext_health_against_tls_server_fails_fast(tls_server: ServeProcess
     start = time.monotonic()
     result = _cli("health", tls_server.target, "--timeout", "20")
     assert time.monotonic() - start < 10  # a failed connection is not waited on for the whole --timeout
-    _failed(result, 4, "accepts connections but not plaintext gRPC: if it serves TLS, add --tls or --tls-ca")
+    assert_cli_error(result, 4, "accepts connections but not plaintext gRPC: if it serves TLS, add --tls or --tls-ca")
 
 
 def test_untrusted_server_certificate(tls_server: ServeProcess, pki: Pki) -> None:
     other_ca = pki.write("other-ca.pem", trustme.CA().cert_pem.bytes())
     result = _cli("health", tls_server.target, "--tls-ca", str(other_ca), "--timeout", "20")
-    _failed(result, 4, "the TLS connection failed: check --tls-ca and --server-name")
+    assert_cli_error(result, 4, "the TLS connection failed: check --tls-ca and --server-name")
 
 
 def test_mtls_health_needs_a_client_certificate(mtls_server: ServeProcess, pki: Pki) -> None:
@@ -172,7 +126,7 @@ def test_mtls_health_needs_a_client_certificate(mtls_server: ServeProcess, pki: 
     start = time.monotonic()
     without = _cli("health", mtls_server.target, "--tls-ca", ca, "--timeout", "20")
     assert time.monotonic() - start < 10
-    _failed(without, 4, "a server that requires client certificates also needs --tls-cert and --tls-key")
+    assert_cli_error(without, 4, "a server that requires client certificates also needs --tls-cert and --tls-key")
     with_cert = _cli("health", mtls_server.target, "--tls-ca", ca,
                      "--tls-cert", str(pki.dir / "client.pem"), "--tls-key", str(pki.dir / "client.key"))  # fmt: skip
     _ok(with_cert, "SERVING")
@@ -184,10 +138,10 @@ def test_mtls_health_needs_a_client_certificate(mtls_server: ServeProcess, pki: 
 def test_api_keys(pki: Pki) -> None:
     with _serve(*_tls_flags(pki), "--api-key-file", str(pki.dir / "keys.txt")) as server:
         call = ("call", server.target, ECHO, "-d", '{"message": "hi"}', "--tls-ca", str(pki.dir / "ca.pem"))
-        _failed(_cli(*call), UNAUTHENTICATED, "UNAUTHENTICATED: missing credentials")
+        assert_cli_error(_cli(*call), UNAUTHENTICATED, "UNAUTHENTICATED: missing credentials")
         _ok(_cli(*call, "--token", API_KEY), '{"message": "hi"}')
         _ok(_cli(*call, "-H", f"x-api-key: {API_KEY}"), '{"message": "hi"}')
-        _failed(_cli(*call, "--token", "key-wrong"), UNAUTHENTICATED, "UNAUTHENTICATED: unknown API key")
+        assert_cli_error(_cli(*call, "--token", "key-wrong"), UNAUTHENTICATED, "UNAUTHENTICATED: unknown API key")
         # Health stays open to callers without a key.
         _ok(_cli("health", server.target, "--tls-ca", str(pki.dir / "ca.pem")), "SERVING")
 
@@ -198,9 +152,9 @@ def test_jwt(pki: Pki) -> None:
     with _serve("--api-key-file", str(pki.dir / "keys.txt"), *jwt_flags) as server:
         # Plaintext, to loopback only (where `call` sends a token in clear text).
         call = ("call", server.target, ECHO, "-d", '{"message": "hi"}')
-        _failed(_cli(*call), UNAUTHENTICATED, "missing credentials")
+        assert_cli_error(_cli(*call), UNAUTHENTICATED, "missing credentials")
         _ok(_cli(*call, "--token", _token(pki)), '{"message": "hi"}')
-        _failed(_cli(*call, "--token", _token(pki, expires_in=-3600)), UNAUTHENTICATED, "JWT expired")
+        assert_cli_error(_cli(*call, "--token", _token(pki, expires_in=-3600)), UNAUTHENTICATED, "JWT expired")
         _ok(_cli(*call, "-H", f"x-api-key: {API_KEY}"), '{"message": "hi"}')  # both kinds are accepted
 
 
@@ -236,4 +190,4 @@ def test_bad_flags(pki: Pki, args: tuple[str, ...], message: str) -> None:
     start = time.monotonic()
     result = _cli(*(a.format(dir=pki.dir) for a in args))
     assert time.monotonic() - start < 10  # refused before serving or connecting
-    _failed(result, 2, message.format(dir=pki.dir))
+    assert_cli_error(result, 2, message.format(dir=pki.dir))
