@@ -65,6 +65,19 @@ async def aio_server() -> AsyncIterator[Running]:
     await server.stop(0)
 
 
+async def run_process(args: list[str]) -> tuple[int, str, str]:
+    """Run a command without blocking the event loop (an asyncio server may be on it): code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 def run_in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     """Run ``fn`` in a daemon thread; its result or exception lands in the list."""
     out: list[object] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import rpcframe.aio
 from examples.echo import EchoServicer
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
-from tests.conftest import Running
+from tests.conftest import Running, run_process
 
 BUF = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "buf"
 
@@ -77,17 +76,7 @@ def _buf_curl(target: str, method: str, data: str) -> subprocess.CompletedProces
 
 async def _abuf_curl(target: str, method: str, data: str) -> tuple[int, str, str]:
     """buf curl without blocking the event loop the asyncio server runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        *_buf_args(target, method, data), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_process(_buf_args(target, method, data))
 
 
 @pytest.mark.interop

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import trustme
 
 import rpcframe
 from rpcframe.security import AuthConfig, Policy, Rule
+from tests.conftest import run_process
 from tests.security.conftest import Pki, Signers, jwt_config, server_tls
 from tests.security.servers import ECHO, serve_aio, serve_sync
 
@@ -46,19 +46,6 @@ def _client_cert_args(pki: Pki) -> tuple[str, ...]:
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-
-
-async def _arun(args: list[str]) -> tuple[int, str, str]:
-    """Run buf without blocking the loop the asyncio server runs on."""
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture
@@ -97,13 +84,13 @@ def test_buf_refuses_a_server_it_cannot_verify(tls_jwt_server: str, pki: Pki, tm
 async def test_buf_over_mtls_to_the_asyncio_server(pki: Pki) -> None:
     server, target = await serve_aio(rpcframe.ServerConfig(tls=server_tls(pki), auth=AuthConfig(mtls=True)))
     try:
-        code, out, err = await _arun(_args(pki, target, ECHO.lstrip("/"), *_client_cert_args(pki)))
+        code, out, err = await run_process(_args(pki, target, ECHO.lstrip("/"), *_client_cert_args(pki)))
         assert code == 0, err
         assert json.loads(out) == {"message": "mtls:client.test"}
         # No client certificate: the handshake is refused, the call never reaches the server's code.
         # buf reports the closed connection as "unavailable" or, when it was still writing, as
         # "canceled" with a broken pipe.
-        code, out, err = await _arun(_args(pki, target, ECHO.lstrip("/"), "--schema", str(PROTOS)))
+        code, out, err = await run_process(_args(pki, target, ECHO.lstrip("/"), "--schema", str(PROTOS)))
         assert code != 0
         assert not out.strip()
         assert '"code": "unavailable"' in err or ('"code": "canceled"' in err and "broken pipe" in err), err
