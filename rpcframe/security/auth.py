@@ -16,7 +16,9 @@ header names, from the accepted list; so ``alg: none`` and algorithm
 confusion (an RS256 public key used as an HS256 secret) are refused before
 any signature code runs. Issuer, audience, subject and expiry are required.
 A verified token is cached until it expires, so a steady client pays for the
-signature check once, not per call.
+signature check once, not per call. Keys of a ``jwks_file`` follow the file:
+a key removed from it is refused within about a second, cached tokens it
+signed included (see :class:`_JwksFile`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -167,8 +168,14 @@ class JWTConfig:
         issuer: the required ``iss`` claim.
         audience: accepted ``aud`` values (a token must name one of them).
         keys: verification keys (each bound to its algorithm).
-        jwks_file: a JWKS JSON file with more keys (re-read when it changes
-            and a token names a key id it does not know yet).
+        jwks_file: a JWKS JSON file with more keys; the file is the source of
+            truth. Its stat is checked at most every 0.5 s while calls arrive
+            (and at once for an unknown key id): within about a second of a
+            change, added keys are accepted and removed ones refused, also
+            for tokens already verified and cached. A file that turns
+            unreadable or invalid is logged once and the last good key set
+            stays in force (so a removed key is never re-admitted); write
+            ``{"keys": []}`` to revoke every key.
         algorithms: accepted algorithms (subset of HS256, RS256, ES256).
         leeway: seconds of clock skew allowed on ``exp`` and ``nbf``.
         principal_claim: claim naming the caller (``sub``).
@@ -213,19 +220,122 @@ def _prepare(algorithm: str, key: Any, kid: str | None) -> _Key:
         raise ConfigError(f"JWT key {kid or ''} is not a valid {algorithm} key: {exc}") from None
 
 
-def _load_jwks(path: str | os.PathLike[str], accepted: Sequence[str]) -> list[_Key]:
+@dataclass(frozen=True, slots=True)
+class _KeySet:
+    keys: tuple[_Key, ...]
+    ids: frozenset[str]  # canonical JSON of each accepted JWK: what "the same key" means
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev
+
+
+def _load_jwks(path: str | os.PathLike[str], accepted: Sequence[str]) -> tuple[_KeySet, tuple[int, int, int, int]]:
+    """The accepted keys of a JWKS file and the stat of what was read.
+
+    An empty ``{"keys": []}`` is a valid (empty) key set; a file whose
+    members are all unusable is taken as broken, not as "revoke everything".
+    """
     try:
-        data = json.loads(Path(path).read_text())
-        keyset = jwt.PyJWKSet.from_dict(data)
-    except (OSError, ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
-        raise ConfigError(f"JWTConfig.jwks_file {os.fspath(path)!r}: {exc}") from None
-    keys = []
-    for jwk in keyset.keys:
+        with open(path, "rb") as f:
+            stamp = _stamp(os.fstat(f.fileno()))  # of the very inode read, even if renamed over meanwhile
+            members = json.loads(f.read())["keys"]
+        if not isinstance(members, list):
+            raise ValueError("'keys' must be a list")
+    except OSError as exc:
+        raise ConfigError(f"JWTConfig.jwks_file {os.fspath(path)!r}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"JWTConfig.jwks_file {os.fspath(path)!r}: not a JWKS document ({exc!r})") from None
+    usable, keys, ids = 0, [], set()
+    for member in members:
+        try:
+            jwk = jwt.PyJWK(member)
+        except (jwt.PyJWTError, TypeError, ValueError, AttributeError):
+            continue  # skipped, as PyJWKSet does
+        usable += 1
         # A JWK without "alg" gets PyJWT's default for its key type; it is
         # still bound to that one algorithm.
         if jwk.algorithm_name in accepted:
             keys.append(_Key(jwk.algorithm_name, jwk.key_id, jwk.key))
-    return keys
+            ids.add(json.dumps(member, sort_keys=True))
+    if members and not usable:
+        raise ConfigError(f"JWTConfig.jwks_file {os.fspath(path)!r}: no usable key in the key set")
+    return _KeySet(tuple(keys), frozenset(ids)), stamp
+
+
+#: Seconds between two stat() checks of a JWKS file while calls arrive.
+JWKS_CHECK_INTERVAL = 0.5
+
+
+class _JwksFile:
+    """The keys of a JWKS file, following the file as it changes.
+
+    The file is the source of truth. While calls need a key, its stat
+    (mtime_ns, size, inode, device) is checked at most every
+    :data:`JWKS_CHECK_INTERVAL` seconds, and at once when a token names an
+    unknown key id; a changed file is re-read. When a re-read drops or
+    replaces a key, ``generation`` goes up and ``on_removal`` runs, so that
+    cached verifications made with the old key set are no longer trusted.
+
+    A file that cannot be read or parsed after a change is logged once (per
+    change) and the last good key set stays in force until the file is fixed:
+    a half-written file does not lock every caller out, and since the last
+    good set is the newest one read, a key removed by an earlier good version
+    is never admitted again by this fallback. A missing file is treated the
+    same way; to revoke every key, write ``{"keys": []}``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], accepted: Sequence[str], on_removal: Callable[[], None]) -> None:
+        self.path = path
+        self._accepted = accepted
+        self._on_removal = on_removal
+        self._lock = threading.Lock()
+        self._set, self._stamp = _load_jwks(path, accepted)  # ConfigError: the server does not start
+        self._racy = self._is_racy(self._stamp)
+        self._missing_logged = False
+        self.keys = self._set.keys
+        self.generation = 0
+        self.next_check = time.monotonic() + JWKS_CHECK_INTERVAL
+
+    @staticmethod
+    def _is_racy(stamp: tuple[int, int, int, int]) -> bool:
+        # File times are coarse (a clock tick): a same-size rewrite in the same
+        # tick keeps the stamp, so a file read that young is read once more.
+        return time.time_ns() - stamp[0] < 1_000_000_000
+
+    def poll(self, now: float, force: bool = False) -> None:
+        """Re-read the file if it changed; rate-limited unless ``force``."""
+        with self._lock:
+            if not force and now < self.next_check:
+                return  # another thread checked meanwhile
+            self.next_check = now + JWKS_CHECK_INTERVAL
+            try:
+                stamp = _stamp(os.stat(self.path))
+            except OSError as exc:
+                if not self._missing_logged:
+                    self._missing_logged = True
+                    _LOG.warning("JWKS file %s: %s; keeping the last good key set", os.fspath(self.path), exc.strerror)
+                return
+            self._missing_logged = False
+            if stamp != self._stamp or self._racy:
+                self._reload(stamp)
+
+    def _reload(self, polled: tuple[int, int, int, int]) -> None:
+        try:
+            keyset, stamp = _load_jwks(self.path, self._accepted)
+        except ConfigError as exc:
+            self._stamp, self._racy = polled, False  # log this version once, not at every check
+            _LOG.warning("%s; keeping the last good key set until the file is fixed", exc)
+            return
+        self._stamp, self._racy = stamp, self._is_racy(stamp)
+        removed = not self._set.ids <= keyset.ids
+        self._set, self.keys = keyset, keyset.keys
+        if removed:
+            # After the new keys are in place: a reader that sees the new
+            # generation also sees the new keys.
+            self.generation += 1
+            self._on_removal()
+            _LOG.info("JWKS file %s: keys removed or replaced; cached tokens re-verified", os.fspath(self.path))
 
 
 _REASONS: tuple[tuple[type[Exception], str], ...] = (
@@ -235,81 +345,85 @@ _REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidIssuerError, "JWT issuer not accepted"),
     (jwt.InvalidSignatureError, "JWT signature does not verify"),
     (jwt.MissingRequiredClaimError, "JWT lacks a required claim"),
+    (jwt.DecodeError, "malformed JWT"),  # after InvalidSignatureError, its subclass
 )
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
+    """The status message for ``exc``: never PyJWT's text, which may quote the token."""
     for exc_type, text in _REASONS:
         if isinstance(exc, exc_type):
-            return f"{text}: {exc}" if isinstance(exc, jwt.MissingRequiredClaimError) else text
-    return f"JWT rejected: {exc}"
+            if isinstance(exc, jwt.MissingRequiredClaimError):
+                return f"{text}: {exc.claim!r}"  # one of the configured required claims
+            return text
+    return f"JWT rejected ({type(exc).__name__})"
 
 
 class JWTVerifier:
     """Verifies bearer tokens against a :class:`JWTConfig`, caching successes.
 
-    ``clock`` (default ``time.time``) is injectable for tests.
+    ``clock`` (default ``time.time``) is injectable for tests; it only
+    decides cache expiry (PyJWT checks the claims on the real clock).
+
+    Status messages never quote the token (its ``kid``, ``alg`` or claims):
+    they are fixed texts, so a caller cannot make the server echo its input.
     """
 
     def __init__(self, config: JWTConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._clock = clock
         self._accepted = tuple(config.algorithms)
-        self._static = [_prepare(k.algorithm, k.key, k.kid) for k in config.keys if k.algorithm in self._accepted]
-        self._jwks: list[_Key] = []
-        self._jwks_stamp: tuple[int, int] | None = None
-        self._lock = threading.Lock()
-        if config.jwks_file is not None:
-            self._reload_jwks(force=True)
-        if not self._static and not self._jwks:
+        self._static = tuple(_prepare(k.algorithm, k.key, k.kid) for k in config.keys if k.algorithm in self._accepted)
+        # token -> (identity, expiry, JWKS generation). Keyed by the token
+        # itself: str hashing is randomized per process, so lookups leak
+        # nothing useful. The generation makes an entry verified with a key
+        # set that has since lost a key worthless, even one stored by a call
+        # that raced the change.
+        self._cache: dict[str, tuple[Identity, float, int]] = {}
+        self._jwks = None if config.jwks_file is None else _JwksFile(config.jwks_file, self._accepted, self._forget)
+        if not self._static and not (self._jwks and self._jwks.keys):
             raise ConfigError("JWTConfig: no key for any accepted algorithm")
         self._audience = (config.audience,) if isinstance(config.audience, str) else tuple(config.audience)
-        # token -> (identity, expiry). Keyed by the token itself: str hashing
-        # is randomized per process, so lookups leak nothing useful.
-        self._cache: dict[str, tuple[Identity, float]] = {}
         self.verifications = 0  # signature checks done (the cache's misses)
 
-    def _reload_jwks(self, force: bool = False) -> None:
-        path = self.config.jwks_file
-        assert path is not None
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            if force:
-                raise ConfigError(f"JWTConfig.jwks_file {os.fspath(path)!r}: {exc.strerror}") from None
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._jwks_stamp:
-            try:
-                self._jwks = _load_jwks(path, self._accepted)
-            except ConfigError:
-                if force:
-                    raise
-                _LOG.warning("JWKS file %s unreadable, keeping the previous keys", os.fspath(path))
-                return
-            self._jwks_stamp = stamp
+    def _forget(self) -> None:
+        # A new dict, not clear(): another thread may be iterating the old one.
+        self._cache = {}
 
     def verify(self, token: str) -> Identity:
         """The identity ``token`` proves; AuthError(UNAUTHENTICATED) with the reason otherwise."""
+        jwks, generation = self._jwks, 0
+        if jwks is not None:
+            now = time.monotonic()
+            if now >= jwks.next_check:
+                jwks.poll(now)
+            generation = jwks.generation  # read before the keys (see _JwksFile._reload)
         cached = self._cache.get(token)
         if cached is not None:
-            if self._clock() < cached[1]:
+            if cached[2] == generation and self._clock() < cached[1]:
                 return cached[0]
-            del self._cache[token]
+            self._cache.pop(token, None)
         identity, expires = self._verify(token)
-        cache = self._cache
         if self.config.cache_size:
-            if len(cache) >= self.config.cache_size:
-                # Drop the oldest entry; dicts keep insertion order.
-                cache.pop(next(iter(cache)), None)
-            cache[token] = (identity, expires)
+            self._remember(token, (identity, expires, generation))
         return identity
 
+    def _remember(self, token: str, entry: tuple[Identity, float, int]) -> None:
+        cache = self._cache
+        if len(cache) >= self.config.cache_size:
+            # Drop the oldest entry (dicts keep insertion order); another
+            # thread may change the dict meanwhile, then skip this once.
+            try:
+                cache.pop(next(iter(cache)), None)
+            except (StopIteration, RuntimeError):
+                pass
+        cache[token] = entry
+
     def _keys_for(self, algorithm: str, kid: str | None) -> list[_Key]:
-        if self.config.jwks_file is not None and kid is not None and not any(k.kid == kid for k in self._jwks):
-            with self._lock:
-                self._reload_jwks()
-        keys = [k for k in (*self._static, *self._jwks) if k.algorithm == algorithm]
+        jwks = self._jwks
+        if jwks is not None and kid is not None and not any(k.kid == kid for k in jwks.keys):
+            jwks.poll(time.monotonic(), force=True)  # a key just published: no need to wait for the next check
+        keys = [k for k in (*self._static, *(jwks.keys if jwks else ())) if k.algorithm == algorithm]
         if kid is not None:
             keys = [k for k in keys if k.kid == kid or k.kid is None]
         return keys
@@ -320,14 +434,17 @@ class JWTVerifier:
         except jwt.PyJWTError:
             raise _unauthenticated("malformed JWT") from None
         algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm.lower() == "none":
+        if not isinstance(algorithm, str):
+            raise _unauthenticated("malformed JWT: no algorithm")
+        if algorithm.lower() == "none":
             raise _unauthenticated("JWT algorithm 'none' is not accepted")
         if algorithm not in self._accepted:
-            raise _unauthenticated(f"JWT algorithm {algorithm!r} is not accepted")
+            raise _unauthenticated(f"JWT algorithm not accepted (use {', '.join(self._accepted)})")
         kid = header.get("kid") if isinstance(header.get("kid"), str) else None
         keys = self._keys_for(algorithm, kid)
         if not keys:
-            raise _unauthenticated(f"no {algorithm} key" + (f" with kid {kid!r}" if kid else ""))
+            # algorithm is one of ours by now; the kid is the caller's and not repeated.
+            raise _unauthenticated("JWT signed by an unknown key" if kid else f"no {algorithm} key for this JWT")
         return self._decode(token, algorithm, keys)
 
     def _decode(self, token: str, algorithm: str, keys: list[_Key]) -> tuple[Identity, float]:

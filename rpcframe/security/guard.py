@@ -56,12 +56,23 @@ class Authenticator:
         return "missing credentials: send " + " or ".join(ways) if ways else "anonymous calls are not accepted"
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]], context: Any) -> Identity:
-        """The caller's identity; AuthError(UNAUTHENTICATED) with the reason otherwise."""
+        """The caller's identity; AuthError(UNAUTHENTICATED) with the reason otherwise.
+
+        At most one ``authorization`` and one ``x-api-key`` header: a call
+        with two of either is UNAUTHENTICATED. Messages never quote what the
+        caller sent.
+        """
         authorization = api_key = None
         for key, value in metadata:
+            # A repeated credential header is refused, not resolved: proxies
+            # and handlers may each read a different copy.
             if key == "authorization":
+                if authorization is not None:
+                    raise _unauthenticated("more than one authorization header")
                 authorization = value
             elif key == "x-api-key":
+                if api_key is not None:
+                    raise _unauthenticated("more than one x-api-key header")
                 api_key = value
         cert = mtls_names(context.auth_context()) if self.mtls else None
         if authorization is not None:
@@ -86,7 +97,8 @@ class Authenticator:
         if scheme in ("apikey", "bearer") and self.api_keys is not None:
             return self.api_keys.verify(credential)
         accepted = (["Bearer"] if self.jwt or self.api_keys else []) + (["ApiKey"] if self.api_keys else [])
-        raise _unauthenticated(f"authorization scheme {scheme!r} not accepted (use {' or '.join(accepted) or 'none'})")
+        # The scheme is the caller's text: not repeated back.
+        raise _unauthenticated(f"authorization scheme not accepted (use {' or '.join(accepted) or 'none'})")
 
     def guard(self, method: str) -> Guard:
         """The per-call check for ``method`` (its policy rules resolved now)."""

@@ -137,7 +137,7 @@ def test_algorithm_confusion_is_refused(signers: Signers) -> None:
     rsa_only_alg = JWTVerifier(
         JWTConfig(ISSUER, AUDIENCE, keys=(JWTKey(signers.rsa_public, "RS256"),), algorithms=("RS256",))
     )
-    assert "'HS256' is not accepted" in _refused(rsa_only_alg, forged)
+    assert _refused(rsa_only_alg, forged) == "JWT algorithm not accepted (use RS256)"
     # Binding a PEM public key as an HS256 secret is refused by configuration.
     with pytest.raises(ConfigError):
         JWTVerifier(JWTConfig(ISSUER, AUDIENCE, keys=(JWTKey(signers.rsa_public, "HS256"),)))
@@ -181,11 +181,11 @@ def test_jwks_file_with_kids_and_reload(signers: Signers, tmp_path: Any) -> None
     path.write_text(json.dumps({"keys": [jwk(signers.rsa_public, "r1", "RS256")]}))
     v = JWTVerifier(JWTConfig(ISSUER, AUDIENCE, jwks_file=path))
     assert v.verify(signers.token("RS256", headers={"kid": "r1"})).principal == "alice"
-    assert "no ES256 key with kid 'e1'" in _refused(v, signers.token("ES256", headers={"kid": "e1"}))
+    assert _refused(v, signers.token("ES256", headers={"kid": "e1"})) == "JWT signed by an unknown key"
     keys = [jwk(signers.rsa_public, "r1", "RS256"), jwk(signers.ec_public, "e1", "ES256")]
     path.write_text(json.dumps({"keys": keys}, indent=1))  # a new key id: re-read on first use
     assert v.verify(signers.token("ES256", headers={"kid": "e1"})).principal == "alice"
-    assert "no RS256 key with kid 'e1'" in _refused(v, signers.token("RS256", headers={"kid": "e1"}))
+    assert _refused(v, signers.token("RS256", headers={"kid": "e1"})) == "JWT signed by an unknown key"
 
 
 def test_jwt_config_is_validated(signers: Signers) -> None:
@@ -248,7 +248,7 @@ def test_authenticator_picks_the_credential(signers: Signers) -> None:
     assert auth.authenticate((("authorization", "ApiKey key-1"),), FakeContext()).principal == "ci"
     for metadata, reason in [
         ((), "missing credentials: send 'authorization: Bearer <JWT>' or 'x-api-key: <key>'"),
-        ((("authorization", "Basic dXNlcg=="),), "authorization scheme 'basic' not accepted (use Bearer or ApiKey)"),
+        ((("authorization", "Basic dXNlcg=="),), "authorization scheme not accepted (use Bearer or ApiKey)"),
         ((("authorization", "Bearer"),), "malformed authorization header: expected '<scheme> <credential>'"),
         ((("x-api-key", "nope"),), "unknown API key"),
     ]:
