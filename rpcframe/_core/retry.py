@@ -7,13 +7,19 @@ be retried comes from the contract:
 ================================  =====================================
 the failed attempt                retried when
 ================================  =====================================
-never left the client             always (any method), at once, on another
-                                  endpoint; bounded by ``failover_attempts``
+never ran: no endpoint had a      always (any method), at once, on another
+connection, or the server said    endpoint; bounded by ``failover_attempts``
+so (:data:`NOT_RUN_KEY`)
 was sent, retryable status        only ``NO_SIDE_EFFECTS`` / ``IDEMPOTENT``
                                   methods, with backoff, under the budget
 was sent, other status            never
 incoming call was a retry         never (chain stop), except never-sent
 ================================  =====================================
+
+"Never ran" is decided only from facts the client can trust: its own pick
+(grpc reported no connection, so nothing was sent) or the marker rpcframe's
+server wrapper puts on calls it ended before their handler started. Status
+details are never read: a server's text is not evidence about this call.
 
 Pure: status codes are their names (``"UNAVAILABLE"``), randomness and time
 come in as arguments.
@@ -26,7 +32,13 @@ from typing import NamedTuple
 
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_RETRYABLE", "RetryPolicy", "Verdict", "decide", "parse_pushback"]
+__all__ = ["DEFAULT_RETRYABLE", "NOT_RUN_KEY", "RetryPolicy", "Verdict", "decide", "parse_pushback"]
+
+#: Trailing metadata rpcframe's server sets on a call it ended before the
+#: handler started (shutting down, or over its limits): the client may send
+#: it elsewhere whatever the method. The server removes it from anything a
+#: handler returns, so a relay cannot pass on a downstream's marker.
+NOT_RUN_KEY = "rpcframe-not-run"
 
 DEFAULT_RETRYABLE = frozenset({"UNAVAILABLE"})
 

@@ -13,7 +13,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .._core.deadline import CallScope
-from ..balancing.balancer import BalancerCore, EndpointEntry
+from ..balancing.balancer import BalancerCore, Connectivity, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
@@ -510,6 +510,12 @@ class _Subchannel(SubchannelBase):
         self._tasks = [asyncio.ensure_future(self._watch_state())]
         if config.health_check:
             self._tasks.append(asyncio.ensure_future(self._watch_health(config.health_service)))
+
+    def ready(self) -> bool:
+        return self.channel.get_state(False) is grpc.ChannelConnectivity.READY
+
+    def connectivity(self) -> Connectivity:
+        return connectivity_of(self.channel.get_state(False))
 
     async def _watch_state(self) -> None:
         state = self.channel.get_state(try_to_connect=True)

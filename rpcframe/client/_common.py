@@ -13,7 +13,6 @@ contract and the budget allow (:class:`Attempts`, policy in
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from .._core.budget import BudgetConfig, RateBudget
 from .._core.deadline import CallScope, DeadlinePassed, bounded_timeout, scope_var
 from .._core.hedge import HedgePolicy, LatencyWindow
-from .._core.retry import decide, parse_pushback
+from .._core.retry import NOT_RUN_KEY, decide, parse_pushback
 from ..balancing.balancer import BalancerCore, Connectivity
 from ..balancing.endpoint import EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
@@ -49,16 +48,8 @@ _ENDPOINT_FAILURES = frozenset(
     }
 )
 
-# grpc's wording when a call could not be sent at all (connect failed, or the
-# channel was already in TRANSIENT_FAILURE): safe to resend for any method.
-_NEVER_SENT = re.compile(
-    r"failed to connect|connection refused|connect failed|no route to host|"
-    r"failed to pick subchannel|dns resolution failed|connections to all backends failing",
-    re.IGNORECASE,
-)
-
-
 _AVOID_TRIES = 4  # re-picks to find another endpoint than the one that failed
+_READY_TRIES = 8  # re-picks after grpc says a picked endpoint lost its connection
 
 #: Sent with every attempt after the first (retries and hedges), so servers
 #: see it was a retry and the calls they make are not retried again.
@@ -73,17 +64,22 @@ def outcome_of(code: grpc.StatusCode) -> Outcome:
     return Outcome.FAILURE if code in _ENDPOINT_FAILURES else Outcome.SUCCESS
 
 
-def never_sent(code: grpc.StatusCode, details: str | None) -> bool:
-    """Whether a failed call provably never left the client."""
-    return code is grpc.StatusCode.UNAVAILABLE and bool(details) and _NEVER_SENT.search(details or "") is not None
+def trailer_facts(exc: grpc.RpcError) -> tuple[bool, float | None]:
+    """What a failed call's trailers say: (the server never ran it, its retry pushback).
 
-
-def pushback_of(exc: grpc.RpcError) -> float | None:
-    """The server's retry pushback in seconds (negative: do not retry), if it sent one."""
+    Never-ran is rpcframe's server marker (:data:`~rpcframe._core.retry.NOT_RUN_KEY`),
+    which its wrapper sets only on calls it ended before their handler began and
+    strips from whatever a handler raises. Status details are never read: a
+    handler's text ("connection refused" from its own dependency) says nothing
+    about whether *this* call ran.
+    """
+    not_run, pushback = False, None
     for key, value in exc.trailing_metadata() or ():
-        if key == _PUSHBACK_KEY:
-            return parse_pushback(value)
-    return None
+        if key == NOT_RUN_KEY:
+            not_run = True
+        elif key == _PUSHBACK_KEY:
+            pushback = parse_pushback(value)
+    return not_run, pushback
 
 
 def is_idempotent(method: str) -> bool:
@@ -110,6 +106,14 @@ class SubchannelBase:
         # Keyed by wrapper object: two wrappers of one method path may carry
         # different serializers (a typed stub and a raw-bytes call).
         self._calls: dict[MethodBase, Any] = {}
+
+    def ready(self) -> bool:
+        """Whether grpc's channel has a connection now (asked of grpc, not of our watcher)."""
+        raise NotImplementedError
+
+    def connectivity(self) -> Connectivity:
+        """grpc's connectivity state of the channel now."""
+        raise NotImplementedError
 
     def call(self, method: MethodBase) -> Any:
         """The grpc multicallable of ``method`` on this endpoint (cached)."""
@@ -171,25 +175,42 @@ class BalancedChannelBase:
 
         ``avoid`` is the endpoint a failed attempt of this call used: a
         failover goes elsewhere whenever the picker has another endpoint.
+        The pick is checked against grpc's own connectivity: the watcher
+        learns of a dropped connection a little after grpc does, and a call
+        sent in that gap would fail at grpc's pick with a status the client
+        cannot tell from a server's. Asking grpc first makes "not sent" a
+        fact: the endpoint leaves the picker now and the call goes elsewhere
+        (or waits, or fails, as when none is ready).
         """
         core = self._core
-        picker = core.current()
-        if core.all_failed and not wait_for_ready:
-            raise Unavailable(core.reason)
-        stats, done = picker.pick()
-        if avoid is not None and stats is avoid and len(picker.endpoints) > 1:
-            for _ in range(_AVOID_TRIES):
-                done(Outcome.IGNORED, 0.0)
-                stats, done = picker.pick()
-                if stats is not avoid:
-                    return stats, done
-            # A policy that keeps choosing it (pick_first): take the next one in order.
+        for _ in range(_READY_TRIES):
+            picker = core.current()
+            if core.all_failed and not wait_for_ready:
+                raise Unavailable(core.reason)
+            stats, done = _pick_other(picker, avoid)
+            if core.fallback or stats.handle.ready():
+                break
             done(Outcome.IGNORED, 0.0)
-            endpoints = picker.endpoints
-            stats = endpoints[(endpoints.index(avoid) + 1) % len(endpoints)]
-            stats.begin()
-            done = stats.done
+            core.set_connectivity(stats.address, stats.handle.connectivity())
         return stats, done
+
+
+def _pick_other(picker: Any, avoid: EndpointStats | None) -> Pick:
+    """A pick from ``picker``, other than ``avoid`` whenever there is another endpoint."""
+    stats, done = picker.pick()
+    if avoid is None or stats is not avoid or len(picker.endpoints) < 2:
+        return stats, done
+    for _ in range(_AVOID_TRIES):
+        done(Outcome.IGNORED, 0.0)
+        stats, done = picker.pick()
+        if stats is not avoid:
+            return stats, done
+    # A policy that keeps choosing it (pick_first): take the next one in order.
+    done(Outcome.IGNORED, 0.0)
+    endpoints = picker.endpoints
+    stats = endpoints[(endpoints.index(avoid) + 1) % len(endpoints)]
+    stats.begin()
+    return stats, stats.done
 
 
 class CallStats:
@@ -338,16 +359,16 @@ class Attempts:
         if remaining is not None and remaining <= 0:
             return None
         stats = method._channel.stats
-        code = exc.code()
-        if never_sent(code, exc.details()):
+        not_run, pushback = trailer_facts(exc)
+        if not_run:
             if self.moved >= method._failovers:
                 return None
             self.moved += 1
             stats.failovers += 1
             return 0.0
         verdict = decide(
-            method._retry, attempt=self.sent, code=code.name, idempotent=method.idempotent,
-            chain_stop=self._scope is not None and self._scope.is_retry, pushback=pushback_of(exc),
+            method._retry, attempt=self.sent, code=exc.code().name, idempotent=method.idempotent,
+            chain_stop=self._scope is not None and self._scope.is_retry, pushback=pushback,
             remaining=remaining, rand=random.random(),
         )  # fmt: skip
         if not verdict.retry:
@@ -397,9 +418,8 @@ __all__ = [
     "connectivity_of",
     "endpoint_of",
     "is_idempotent",
-    "never_sent",
     "outcome_of",
-    "pushback_of",
     "remaining_timeout",
+    "trailer_facts",
     "with_attempt",
 ]

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .._core.deadline import CallScope
-from ..balancing.balancer import BalancerCore, EndpointEntry
+from ..balancing.balancer import BalancerCore, Connectivity, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
@@ -141,6 +141,10 @@ class _Future(grpc.Future):  # type: ignore[misc]
         self._future.add_done_callback(lambda _: fn(self))
 
 
+# grpc_connectivity_state values as the cygrpc channel reports them.
+_CY_STATES = {state.value[0]: state for state in grpc.ChannelConnectivity}
+_CY_READY = grpc.ChannelConnectivity.READY.value[0]
+
 _POLL_EXIT = 10.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s; slow under load)
 
 
@@ -164,6 +168,9 @@ class _Subchannel(SubchannelBase):
         else:
             channel = grpc.insecure_channel(address, options=options)
         super().__init__(address, channel)
+        # grpc's sync channel has no public "state now" call (only subscribe);
+        # its own connectivity poller asks the cygrpc channel the same way.
+        self._cy_channel = channel._channel
         self._core = core
         self._closed = threading.Event()
         self._kick: grpc.Future | None = None
@@ -173,6 +180,13 @@ class _Subchannel(SubchannelBase):
             threading.Thread(
                 target=self._watch_health, args=(config.health_service,), daemon=True, name=f"rpcframe-health-{address}"
             ).start()
+
+    def ready(self) -> bool:
+        return bool(self._cy_channel.check_connectivity_state(False) == _CY_READY)
+
+    def connectivity(self) -> Connectivity:
+        state = self._cy_channel.check_connectivity_state(False)
+        return connectivity_of(_CY_STATES.get(state, grpc.ChannelConnectivity.IDLE))
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         if self._closed.is_set():

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded
-from ._common import BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
+from ._common import NOT_RUN, BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -97,12 +97,13 @@ class Server(ServerBase):
     def __init__(self, config: ServerConfig | None = None) -> None:
         super().__init__(config or ServerConfig())
         cfg = self.config
-        self._grpc_server = grpc.aio.server(
-            options=cfg.server_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs
+        self._grpc_server = _AnswersEmptyRequests(
+            grpc.aio.server(options=cfg.server_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         )
         self.health = _Health() if cfg.health else None
         self._inflight = 0
         self._draining = False
+        self._refusing = False
         self._idle = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
 
@@ -145,16 +146,18 @@ class Server(ServerBase):
             await self.health.enter_graceful_shutdown()
         if self.config.drain_delay and self._started:
             await asyncio.sleep(self.config.drain_delay)
-        self._draining = True
+        # From now on arriving calls are refused unrun (the never-ran marker
+        # lets clients send them elsewhere) while the accepted ones finish;
+        # then grpc sends GOAWAY and cancels what is left after the grace.
+        until = time.monotonic() + grace
+        self._draining = self._refusing = True
         if self._inflight == 0:
             self._idle.set()
-        # One stop() call only: grpc refuses new calls now and cancels the
-        # handlers still running when the grace period ends.
-        graceful = asyncio.ensure_future(self._grpc_server.stop(grace))
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         except TimeoutError:
             pass
+        graceful = asyncio.ensure_future(self._grpc_server.stop(max(0.0, until - time.monotonic())))
         if self.health is not None:
             await self.health.close()
         await graceful
@@ -223,6 +226,8 @@ class Server(ServerBase):
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self._refusing:
+                await context.abort(*NOT_RUN)
             if guard is not None and (denied := guard(context)) is not None:
                 await context.abort(*denied)
             if type(request) is BadRequest:
@@ -254,6 +259,8 @@ class Server(ServerBase):
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if self._refusing:
+                await context.abort(*NOT_RUN)
             if guard is not None and (denied := guard(context)) is not None:
                 await context.abort(*denied)
             if type(request) is BadRequest:
@@ -295,3 +302,82 @@ async def _capped(result: Any, scope: CallScope, cap: float) -> Any:
         if not timeout.expired():
             raise  # the handler's own TimeoutError
         raise DeadlineExceeded(f"the handler ran past its deadline (server max_deadline {cap} s)") from None
+
+
+# -- unary requests that never arrive ------------------------------------------
+#
+# grpc.aio's server reads a unary method's request itself and, when the stream
+# ends without a whole message (no DATA, or a length prefix longer than the
+# bytes sent), returns without ever sending a status: the call stays open
+# until the client goes away, holds its memory, and stop() waits out the grace
+# period for it. Registering every unary-request method as a request-streaming
+# one lets the handler read the request itself (context.read(), the same core
+# operation) and answer a missing message with INVALID_ARGUMENT.
+
+_NO_REQUEST = "the request message is missing or truncated (a unary method takes exactly one)"
+
+
+async def _one_request(context: Any) -> Any:
+    """The call's single request message, or INVALID_ARGUMENT when none arrived whole."""
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _NO_REQUEST)
+    return request
+
+
+def _reading_request(handler: Any) -> Any:
+    """``handler`` registered as request-streaming, reading its one request first.
+
+    Only async behaviours change (rpcframe's wrappers and grpcio's health
+    servicer); anything else is returned as it is.
+    """
+    if handler is None or handler.request_streaming:
+        return handler
+    if not handler.response_streaming:
+        unary = handler.unary_unary
+        if not inspect.iscoroutinefunction(unary):
+            return handler
+
+        async def unary_response(_requests: Any, context: Any) -> Any:
+            return await unary(await _one_request(context), context)
+
+        return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary_response)
+    streaming = handler.unary_stream
+    if inspect.isasyncgenfunction(streaming):
+
+        async def stream_response(_requests: Any, context: Any) -> None:
+            async for response in streaming(await _one_request(context), context):
+                await context.write(response)  # what grpc's own loop does with a generator
+    elif inspect.iscoroutinefunction(streaming):
+
+        async def stream_response(_requests: Any, context: Any) -> None:
+            await streaming(await _one_request(context), context)  # writes with context.write
+    else:
+        return handler
+    return handler._replace(request_streaming=True, unary_stream=None, stream_stream=stream_response)
+
+
+class _ReadingGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose unary-request methods read their request themselves."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return _reading_request(self._inner.service(handler_call_details))
+
+
+class _AnswersEmptyRequests:
+    """A grpc.aio server whose unary-request methods always answer (see above)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(service, {m: _reading_request(h) for m, h in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_ReadingGenericHandler(h) for h in handlers))

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from .._core.deadline import CallScope
+from .._core.retry import NOT_RUN_KEY
 from ..config import ServerConfig
 from ..errors import ConfigError, RpcError
 from ..security.guard import guard_factory
@@ -141,13 +142,25 @@ def status_for_exception(
     traceback is logged with the same id and never reaches the client.
     """
     if isinstance(exc, RpcError):
-        return exc.code(), exc.details(), exc.trailing_metadata()
+        # A relay re-raising a downstream error must not pass on that
+        # server's never-ran marker: this call did run.
+        trailing = tuple(kv for kv in exc.trailing_metadata() if kv[0] != NOT_RUN_KEY)
+        return exc.code(), exc.details(), trailing
     code = config.status_for(exc)
     if code is not None:
         return code, str(exc), ()
     ref = uuid.uuid4().hex[:12]
     _LOG.error("unhandled exception in %s (ref %s)", method, ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref})", ()
+
+
+#: How a server ends a call it will not run because it is shutting down: the
+#: client may send it elsewhere, whatever the method (see NOT_RUN_KEY).
+NOT_RUN = (
+    grpc.StatusCode.UNAVAILABLE,
+    "the server is shutting down; the call was not run",
+    ((NOT_RUN_KEY, "1"),),
+)
 
 
 #: Metadata that marks a request as a retry or hedge of an earlier attempt:

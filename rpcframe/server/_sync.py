@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
-from ._common import BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
+from ._common import NOT_RUN, BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
 
 __all__ = ["Server"]
 
@@ -24,6 +24,7 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the grace period, cancelled handlers get this long to return.
 _CANCEL_WAIT = 5.0
+_DRAIN_POLL = 0.01  # seconds between checks that accepted calls are done
 
 
 class _Health(health.HealthServicer):  # type: ignore[misc]
@@ -42,6 +43,7 @@ class _Health(health.HealthServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self._send_lock = threading.Lock()
+        self._ended: set[Any] = set()  # Watch streams close() ended (their close callback must not end them again)
 
     def Watch(self, request: Any, context: Any, send_response_callback: Any = None) -> Any:  # noqa: N802
         if send_response_callback is None:
@@ -51,9 +53,29 @@ class _Health(health.HealthServicer):  # type: ignore[misc]
             with self._lock:
                 status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
                 self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
-                context.add_callback(self._on_close_callback(send_response_callback, service))
+                context.add_callback(self._watch_closed(send_response_callback, service))
             send_response_callback(health_pb2.HealthCheckResponse(status=status))
         return None
+
+    def _watch_closed(self, send: Any, service: str) -> Callable[[], None]:
+        def closed() -> None:
+            with self._lock:
+                self._send_response_callbacks.get(service, set()).discard(send)
+                ended = send in self._ended
+                self._ended.discard(send)
+            if not ended:
+                send(None)  # grpc's own callback ends the stream the same way
+
+        return closed
+
+    def close(self) -> None:
+        """End every Watch stream with OK, so they do not hold the server's shutdown."""
+        with self._send_lock:
+            with self._lock:
+                watchers = [send for group in self._send_response_callbacks.values() for send in group]
+                self._ended.update(watchers)
+            for send in watchers:
+                send(None)
 
     def set(self, service: str, status: int) -> None:
         """Set a service's status and tell its watchers (ignored once shutdown began)."""
@@ -84,6 +106,49 @@ def _tell(watchers: tuple[Any, ...], status: int) -> None:
     response = health_pb2.HealthCheckResponse(status=status)
     for send in watchers:
         send(response)
+
+
+_late = threading.local()
+
+
+def _run_late(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    _late.arrived = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _late.arrived = False
+
+
+def _arrived_late() -> bool:
+    """Whether the call this thread handles reached grpc after the server began refusing."""
+    return bool(getattr(_late, "arrived", False))
+
+
+def _refusal(context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    code, details, trailing = NOT_RUN
+    context.set_trailing_metadata(trailing)
+    return code, details
+
+
+class _Executor(ThreadPoolExecutor):
+    """grpc's handler pool; it marks the calls grpc hands it once the server drains.
+
+    grpc submits each call it accepts at once, so a task submitted after
+    :attr:`late` is set is a call that arrived after the drain began: the
+    wrapper ends it unrun, with the never-ran marker, and the client sends
+    it elsewhere. Calls accepted before still run.
+    """
+
+    late = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if self.late:
+            return super().submit(_run_late, fn, *args, **kwargs)
+        return super().submit(fn, *args, **kwargs)
+
+    def queued(self) -> int:
+        """Tasks waiting for a worker."""
+        return self._work_queue.qsize()
 
 
 class _Scope(IncomingScope):
@@ -137,8 +202,10 @@ class Server(ServerBase):
     def __init__(self, config: ServerConfig | None = None) -> None:
         super().__init__(config or ServerConfig())
         cfg = self.config
+        self._executor = _Executor(max_workers=cfg.max_workers, thread_name_prefix="rpcframe-handler")
+        self._refusing = False
         self._grpc_server = grpc.server(
-            ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpcframe-handler"),
+            self._executor,
             options=cfg.server_options(),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
@@ -179,10 +246,13 @@ class Server(ServerBase):
     def stop(self, grace: float | None = None) -> None:
         """Drain and stop; blocks until done. Safe to call more than once.
 
-        Health turns NOT_SERVING for every service, then (after
-        ``drain_delay``) new calls are refused, in-flight calls get ``grace``
-        seconds (default ``config.grace_period``) to finish, and whatever is
-        left (including health Watch streams) is cancelled.
+        Health turns NOT_SERVING for every service and, after
+        ``drain_delay`` (time for health-watching clients to move away),
+        calls that still arrive are refused unrun (UNAVAILABLE with the
+        never-ran marker, so clients send them elsewhere, whatever the
+        method) while accepted calls finish. Once they have, grpc sends
+        GOAWAY and closes; whatever is left after ``grace`` seconds
+        (default ``config.grace_period``) is cancelled.
         """
         with self._idle:
             if self._stopping:
@@ -197,10 +267,17 @@ class Server(ServerBase):
             self.health.enter_graceful_shutdown()
         if self.config.drain_delay and self._started:
             time.sleep(self.config.drain_delay)
-        self._grpc_server.stop(grace)
+        until = time.monotonic() + grace
+        self._executor.late = self._refusing = True
         with self._idle:
-            self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
-        self._grpc_server.stop(0).wait(_CANCEL_WAIT)
+            # Polled: a queued call leaves the queue without telling anyone.
+            while (self._inflight or self._executor.queued()) and time.monotonic() < until:
+                self._idle.wait(_DRAIN_POLL)
+        left = max(0.0, until - time.monotonic())
+        stopped = self._grpc_server.stop(left)
+        if self.health is not None:
+            self.health.close()
+        stopped.wait(left + _CANCEL_WAIT)
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -261,7 +338,7 @@ class Server(ServerBase):
         raise AssertionError("unreachable: abort() raises")  # pragma: no cover
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        enter, leave, fail = self._enter, self._leave, self._fail
+        server, enter, leave, fail = self, self._enter, self._leave, self._fail
         cap = self.config.max_deadline
         set_scope = scope_var.set
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
@@ -269,6 +346,8 @@ class Server(ServerBase):
             behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if server._refusing and _arrived_late():
+                    context.abort(*_refusal(context))
                 if guard is not None and (denied := guard(context)) is not None:
                     context.abort(*denied)
                 if type(request) is BadRequest:
@@ -290,6 +369,8 @@ class Server(ServerBase):
         behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            if server._refusing and _arrived_late():
+                context.abort(*_refusal(context))
             if guard is not None and (denied := guard(context)) is not None:
                 context.abort(*denied)
             if type(request) is BadRequest:
