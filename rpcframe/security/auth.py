@@ -345,6 +345,7 @@ _REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidIssuerError, "JWT issuer not accepted"),
     (jwt.InvalidSignatureError, "JWT signature does not verify"),
     (jwt.MissingRequiredClaimError, "JWT lacks a required claim"),
+    (jwt.InvalidIssuedAtError, "JWT issued-at (iat) claim is not an integer"),
     (jwt.DecodeError, "malformed JWT"),  # after InvalidSignatureError, its subclass
 )
 

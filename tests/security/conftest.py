@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +118,21 @@ def jwt_config(signers: Signers, **over: Any) -> Any:
 
     keys = (JWTKey(signers.rsa_public, "RS256"), JWTKey(signers.ec_public, "ES256"), JWTKey(HS_SECRET, "HS256"))
     return JWTConfig(issuer=ISSUER, audience=AUDIENCE, keys=keys, **over)
+
+
+def jwk(public: bytes, kid: str, alg: str) -> dict[str, Any]:
+    """The public JWK of a PEM key, with its kid and alg."""
+    algo = jwt.get_algorithm_by_name(alg)
+    out: dict[str, Any] = json.loads(algo.to_jwk(algo.prepare_key(public)))
+    return {**out, "kid": kid, "alg": alg}
+
+
+def write_jwks(path: Path, *keys: dict[str, Any], atomic: bool = True) -> None:
+    """Write a key set: renamed into place (how it is usually deployed) or rewritten in place."""
+    text = json.dumps({"keys": list(keys)})
+    if atomic:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    else:
+        path.write_text(text)

@@ -6,18 +6,20 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 
 from rpcframe.errors import ConfigError
 from rpcframe.security import ApiKey, ApiKeys, AuthConfig, AuthError, JWTConfig, JWTKey, JWTVerifier, hash_api_key
+from rpcframe.security.auth import JWKS_CHECK_INTERVAL
 from rpcframe.security.guard import Authenticator
 from rpcframe.security.identity import ANONYMOUS, Identity, mtls_names, peer, set_peer
-from tests.security.conftest import AUDIENCE, HS_SECRET, ISSUER, Signers
+from tests.conftest import wait_until
+from tests.security.conftest import AUDIENCE, HS_SECRET, ISSUER, Signers, jwk, write_jwks
 
 
 def _b64(data: bytes) -> str:
@@ -172,11 +174,6 @@ def test_cache_is_bounded(signers: Signers) -> None:
 
 
 def test_jwks_file_with_kids_and_reload(signers: Signers, tmp_path: Any) -> None:
-    def jwk(public: bytes, kid: str, alg: str) -> dict[str, Any]:
-        algo = jwt.get_algorithm_by_name(alg)
-        out: dict[str, Any] = json.loads(algo.to_jwk(algo.prepare_key(public)))  # type: ignore[attr-defined]
-        return {**out, "kid": kid, "alg": alg}
-
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [jwk(signers.rsa_public, "r1", "RS256")]}))
     v = JWTVerifier(JWTConfig(ISSUER, AUDIENCE, jwks_file=path))
@@ -279,3 +276,142 @@ def test_peer_only_trusts_its_own_call() -> None:
     assert peer(mine).principal == "alice"
     assert peer(other).principal == "client.test"  # a stale value of another call is ignored
     assert peer(FakeContext()) is ANONYMOUS
+
+
+def test_two_credential_headers_of_one_kind_are_refused(signers: Signers) -> None:
+    auth = Authenticator(
+        AuthConfig(
+            jwt=JWTConfig(ISSUER, AUDIENCE, keys=(JWTKey(signers.rsa_public, "RS256"),)),
+            api_keys=ApiKeys.from_plain({"ci": "key-1", "ops": "key-2"}),
+        ),
+        None,
+    )
+    bearer = ("authorization", f"Bearer {signers.token()}")
+    for metadata, reason in [
+        ((bearer, bearer), "more than one authorization header"),
+        ((bearer, ("authorization", "ApiKey key-1")), "more than one authorization header"),
+        ((("x-api-key", "key-1"), ("x-api-key", "key-2")), "more than one x-api-key header"),
+        ((("x-api-key", "key-1"), ("x-api-key", "key-1")), "more than one x-api-key header"),
+    ]:
+        with pytest.raises(AuthError) as info:
+            auth.authenticate(metadata, FakeContext())
+        assert (info.value.code, info.value.message) == (grpc.StatusCode.UNAUTHENTICATED, reason)
+    # One of each kind is fine (the authorization header is the one used).
+    assert auth.authenticate((bearer, ("x-api-key", "key-2")), FakeContext()).principal == "alice"
+
+
+def test_refusals_quote_nothing_from_the_token(verifier: JWTVerifier, signers: Signers) -> None:
+    evil = "evil-kid-<script>"
+    with_kid = JWTVerifier(JWTConfig(ISSUER, AUDIENCE, keys=(JWTKey(signers.rsa_public, "RS256", kid="r1"),)))
+    assert _refused(with_kid, signers.token("RS256", headers={"kid": evil})) == "JWT signed by an unknown key"
+    assert _refused(verifier, _hand_made({"alg": evil}, _claims(), None)) == (
+        "JWT algorithm not accepted (use HS256, RS256, ES256)"
+    )
+    assert _refused(verifier, _hand_made({"typ": "JWT"}, _claims(), None)) == "malformed JWT: no algorithm"
+    # PyJWT's own texts are not passed on (some quote the token).
+    assert _refused(verifier, signers.token(sub=None)) == "JWT lacks a required claim: 'sub'"
+    assert _refused(verifier, signers.token(iat=evil)) == "JWT issued-at (iat) claim is not an integer"
+    assert _refused(verifier, signers.token(exp=evil)) == "malformed JWT"
+
+
+@pytest.fixture
+def jwks_verifier(signers: Signers, tmp_path: Any) -> tuple[JWTVerifier, Any]:
+    """A verifier of a JWKS file holding r1 (RS256) and e1 (ES256), and the file."""
+    path = tmp_path / "jwks.json"
+    write_jwks(path, jwk(signers.rsa_public, "r1", "RS256"), jwk(signers.ec_public, "e1", "ES256"))
+    return JWTVerifier(JWTConfig(ISSUER, AUDIENCE, jwks_file=path)), path
+
+
+def _check_now(v: JWTVerifier) -> None:
+    """Run the file check a call would run once the check interval has passed."""
+    assert v._jwks is not None
+    v._jwks.poll(time.monotonic(), force=True)
+
+
+def test_a_removed_key_drops_its_cached_tokens(jwks_verifier: tuple[JWTVerifier, Any], signers: Signers) -> None:
+    v, path = jwks_verifier
+    r1, e1 = signers.token("RS256", headers={"kid": "r1"}), signers.token("ES256", headers={"kid": "e1"})
+    for token in (r1, e1, r1, e1):
+        assert v.verify(token).principal == "alice"
+    assert v.verifications == 2
+    write_jwks(path, jwk(signers.ec_public, "e1", "ES256"))
+    _check_now(v)
+    assert _refused(v, r1) == "JWT signed by an unknown key"
+    assert v.verify(e1).principal == "alice"  # verified again once: the whole cache was dropped
+    assert v.verifications == 3
+
+
+def test_a_verification_racing_the_removal_is_not_trusted(
+    jwks_verifier: tuple[JWTVerifier, Any], signers: Signers
+) -> None:
+    v, path = jwks_verifier
+    r1 = signers.token("RS256", headers={"kid": "r1"})
+    identity = v.verify(r1)
+    stale = v._cache[r1]  # what a call verifying with the old keys would store after the change
+    write_jwks(path, jwk(signers.ec_public, "e1", "ES256"))
+    _check_now(v)
+    v._cache[r1] = stale
+    assert stale[0] is identity
+    assert _refused(v, r1) == "JWT signed by an unknown key"
+
+
+def test_added_keys_and_touches_keep_the_cache(jwks_verifier: tuple[JWTVerifier, Any], signers: Signers) -> None:
+    v, path = jwks_verifier
+    r1 = signers.token("RS256", headers={"kid": "r1"})
+    v.verify(r1)
+    keys = [jwk(signers.rsa_public, "r1", "RS256"), jwk(signers.ec_public, "e1", "ES256")]
+    write_jwks(path, *keys, jwk(HS_SECRET, "h1", "HS256"))
+    _check_now(v)
+    assert v.verify(signers.token("HS256", headers={"kid": "h1"})).principal == "alice"
+    write_jwks(path, *reversed(keys), jwk(HS_SECRET, "h1", "HS256"))  # same keys, new file
+    _check_now(v)
+    v.verify(r1)
+    assert v.verifications == 2  # r1 once, the HS256 token once: nothing removed, nothing re-verified
+
+
+def test_a_broken_or_missing_file_keeps_the_last_good_keys(
+    jwks_verifier: tuple[JWTVerifier, Any], signers: Signers, caplog: pytest.LogCaptureFixture
+) -> None:
+    v, path = jwks_verifier
+    r1, e1 = signers.token("RS256", headers={"kid": "r1"}), signers.token("ES256", headers={"kid": "e1"})
+    write_jwks(path, jwk(signers.ec_public, "e1", "ES256"))
+    _check_now(v)
+    caplog.set_level(logging.WARNING, logger="rpcframe.security")
+    for broken in ('{"keys": [', '{"keys": {}}', '{"keys": [{"kty": "nope"}]}'):
+        path.write_text(broken)
+        for _ in range(3):
+            _check_now(v)
+            assert _refused(v, r1) == "JWT signed by an unknown key"  # never re-admitted
+            assert v.verify(e1).principal == "alice"  # the last good set stays
+    path.unlink()
+    for _ in range(3):
+        _check_now(v)
+        assert v.verify(e1).principal == "alice"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 4, warnings  # once per broken version, once for the missing file
+    assert all("keeping the last good key set" in w for w in warnings)
+    write_jwks(path)  # an empty set is valid: every key of the file is revoked
+    _check_now(v)
+    assert _refused(v, e1) == "JWT signed by an unknown key"
+
+
+def test_jwks_changes_are_checked_at_most_every_half_second(
+    jwks_verifier: tuple[JWTVerifier, Any], signers: Signers
+) -> None:
+    v, path = jwks_verifier
+    r1 = signers.token("RS256", headers={"kid": "r1"})
+    v.verify(r1)
+    write_jwks(path, jwk(signers.ec_public, "e1", "ES256"))
+    changed = time.monotonic()
+    wait_until(lambda: _verifies(v, r1) is False, timeout=1.0, interval=0.01)
+    assert time.monotonic() - changed <= 1.0
+    assert v._jwks is not None
+    assert v._jwks.next_check - time.monotonic() <= JWKS_CHECK_INTERVAL
+
+
+def _verifies(v: JWTVerifier, token: str) -> bool:
+    try:
+        v.verify(token)
+    except AuthError:
+        return False
+    return True
