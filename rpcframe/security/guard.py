@@ -5,7 +5,9 @@
 a guard: ``guard(context)`` returns ``None`` to let the call through, having
 recorded the caller for :func:`~rpcframe.security.identity.peer`, or the
 ``(status, message)`` to end it with. The same guard serves the sync and
-asyncio servers: it does no I/O, the front only differs in how it aborts.
+asyncio servers: it does no I/O (beyond a stat of a JWT ``jwks_file`` at most
+every 0.5 s, and reading it when it changed), the front only differs in how
+it aborts.
 Without ``ServerConfig.auth`` no guard exists and the wrapper pays nothing.
 """
 
