@@ -133,8 +133,8 @@ def add_server_security_flags(parser: argparse.ArgumentParser) -> None:
                           "digests are kept. Clients send 'x-api-key: KEY', or 'authorization: Bearer KEY' "
                           "(rpcframe call --token KEY) when --jwt-jwks is not set")  # fmt: skip
     sec.add_argument("--jwt-jwks", metavar="FILE",
-                     help="accept JWT bearer tokens signed by a key of this JWKS file (re-read when a token names "
-                          "a new key id); needs --jwt-issuer and --jwt-audience")  # fmt: skip
+                     help="accept JWT bearer tokens signed by a key of this JWKS file (followed: keys added "
+                          "or removed count within about a second); needs --jwt-issuer and --jwt-audience")  # fmt: skip
     sec.add_argument("--jwt-issuer", metavar="ISS", help="the 'iss' a JWT must carry")
     sec.add_argument("--jwt-audience", metavar="AUD", action="append",
                      help="an 'aud' a JWT may carry (repeatable)")  # fmt: skip
