@@ -1,0 +1,145 @@
+"""Hostile HTTP/2 frames from a raw client: every call still gets an answer.
+
+A unary method's request must arrive as one whole gRPC message. When the
+stream ends without one (no DATA, half a length prefix, or a prefix claiming
+more bytes than were sent), grpc.aio's own server never answers: the call
+stays open while the connection lives, holding memory, and a client waiting
+for it keeps the server's stop() waiting out its grace period. rpcframe's
+asyncio server answers INVALID_ARGUMENT at once; the sync server answers
+with grpc's own error status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import grpc.aio
+import pytest
+
+import rpcframe
+import rpcframe.aio
+from examples.echo import AioEchoServicer
+from generated.rpcframe.echo.v1 import echo_pb2 as pb
+from generated.rpcframe.echo.v1 import echo_pb2_grpc
+from tests.conftest import Running, eventually
+from tests.h2raw import RawConnection, grpc_frame, open_connection, read_answer, send_request
+
+ECHO = "/rpcframe.echo.v1.EchoService/Echo"
+EXPAND = "/rpcframe.echo.v1.EchoService/Expand"
+CHECK = "/grpc.health.v1.Health/Check"
+
+TRUNCATED = grpc_frame(b"\x0a\x08abcdefgh", declared=100)  # the prefix says 100 bytes, 10 follow
+BODIES = {
+    "truncated": TRUNCATED,
+    "no-message": b"",  # HEADERS with END_STREAM, no DATA
+    "half-prefix": b"\x00\x00",
+}
+ANSWER_WITHIN = 5.0
+
+
+def _hostile_call(port: int, path: str, body: bytes) -> tuple[int | None, int | None]:
+    """One request on a fresh connection: (grpc-status, RST_STREAM code) seen within ANSWER_WITHIN s."""
+    conn = open_connection(port)
+    try:
+        answer = read_answer(conn, send_request(conn, path, body), ANSWER_WITHIN)
+        return answer.grpc_status, answer.reset_code
+    finally:
+        conn.close()
+
+
+def _close_when_answered(conn: RawConnection, within: float) -> bool:
+    """Act like a grpc client during a server's shutdown: read until GOAWAY, then close if nothing is pending.
+
+    A grpc client keeps its connection while it still waits for a call's
+    answer; an unanswered stream therefore keeps the server's stop() waiting.
+    Returns whether the connection was closed.
+    """
+    deadline = time.monotonic() + within
+    while not conn.goaway_received and time.monotonic() < deadline:
+        conn.pump(deadline - time.monotonic())
+    if all(a.grpc_status is not None or a.reset_code is not None for a in conn.answers.values()):
+        conn.close()
+        return True
+    return False
+
+
+async def _echo_works(target: str) -> None:
+    async with rpcframe.aio.connect(target) as channel:
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        assert (await stub.Echo(pb.EchoRequest(message="alive"), timeout=5)).message == "alive"
+
+
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
+@pytest.mark.parametrize("path", [ECHO, EXPAND, CHECK], ids=["unary", "server-stream", "health-check"])
+async def test_request_without_a_whole_message_is_invalid_argument_aio(
+    aio_server: Running, path: str, body: bytes
+) -> None:
+    status, reset = await asyncio.to_thread(_hostile_call, aio_server.server.ports[0], path, body)
+    assert (status, reset) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], None)
+    await _echo_works(aio_server.target)
+
+
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
+def test_request_without_a_whole_message_is_an_error_sync(sync_server: Running, body: bytes) -> None:
+    status, reset = _hostile_call(sync_server.server.ports[0], ECHO, body)
+    assert reset is not None or status not in (None, grpc.StatusCode.OK.value[0])
+    with rpcframe.connect(sync_server.target) as channel:
+        assert channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="ok"), timeout=5).message == "ok"
+
+
+async def test_truncated_streams_hold_nothing_while_the_connection_stays_open(aio_server: Running) -> None:
+    def attack() -> RawConnection:
+        conn = open_connection(aio_server.server.ports[0])
+        streams = [send_request(conn, ECHO, TRUNCATED) for _ in range(20)]
+        for stream in streams:
+            read_answer(conn, stream, ANSWER_WITHIN)
+        return conn
+
+    before = len(asyncio.all_tasks())
+    conn = await asyncio.to_thread(attack)
+    try:
+        assert all(a.grpc_status == grpc.StatusCode.INVALID_ARGUMENT.value[0] for a in conn.answers.values())
+
+        async def settled() -> bool:  # grpc.aio keeps one task per call until the call is over
+            return len(asyncio.all_tasks()) <= before
+
+        await eventually(settled, within=ANSWER_WITHIN)
+    finally:
+        conn.close()
+
+
+async def test_stop_is_prompt_with_a_truncated_stream_open() -> None:
+    server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=5.0))
+    server.add(AioEchoServicer())
+    port = server.bind("127.0.0.1:0")
+    await server.start()
+    conn = await asyncio.to_thread(open_connection, port)
+    try:
+        await asyncio.to_thread(send_request, conn, ECHO, TRUNCATED)
+        client = asyncio.ensure_future(asyncio.to_thread(_close_when_answered, conn, 8.0))
+        started = time.monotonic()
+        await server.stop()
+        elapsed = time.monotonic() - started
+        assert await client, "the truncated call was never answered, so the client kept its connection"
+        assert elapsed < 2.0, f"stop() took {elapsed:.1f} s"
+    finally:
+        conn.close()
+        await server.stop(0)
+
+
+async def test_raw_grpc_aio_still_leaves_a_truncated_call_unanswered() -> None:
+    """grpc.aio's own behaviour, which rpcframe works around: XPASS here means grpcio fixed it."""
+    server = grpc.aio.server()
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(AioEchoServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    conn = await asyncio.to_thread(open_connection, port)
+    try:
+        stream = await asyncio.to_thread(send_request, conn, ECHO, TRUNCATED)
+        answer = await asyncio.to_thread(read_answer, conn, stream, 1.0)
+        assert not answer.ended, "grpc.aio answers truncated unary requests now: rpcframe's workaround can go"
+    finally:
+        conn.close()
+        await server.stop(0)
