@@ -38,6 +38,8 @@ GrpcOptions = tuple[tuple[str, Any], ...]
 
 _USER_AGENT = "rpcframe-python"
 _MiB = 1024 * 1024
+_INT_MAX = 2**31 - 1
+_EDGE_STREAMS = 100  # Envoy edge best practice: concurrent streams per connection
 
 
 def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -51,6 +53,11 @@ def _check_size(name: str, value: int) -> None:
     # -1 is grpc's "unlimited"; 0 would refuse every message.
     if value != -1 and value <= 0:
         raise ConfigError(f"{name} must be > 0 bytes or -1 for unlimited, got {value!r}")
+
+
+def _ms(seconds: float) -> int:
+    # grpc reads these as C ints: longer than ~24 days would overflow.
+    return min(int(seconds * 1000), _INT_MAX)
 
 
 def _keepalive_options(time_s: float | None, timeout_s: float, permit_without_calls: bool) -> GrpcOptions:
@@ -219,10 +226,47 @@ class ChannelConfig:
 class ServerConfig:
     """How a server listens, limits and shuts down.
 
+    The limits and timeouts below follow Envoy's edge-proxy best practices
+    where a gRPC server can apply them (README, "Hardened defaults"): a
+    client that stalls a stream or a connection is cut by a timeout, and one
+    connection cannot take every handler thread.
+
     Attributes:
         max_workers: handler threads of the sync server (unused by asyncio).
+            Threads start only when calls need them, so a large pool costs
+            nothing while idle.
         max_concurrent_rpcs: calls accepted at once; more are refused with
             RESOURCE_EXHAUSTED. ``None`` means unlimited.
+        max_concurrent_streams: calls one connection may have open at once
+            (HTTP/2 ``SETTINGS_MAX_CONCURRENT_STREAMS``); the client holds
+            further calls until one ends. ``None`` (default): 100 on the
+            asyncio server (Envoy's edge value) and ``max_workers // 2`` on
+            the thread-pool server, so one connection never holds more than
+            half of the handler threads.
+        stream_write_timeout: seconds a thread-pool streaming handler may
+            wait for the client to take one response message (HTTP/2 flow
+            control: the client is not reading). The call then ends with
+            RESOURCE_EXHAUSTED and its thread is freed. ``None`` waits for
+            ever. The asyncio server holds no thread while it waits.
+        stream_read_timeout: seconds a thread-pool handler reading a
+            request stream may wait for the client's next message; then the
+            call ends with RESOURCE_EXHAUSTED (Envoy's ``stream_idle_timeout``,
+            300 s, for the direction that holds a thread). ``None`` waits for
+            ever.
+        max_metadata_size: bytes of request headers (metadata) accepted per
+            call; larger ones are refused with RESOURCE_EXHAUSTED. grpc's
+            own limit is random between 8 and 16 KiB; this one is exact.
+        max_connection_idle: seconds a connection with no call open stays
+            up before the server closes it (GOAWAY); ``None`` keeps it.
+        max_connection_age: seconds after which the server asks a client to
+            reconnect (GOAWAY), e.g. to rebalance behind an L4 load
+            balancer; ``None`` (default) never does.
+        max_connection_age_grace: seconds calls still open on a connection
+            that reached ``max_connection_age`` get before it is closed.
+        handshake_timeout: seconds a new connection has to finish its TLS
+            and HTTP/2 handshake before it is closed (grpc's default: 120).
+        max_connections: connections accepted at once; further connection
+            attempts are refused. ``None`` means unlimited.
         max_send_message_length: bytes; -1 for unlimited. Default 4 MiB.
         max_receive_message_length: bytes; -1 for unlimited. Default 4 MiB.
             A larger request is refused with RESOURCE_EXHAUSTED.
@@ -251,8 +295,17 @@ class ServerConfig:
             (:class:`~rpcframe.security.AuthConfig`); ``None`` checks nothing.
     """
 
-    max_workers: int = 16
+    max_workers: int = 64
     max_concurrent_rpcs: int | None = None
+    max_concurrent_streams: int | None = None
+    stream_write_timeout: float | None = 30.0
+    stream_read_timeout: float | None = 300.0
+    max_metadata_size: int = 16 * 1024
+    max_connection_idle: float | None = 3600.0
+    max_connection_age: float | None = None
+    max_connection_age_grace: float = 300.0
+    handshake_timeout: float = 10.0
+    max_connections: int | None = None
     max_send_message_length: int = 4 * _MiB
     max_receive_message_length: int = 4 * _MiB
     keepalive_time: float | None = 7200.0
@@ -272,8 +325,16 @@ class ServerConfig:
         _check_positive("max_deadline", self.max_deadline)
         if self.max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {self.max_workers!r}")
-        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
-            raise ConfigError(f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs!r}")
+        for name in ("max_concurrent_rpcs", "max_concurrent_streams", "max_connections"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or None, got {value!r}")
+        for name in ("stream_write_timeout", "stream_read_timeout", "max_connection_idle", "max_connection_age"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("max_connection_age_grace", self.max_connection_age_grace, allow_none=False)
+        _check_positive("handshake_timeout", self.handshake_timeout, allow_none=False)
+        if self.max_metadata_size < 1024:
+            raise ConfigError(f"max_metadata_size must be >= 1024 bytes, got {self.max_metadata_size!r}")
         _check_size("max_send_message_length", self.max_send_message_length)
         _check_size("max_receive_message_length", self.max_receive_message_length)
         _check_positive("keepalive_time", self.keepalive_time)
@@ -284,8 +345,14 @@ class ServerConfig:
         if self.drain_delay < 0:
             raise ConfigError(f"drain_delay must be >= 0, got {self.drain_delay!r}")
 
-    def server_options(self) -> GrpcOptions:
-        """The grpc server arguments this config stands for."""
+    def concurrent_streams(self, *, threads: bool) -> int:
+        """The per-connection stream limit in force (see ``max_concurrent_streams``)."""
+        if self.max_concurrent_streams is not None:
+            return self.max_concurrent_streams
+        return max(1, self.max_workers // 2) if threads else _EDGE_STREAMS
+
+    def server_options(self, *, threads: bool = False) -> GrpcOptions:
+        """The grpc server arguments this config stands for (``threads``: for the thread-pool server)."""
         return (
             ("grpc.max_send_message_length", self.max_send_message_length),
             ("grpc.max_receive_message_length", self.max_receive_message_length),
@@ -293,8 +360,28 @@ class ServerConfig:
             ("grpc.so_reuseport", 0),
             ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_min_client_interval * 1000)),
             *_keepalive_options(self.keepalive_time, self.keepalive_timeout, True),
+            ("grpc.max_concurrent_streams", self.concurrent_streams(threads=threads)),
+            # Off, grpc refuses (RST_STREAM REFUSED_STREAM, UNAVAILABLE to the
+            # caller) calls of a client that keeps to the limit: it counts
+            # streams until their memory is freed, not until they close.
+            ("grpc.http.overload_protection", 0),
+            # Soft and hard limit equal: grpc refuses at random between the two.
+            ("grpc.max_metadata_size", self.max_metadata_size),
+            ("grpc.absolute_max_metadata_size", self.max_metadata_size),
+            *self._connection_options(),
             *self.grpc_options,
         )
+
+    def _connection_options(self) -> GrpcOptions:
+        options: list[tuple[str, Any]] = [("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout))]
+        if self.max_connection_idle is not None:
+            options.append(("grpc.max_connection_idle_ms", _ms(self.max_connection_idle)))
+        if self.max_connection_age is not None:
+            options.append(("grpc.max_connection_age_ms", _ms(self.max_connection_age)))
+            options.append(("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace)))
+        if self.max_connections is not None:
+            options.append(("grpc.max_allowed_incoming_connections", self.max_connections))
+        return tuple(options)
 
     def status_for(self, exc: BaseException) -> grpc.StatusCode | None:
         """The status a handler exception maps to, or ``None`` if unmapped."""

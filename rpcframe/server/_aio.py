@@ -18,7 +18,15 @@ from grpc_reflection.v1alpha import reflection
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded
-from ._common import NOT_RUN, BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
+from ._common import (
+    NOT_RUN,
+    BadRequest,
+    IncomingScope,
+    ServerBase,
+    checked_requests,
+    is_grpc_abort,
+    status_for_exception,
+)
 
 __all__ = ["Server"]
 
@@ -213,12 +221,12 @@ class Server(ServerBase):
             key = "unary_stream" if handler.response_streaming else "unary_unary"
         behaviour = getattr(handler, key)
         if inspect.isasyncgenfunction(behaviour) or inspect.isgeneratorfunction(behaviour):
-            wrapped: Callable[..., Any] = self._wrap_generator(method, behaviour)
+            wrapped: Callable[..., Any] = self._wrap_generator(method, behaviour, handler.request_streaming)
         else:
-            wrapped = self._wrap_function(method, behaviour)
+            wrapped = self._wrap_function(method, behaviour, handler.request_streaming)
         return handler._replace(**{key: wrapped})
 
-    def _wrap_function(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_function(self, method: str, behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
         # Plain functions are the generated base's "not implemented" stubs
         # (or handlers that write with context.write); they run inline.
         is_async = inspect.iscoroutinefunction(behaviour)
@@ -232,6 +240,8 @@ class Server(ServerBase):
                 await context.abort(*denied)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            if streamed:
+                request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
             self._inflight += 1
             # Each call runs in its own task, so the scope is this call's alone.
             scope = IncomingScope(context, cap)
@@ -254,7 +264,7 @@ class Server(ServerBase):
 
         return call
 
-    def _wrap_generator(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_generator(self, method: str, behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
         cap = self.config.max_deadline
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
 
@@ -265,6 +275,8 @@ class Server(ServerBase):
                 await context.abort(*denied)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            if streamed:
+                request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
             self._inflight += 1
             scope = IncomingScope(context, cap)
             token = scope_var.set(scope)

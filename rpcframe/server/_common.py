@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,9 +206,155 @@ class IncomingScope(CallScope):
 
 
 def _parse_safely(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    if handler.request_streaming:
-        return handler  # a streamed request's bad message ends the stream with grpc's own status
+    # Streamed requests too: the wrappers' request iterators turn a
+    # BadRequest into INVALID_ARGUMENT (watched_requests, checked_requests).
     return handler._replace(request_deserializer=safe_deserializer(handler.request_deserializer))
+
+
+async def checked_requests(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    """An asyncio request stream that ends the call with INVALID_ARGUMENT at a message that did not parse."""
+    async for request in requests:
+        if type(request) is BadRequest:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        yield request
+
+
+# -- stalled streams on the thread-pool server --------------------------------
+
+_CANCEL_CODE = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Stall:
+    """What one thread-pool call waits on its client for, and since when.
+
+    ``writing`` / ``reading`` hold the ``time.monotonic()`` at which a
+    response write / request read began, 0.0 while the handler is not
+    waiting on the client. ``fired`` is set once the watch ended the call.
+    """
+
+    __slots__ = ("context", "fired", "method", "reading", "writing")
+
+    def __init__(self, context: Any, method: str) -> None:
+        self.context = context
+        self.method = method
+        self.writing = 0.0
+        self.reading = 0.0
+        self.fired = False
+
+
+class StallWatch:
+    """Ends thread-pool calls whose client stops reading or sending.
+
+    A sync handler that yields a response waits inside grpc until the
+    client's HTTP/2 flow-control window takes it; one that iterates its
+    request stream waits until the next message arrives. Each wait holds a
+    worker thread, so a few clients that stop reading (or sending) would
+    otherwise hold the whole pool for good. One daemon thread, alive only
+    while streaming calls are open, checks their waits every ``tick``
+    seconds and cancels a call that waited too long. The call ends with
+    RESOURCE_EXHAUSTED and a message naming the setting; its thread is
+    freed at once because grpc's write and read waits end on cancellation.
+    """
+
+    def __init__(self, write_timeout: float | None, read_timeout: float | None) -> None:
+        self.write_timeout = write_timeout
+        self.read_timeout = read_timeout
+        limits = [t for t in (write_timeout, read_timeout) if t is not None]
+        # A call ends between timeout and timeout + tick after its wait began.
+        self.tick = min(1.0, max(0.01, min(limits) / 4)) if limits else 0.0
+        self._stalls: set[Stall] = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def open(self, context: Any, method: str) -> Stall:
+        """Watch a call from now until :meth:`close`."""
+        stall = Stall(context, method)
+        if self.tick:
+            with self._lock:
+                self._stalls.add(stall)
+                if not self._running:
+                    self._running = True
+                    threading.Thread(target=self._run, name="rpcframe-stall-watch", daemon=True).start()
+        return stall
+
+    def close(self, stall: Stall) -> None:
+        """Stop watching a call (it ended)."""
+        self._stalls.discard(stall)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.tick)
+            with self._lock:
+                if not self._stalls:
+                    self._running = False  # open() starts a new thread for the next call
+                    return
+                stalls = tuple(self._stalls)
+            self._check(stalls, time.monotonic())
+
+    def _check(self, stalls: tuple[Stall, ...], now: float) -> None:
+        """End every call in ``stalls`` that has waited on its client too long."""
+        write, read = self.write_timeout, self.read_timeout
+        for stall in stalls:
+            if stall.fired:
+                continue
+            since = stall.writing
+            if write is not None and since and now - since > write:
+                _end(stall, f"the client did not read the response stream for {write:g} s (stream_write_timeout)")
+                continue
+            since = stall.reading
+            if read is not None and since and now - since > read:
+                _end(stall, f"the client sent no request message for {read:g} s (stream_read_timeout)")
+
+
+def _end(stall: Stall, details: str) -> None:
+    stall.fired = True
+    _LOG.warning("ending %s from %s: %s", stall.method, stall.context.peer(), details)
+    # grpc's public cancel() ends the call with a bare CANCELLED; cancelling
+    # the core call with a status sends that status in the trailers instead.
+    call = getattr(getattr(stall.context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(_CANCEL_CODE.value[0], details)  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - grpc internals changed: fall back to the public API
+        stall.context.cancel()
+
+
+def watched_requests(requests: Iterator[Any], context: Any, stall: Stall) -> Iterator[Any]:
+    """A thread-pool request stream whose waits ``stall`` records.
+
+    A message that did not parse ends the call with INVALID_ARGUMENT. When
+    the watch ended the call, the handler's next read aborts it quietly
+    (grpc may end a cancelled stream with StopIteration or an RpcError).
+    """
+    while True:
+        stall.reading = time.monotonic()
+        try:
+            request = next(requests)
+        except StopIteration:
+            if stall.fired:
+                context.abort(_CANCEL_CODE, "stalled stream ended")
+            return
+        except grpc.RpcError:
+            if stall.fired:
+                context.abort(_CANCEL_CODE, "stalled stream ended")
+            raise
+        finally:
+            stall.reading = 0.0
+        if type(request) is BadRequest:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        yield request
+
+
+def watch_reads(behaviour: Callable[..., Any], watch: StallWatch, method: str) -> Callable[..., Any]:
+    """A stream-unary behaviour whose request stream is watched and checked."""
+
+    def run(requests: Iterator[Any], context: Any) -> Any:
+        stall = watch.open(context, method)
+        try:
+            return behaviour(watched_requests(requests, context, stall), context)
+        finally:
+            watch.close(stall)
+
+    return run
 
 
 class ServerBase:

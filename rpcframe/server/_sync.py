@@ -16,7 +16,17 @@ from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
-from ._common import NOT_RUN, BadRequest, IncomingScope, ServerBase, is_grpc_abort, status_for_exception
+from ._common import (
+    NOT_RUN,
+    BadRequest,
+    IncomingScope,
+    ServerBase,
+    StallWatch,
+    is_grpc_abort,
+    status_for_exception,
+    watch_reads,
+    watched_requests,
+)
 
 __all__ = ["Server"]
 
@@ -206,9 +216,12 @@ class Server(ServerBase):
         self._refusing = False
         self._grpc_server = grpc.server(
             self._executor,
-            options=cfg.server_options(),
+            options=cfg.server_options(threads=True),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
+        # Streaming handlers whose client stops reading or sending are ended
+        # (stream_write_timeout / stream_read_timeout) so they free their thread.
+        self._stalls = StallWatch(cfg.stream_write_timeout, cfg.stream_read_timeout)
         self.health = _Health() if cfg.health else None
         self._idle = threading.Condition()
         self._inflight = 0
@@ -342,6 +355,7 @@ class Server(ServerBase):
         cap = self.config.max_deadline
         set_scope = scope_var.set
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
+        watch, reads, now = self._stalls, handler.request_streaming, time.monotonic
         if handler.response_streaming:
             behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
@@ -355,18 +369,27 @@ class Server(ServerBase):
                 enter()
                 scope = _Scope(context, cap)
                 token = set_scope(scope)
+                stall = watch.open(context, method)
+                if reads:
+                    request = watched_requests(request, context, stall)
                 try:
-                    yield from behaviour(request, context)
+                    for response in behaviour(request, context):
+                        stall.writing = now()  # grpc resumes this generator once the client took the message
+                        yield response
+                        if stall.fired:
+                            return  # the watch ended the call
+                        stall.writing = 0.0
                 except Exception as exc:
                     fail(exc, context, method)
                 finally:
+                    watch.close(stall)
                     _end_scope(scope, token)
                     leave()
 
             key = "stream_stream" if handler.request_streaming else "unary_stream"
             return handler._replace(**{key: streaming})
 
-        behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        behaviour = watch_reads(handler.stream_unary, watch, method) if reads else handler.unary_unary
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             if server._refusing and _arrived_late():

@@ -101,3 +101,51 @@ def test_unreachable_target_is_unavailable() -> None:
         stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
         with pytest.raises(rpcframe.Unavailable):
             stub.Echo(pb.EchoRequest(message="x"), timeout=5)
+
+
+GOOD = pb.EchoRequest(message="ok").SerializeToString()
+JUNK = b"\x0a\x64abc"  # field 1 declared 100 bytes long, cut short
+
+
+def _send_junk(channel: rpcframe.Channel, method: str) -> None:
+    path = f"/rpcframe.echo.v1.EchoService/{method}"
+    if method == "Collect":
+        channel.stream_unary(path)(iter([GOOD, JUNK, GOOD]), timeout=5)
+    else:
+        list(channel.stream_stream(path)(iter([GOOD, JUNK, GOOD]), timeout=5))
+
+
+async def _send_junk_aio(channel: rpcframe.aio.Channel, method: str) -> None:
+    path = f"/rpcframe.echo.v1.EchoService/{method}"
+    if method == "Collect":
+        await channel.stream_unary(path)(iter([GOOD, JUNK, GOOD]), timeout=5)
+    else:
+        async for _ in channel.stream_stream(path)(iter([GOOD, JUNK, GOOD]), timeout=5):
+            pass
+
+
+@pytest.mark.parametrize("method", ["Collect", "Chat"])
+def test_junk_on_a_request_stream_is_invalid_argument(
+    sync_server: Running, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with rpcframe.connect(sync_server.target) as channel:
+        with pytest.raises(rpcframe.RpcError) as info:
+            _send_junk(channel, method)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "rpcframe.echo.v1.EchoRequest" in info.value.details()
+    assert not [r for r in caplog.records if r.name == "rpcframe.server" and r.levelname == "ERROR"]
+    _still_serving(sync_server.target)
+
+
+@pytest.mark.parametrize("method", ["Collect", "Chat"])
+async def test_junk_on_a_request_stream_is_invalid_argument_aio(
+    aio_server: Running, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with rpcframe.aio.connect(aio_server.target) as channel:
+        with pytest.raises(rpcframe.RpcError) as info:
+            await _send_junk_aio(channel, method)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "rpcframe.echo.v1.EchoRequest" in info.value.details()
+        echo = channel.stub(echo_pb2_grpc.EchoServiceStub).Echo
+        assert (await echo(pb.EchoRequest(message="alive"))).message == "alive"
+    assert not [r for r in caplog.records if r.name == "rpcframe.server" and r.levelname == "ERROR"]

@@ -63,3 +63,61 @@ def test_server_options_and_exception_mapping() -> None:
     assert config.status_for(FileNotFoundError("x")) is grpc.StatusCode.NOT_FOUND
     assert config.status_for(ValueError("x")) is grpc.StatusCode.INVALID_ARGUMENT
     assert config.status_for(KeyError("x")) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_concurrent_streams": 0}, "max_concurrent_streams"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"stream_write_timeout": 0}, "stream_write_timeout"),
+        ({"stream_read_timeout": -1.0}, "stream_read_timeout"),
+        ({"max_connection_idle": 0}, "max_connection_idle"),
+        ({"max_connection_age": -5}, "max_connection_age"),
+        ({"max_connection_age_grace": 0}, "max_connection_age_grace"),
+        ({"handshake_timeout": 0}, "handshake_timeout"),
+        ({"max_metadata_size": 100}, "max_metadata_size"),
+    ],
+)
+def test_server_config_rejects_bad_limits(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(rpcframe.ConfigError, match=field):
+        rpcframe.ServerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_server_limits_default_to_envoy_edge_values() -> None:
+    config = rpcframe.ServerConfig()
+    options = dict(config.server_options())
+    assert options["grpc.max_concurrent_streams"] == 100  # asyncio: Envoy's edge value
+    # Thread-pool server: one connection holds at most half of the (larger) pool.
+    assert config.max_workers == 64
+    assert dict(config.server_options(threads=True))["grpc.max_concurrent_streams"] == 32
+    # grpc's overload protection refuses calls of clients that keep to the limit.
+    assert options["grpc.http.overload_protection"] == 0
+    assert options["grpc.max_metadata_size"] == options["grpc.absolute_max_metadata_size"] == 16 * 1024
+    assert options["grpc.server_handshake_timeout_ms"] == 10_000
+    assert options["grpc.max_connection_idle_ms"] == 3_600_000
+    assert "grpc.max_connection_age_ms" not in options
+    assert "grpc.max_allowed_incoming_connections" not in options
+    assert (config.stream_write_timeout, config.stream_read_timeout) == (30.0, 300.0)
+
+
+def test_server_limits_map_to_grpc_options() -> None:
+    config = rpcframe.ServerConfig(
+        max_workers=8,
+        max_concurrent_streams=50,
+        max_connection_idle=None,
+        max_connection_age=1e9,  # longer than grpc's int milliseconds: clamped, not overflowed
+        max_connection_age_grace=2.5,
+        max_connections=300,
+        grpc_options=(("grpc.max_concurrent_streams", 7),),
+    )
+    options = config.server_options(threads=True)
+    as_dict = dict(options)
+    assert as_dict["grpc.max_connection_age_ms"] == 2**31 - 1
+    assert as_dict["grpc.max_connection_age_grace_ms"] == 2500
+    assert as_dict["grpc.max_allowed_incoming_connections"] == 300
+    assert "grpc.max_connection_idle_ms" not in as_dict
+    # The explicit limit wins over the thread-pool rule; raw grpc_options still come last.
+    assert ("grpc.max_concurrent_streams", 50) in options
+    assert options[-1] == ("grpc.max_concurrent_streams", 7)
+    assert rpcframe.ServerConfig(max_workers=1).concurrent_streams(threads=True) == 1
