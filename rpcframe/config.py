@@ -284,7 +284,8 @@ class ServerConfig:
             calls on ``stop()``, so health-watching clients move away first.
         exception_status: Python exception types a handler may raise and the
             status each maps to (see :mod:`rpcframe.errors`).
-        grpc_options: extra raw grpc server arguments, applied last.
+        grpc_options: extra raw grpc server arguments; one with the key of
+            an argument rpcframe sets replaces it.
         max_deadline: seconds a handler (and the calls it makes) may take at
             most, whatever deadline the caller sent, or none; ``None``
             (default) leaves the caller's deadline as it is. asyncio
@@ -352,8 +353,12 @@ class ServerConfig:
         return max(1, self.max_workers // 2) if threads else _EDGE_STREAMS
 
     def server_options(self, *, threads: bool = False) -> GrpcOptions:
-        """The grpc server arguments this config stands for (``threads``: for the thread-pool server)."""
-        return (
+        """The grpc server arguments this config stands for (``threads``: for the thread-pool server).
+
+        A key given in ``grpc_options`` replaces rpcframe's own entry: grpc
+        keeps the first of two equal keys, so appending alone would not win.
+        """
+        own = (
             ("grpc.max_send_message_length", self.max_send_message_length),
             ("grpc.max_receive_message_length", self.max_receive_message_length),
             # Never share a port silently with another process.
@@ -369,8 +374,9 @@ class ServerConfig:
             ("grpc.max_metadata_size", self.max_metadata_size),
             ("grpc.absolute_max_metadata_size", self.max_metadata_size),
             *self._connection_options(),
-            *self.grpc_options,
         )
+        replaced = {key for key, _ in self.grpc_options}
+        return tuple(option for option in own if option[0] not in replaced) + self.grpc_options
 
     def _connection_options(self) -> GrpcOptions:
         options: list[tuple[str, Any]] = [("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout))]

@@ -188,3 +188,21 @@ def test_defaults_keep_a_busy_connection_open(served: list[tuple[rpcframe.Server
         assert call.result(timeout=10).message == "block"
     finally:
         channel.close()
+
+
+def test_raw_grpc_option_replaces_rpcframes_own(served: list[tuple[rpcframe.Server, ScriptedEcho]]) -> None:
+    # grpc keeps the first of two equal keys: an appended override alone would be ignored.
+    config = rpcframe.ServerConfig(grpc_options=(("grpc.max_concurrent_streams", 2),))
+    server, servicer, target = _serve(config)
+    served.append((server, servicer))
+    channel = _raw_channel(target)
+    try:
+        blocked = [_raw_echo(channel).future(pb.EchoRequest(message="block"), timeout=20) for _ in range(3)]
+        wait_until(lambda: server.inflight == 2, timeout=5)
+        with rpcframe.connect(target) as other:  # proves the third waits in the client, not in a slow server
+            assert other.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="hi"), timeout=2).message
+        assert server.inflight == 2
+        servicer.release.set()
+        assert [f.result(timeout=10).message for f in blocked] == ["block"] * 3
+    finally:
+        channel.close()
