@@ -35,6 +35,7 @@ from ._common import (
 __all__ = ["Channel", "connect"]
 
 S = TypeVar("S")
+_WATCH_END = 1.0  # seconds close() waits for a cancelled health Watch's task to end by itself
 
 
 class Call:
@@ -507,6 +508,7 @@ class _Subchannel(SubchannelBase):
             channel = grpc.aio.insecure_channel(address, options=options)
         super().__init__(address, channel)
         self._core = core
+        self._watch: Any = None  # the health Watch call in progress, ended first by close()
         self._tasks = [asyncio.ensure_future(self._watch_state())]
         if config.health_check:
             self._tasks.append(asyncio.ensure_future(self._watch_health(config.health_service)))
@@ -531,7 +533,8 @@ class _Subchannel(SubchannelBase):
         backoff = 0.05
         while True:
             try:
-                async for response in stub.Watch(request, wait_for_ready=True):
+                self._watch = stub.Watch(request, wait_for_ready=True)
+                async for response in self._watch:
                     serving = response.status == health_pb2.HealthCheckResponse.SERVING
                     name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
                     self._core.set_serving(self.address, serving, name)
@@ -545,6 +548,12 @@ class _Subchannel(SubchannelBase):
 
     async def close(self, grace: float | None = None) -> None:
         """Stop watching and close the channel."""
+        if self._watch is not None and not self._watch.done():
+            # End the Watch through grpc and let its task see it end: cancelling a
+            # task inside a grpc.aio read leaks the read's native buffers (about
+            # 1 KB per channel, grpc/grpc#43360).
+            self._watch.cancel()
+            await asyncio.wait(self._tasks[1:], timeout=_WATCH_END)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
