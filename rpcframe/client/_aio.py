@@ -551,7 +551,7 @@ class _Subchannel(SubchannelBase):
         if self._watch is not None and not self._watch.done():
             # End the Watch through grpc and let its task see it end: cancelling a
             # task inside a grpc.aio read leaks the read's native buffers (about
-            # 1 KB per channel, grpc/grpc#43360).
+            # 1.5 KB per channel, grpc/grpc#43360).
             self._watch.cancel()
             await asyncio.wait(self._tasks[1:], timeout=_WATCH_END)
         for task in self._tasks:
