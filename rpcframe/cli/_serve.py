@@ -31,9 +31,13 @@ def register(sub: Any) -> None:
     mode.add_argument("--aio", dest="aio", action="store_true", default=None, help="force the asyncio server")
     mode.add_argument("--sync", dest="aio", action="store_false", help="force the thread-pool server")
     p.add_argument("--no-uvloop", action="store_true", help="asyncio server: use the default asyncio loop")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM (default 10)")
-    p.add_argument("--drain-delay", type=float, default=0.0, help="seconds between NOT_SERVING and refusing calls")
-    p.add_argument("--workers", type=int, default=16, help="thread-pool size of the sync server (default 16)")
+    defaults = ServerConfig()
+    p.add_argument("--grace", type=float, default=defaults.grace_period,
+                   help=f"seconds in-flight calls get on SIGTERM (default {defaults.grace_period:g})")
+    p.add_argument("--drain-delay", type=float, default=defaults.drain_delay,
+                   help=f"seconds between NOT_SERVING and refusing calls (default {defaults.drain_delay:g})")
+    p.add_argument("--workers", type=int, default=defaults.max_workers,
+                   help=f"thread-pool size of the sync server (default {defaults.max_workers})")
     p.add_argument("--no-reflection", action="store_true", help="do not serve grpc.reflection")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     add_server_security_flags(p)

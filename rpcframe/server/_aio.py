@@ -21,6 +21,7 @@ from ..errors import DeadlineExceeded
 from ._common import (
     NOT_RUN,
     BadRequest,
+    Drain,
     IncomingScope,
     ServerBase,
     checked_requests,
@@ -33,6 +34,7 @@ __all__ = ["Server"]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_DRAIN_POLL = 0.01  # seconds between checks that accepted calls are done
 
 
 class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -110,9 +112,8 @@ class Server(ServerBase):
         )
         self.health = _Health() if cfg.health else None
         self._inflight = 0
-        self._draining = False
         self._refusing = False
-        self._idle = asyncio.Event()
+        self._drainer: Drain | None = None
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -152,20 +153,16 @@ class Server(ServerBase):
     async def _drain(self, grace: float) -> None:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
-        if self.config.drain_delay and self._started:
+        if self.config.drain_delay and self._started and grace > 0:  # stop(0): at once
             await asyncio.sleep(self.config.drain_delay)
         # From now on arriving calls are refused unrun (the never-ran marker
         # lets clients send them elsewhere) while the accepted ones finish;
         # then grpc sends GOAWAY and cancels what is left after the grace.
-        until = time.monotonic() + grace
-        self._draining = self._refusing = True
-        if self._inflight == 0:
-            self._idle.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout=grace)
-        except TimeoutError:
-            pass
-        graceful = asyncio.ensure_future(self._grpc_server.stop(max(0.0, until - time.monotonic())))
+        drain = self._drainer = Drain(time.monotonic(), grace)
+        self._refusing = True
+        while not drain.over(time.monotonic(), self._inflight > 0):  # noqa: ASYNC110 - waits for a quiet period, which no event marks
+            await asyncio.sleep(_DRAIN_POLL)
+        graceful = asyncio.ensure_future(self._grpc_server.stop(max(0.0, drain.until - time.monotonic())))
         if self.health is not None:
             await self.health.close()
         await graceful
@@ -202,10 +199,14 @@ class Server(ServerBase):
 
     # -- the one per-call wrapper -------------------------------------------
 
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        if self._drainer is not None:
+            self._drainer.refused(time.monotonic())
+        await context.abort(*NOT_RUN)
+        raise AssertionError("unreachable: abort() raises")  # pragma: no cover
+
     def _leave(self) -> None:
         self._inflight -= 1
-        if self._inflight == 0 and self._draining:
-            self._idle.set()
 
     async def _fail(self, exc: Exception, context: grpc.aio.ServicerContext, method: str) -> NoReturn:
         if is_grpc_abort(exc, context):
@@ -235,7 +236,7 @@ class Server(ServerBase):
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if self._refusing:
-                await context.abort(*NOT_RUN)
+                await self._refuse(context)
             if guard is not None and (denied := guard(context)) is not None:
                 await context.abort(*denied)
             if type(request) is BadRequest:
@@ -270,7 +271,7 @@ class Server(ServerBase):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self._refusing:
-                await context.abort(*NOT_RUN)
+                await self._refuse(context)
             if guard is not None and (denied := guard(context)) is not None:
                 await context.abort(*denied)
             if type(request) is BadRequest:

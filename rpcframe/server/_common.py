@@ -422,3 +422,35 @@ class ServerBase:
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         raise NotImplementedError
+
+
+class Drain:
+    """When a stopping server may send GOAWAY: its accepted calls are done and callers went quiet.
+
+    From the start of the drain, calls that still arrive are refused unrun
+    (:data:`NOT_RUN`; clients send them elsewhere). A GOAWAY sent while a
+    client still sends would instead cancel the streams it opens before it
+    reads the GOAWAY, unrun but unmarked. So the drain ends once nothing is
+    in flight and no call has arrived for :attr:`QUIET` seconds, or, for
+    callers that never stop (clients that do not watch health), once calls
+    are done and :attr:`QUIET_MAX` has passed; never later than the grace.
+    """
+
+    QUIET = 0.05
+    QUIET_MAX = 1.0
+
+    __slots__ = ("_last", "_start", "until")
+
+    def __init__(self, now: float, grace: float) -> None:
+        self._start = self._last = now
+        self.until = now + grace
+
+    def refused(self, now: float) -> None:
+        """A call arrived (and was refused)."""
+        self._last = now
+
+    def over(self, now: float, busy: bool) -> bool:
+        """Whether to stop waiting: ``busy`` says whether accepted calls are still running."""
+        if now >= self.until:
+            return True
+        return not busy and (now - self._last >= self.QUIET or now - self._start >= self.QUIET_MAX)

@@ -19,6 +19,7 @@ from ..config import ServerConfig
 from ._common import (
     NOT_RUN,
     BadRequest,
+    Drain,
     IncomingScope,
     ServerBase,
     StallWatch,
@@ -134,7 +135,9 @@ def _arrived_late() -> bool:
     return bool(getattr(_late, "arrived", False))
 
 
-def _refusal(context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+def _refusal(context: grpc.ServicerContext, drain: Drain | None) -> tuple[grpc.StatusCode, str]:
+    if drain is not None:
+        drain.refused(time.monotonic())
     code, details, trailing = NOT_RUN
     context.set_trailing_metadata(trailing)
     return code, details
@@ -214,6 +217,7 @@ class Server(ServerBase):
         cfg = self.config
         self._executor = _Executor(max_workers=cfg.max_workers, thread_name_prefix="rpcframe-handler")
         self._refusing = False
+        self._drain: Drain | None = None
         self._grpc_server = grpc.server(
             self._executor,
             options=cfg.server_options(threads=True),
@@ -278,15 +282,15 @@ class Server(ServerBase):
         grace = self.config.grace_period if grace is None else grace
         if self.health is not None:
             self.health.enter_graceful_shutdown()
-        if self.config.drain_delay and self._started:
+        if self.config.drain_delay and self._started and grace > 0:  # stop(0): at once
             time.sleep(self.config.drain_delay)
-        until = time.monotonic() + grace
+        drain = self._drain = Drain(time.monotonic(), grace)
         self._executor.late = self._refusing = True
         with self._idle:
             # Polled: a queued call leaves the queue without telling anyone.
-            while (self._inflight or self._executor.queued()) and time.monotonic() < until:
+            while not drain.over(time.monotonic(), bool(self._inflight or self._executor.queued())):
                 self._idle.wait(_DRAIN_POLL)
-        left = max(0.0, until - time.monotonic())
+        left = max(0.0, drain.until - time.monotonic())
         stopped = self._grpc_server.stop(left)
         if self.health is not None:
             self.health.close()
@@ -361,7 +365,7 @@ class Server(ServerBase):
 
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 if server._refusing and _arrived_late():
-                    context.abort(*_refusal(context))
+                    context.abort(*_refusal(context, server._drain))
                 if guard is not None and (denied := guard(context)) is not None:
                     context.abort(*denied)
                 if type(request) is BadRequest:
@@ -393,7 +397,7 @@ class Server(ServerBase):
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             if server._refusing and _arrived_late():
-                context.abort(*_refusal(context))
+                context.abort(*_refusal(context, server._drain))
             if guard is not None and (denied := guard(context)) is not None:
                 context.abort(*denied)
             if type(request) is BadRequest:
