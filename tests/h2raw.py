@@ -66,7 +66,14 @@ class Answer:
 
 
 class RawConnection:
-    """One client HTTP/2 connection over a plain socket; answers are kept per stream."""
+    """One client HTTP/2 connection over a plain socket; answers are kept per stream.
+
+    ``closed`` turns true once nothing more will be read: the server closed
+    the socket, sent GOAWAY (``goaway_received``; h2 takes no frame after it,
+    and events that came in the same read as the GOAWAY are lost), or broke
+    the protocol. The socket itself stays open until :meth:`close`, the way
+    a client that ignores GOAWAY would keep it.
+    """
 
     def __init__(self, sock: socket.socket, authority: str) -> None:
         self.sock = sock
