@@ -77,11 +77,12 @@ async def _aio_run(front: str, drain_delay: float) -> dict[str, float]:
             victim = backends[0]
             sent = time.monotonic()
             victim.proc.terminate()
+            exited = asyncio.ensure_future(asyncio.to_thread(_wait_exit, victim, sent))
             while _picked(channel, victim.target) and time.monotonic() - sent < 10:  # noqa: ASYNC110 - measures when the picker changes
                 await asyncio.sleep(0.0005)
             reaction = time.monotonic() - sent
             await asyncio.gather(*callers)
-            exit_s = await asyncio.to_thread(_wait_exit, victim, sent)
+            exit_s = await exited
             return {"reaction_ms": reaction * 1000, "failed": failed, "calls": done, "exit_s": exit_s}
     finally:
         for backend in backends:
@@ -124,12 +125,15 @@ def _sync_run(front: str, drain_delay: float) -> dict[str, float]:
             victim = backends[0]
             sent = time.monotonic()
             victim.proc.terminate()
+            exit_s: list[float] = []
+            waiter = threading.Thread(target=lambda: exit_s.append(_wait_exit(victim, sent)), daemon=True)
+            waiter.start()
             while _picked(channel, victim.target) and time.monotonic() - sent < 10:
                 time.sleep(0.0005)
             reaction = time.monotonic() - sent
-            for thread in threads:
-                thread.join(10)
-            return {"reaction_ms": reaction * 1000, **counts, "exit_s": _wait_exit(victim, sent)}
+            for thread in [*threads, waiter]:
+                thread.join(30)
+            return {"reaction_ms": reaction * 1000, **counts, "exit_s": exit_s[0] if exit_s else float("nan")}
     finally:
         for backend in backends:
             backend.kill()

@@ -121,3 +121,9 @@ def test_server_limits_map_to_grpc_options() -> None:
     # A raw grpc option replaces rpcframe's: grpc would keep the first of two equal keys.
     assert [v for k, v in options if k == "grpc.max_concurrent_streams"] == [7]
     assert rpcframe.ServerConfig(max_workers=1).concurrent_streams(threads=True) == 1
+
+
+def test_channel_grpc_options_replace_rpcframes_own() -> None:
+    # grpc keeps the FIRST of two equal keys: an appended override would be ignored.
+    options = rpcframe.ChannelConfig(grpc_options=(("grpc.use_local_subchannel_pool", 0),)).channel_options()
+    assert [value for key, value in options if key == "grpc.use_local_subchannel_pool"] == [0]
