@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup protos check-generated lint test test-fast demo bench bench-quick bench-micro clean
+.PHONY: setup protos check-generated lint test test-fast demo bench bench-quick bench-micro reliability reliability-quick clean
 
 setup: $(STAMP) $(NPM_STAMP)
 
@@ -57,6 +57,14 @@ bench-quick: setup
 	$(PY) -m benchmarks.balancing --quick
 	$(PY) -m benchmarks.security --quick
 	$(PY) -m benchmarks.retries --quick
+
+# Faults, hostile clients and a soak, rpcframe next to raw grpcio (benchmarks/results/reliability.md);
+# exits 1 when an acceptance check fails. The quick form (~3 min) is the CI one.
+reliability: setup
+	$(PY) -m benchmarks.reliability
+
+reliability-quick: setup
+	$(PY) -m benchmarks.reliability --quick
 
 # pytest-benchmark micro-benchmarks of hot-path pieces (not part of make test).
 bench-micro: setup

@@ -167,11 +167,11 @@ def closed_by_server(sockets: Sequence[socket.socket]) -> int:
 # -- raw HTTP/2 ----------------------------------------------------------------------------
 
 
-class _PlainEncoder(hpack.Encoder):  # type: ignore[misc]
+class _PlainEncoder(hpack.Encoder):
     """HPACK without Huffman coding: hpack's coder is quadratic in a value's length (16 s for 256 KiB)."""
 
     def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return super().encode(headers, huffman=False)  # type: ignore[no-any-return]
+        return super().encode(headers, huffman=False)
 
 
 class _Reckless(h2.connection.H2Connection):

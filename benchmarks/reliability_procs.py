@@ -65,9 +65,11 @@ class Backend:
         env = {**os.environ, "RPCFRAME_SERVER_ID": name}
         if log is not None:
             env["RELIABILITY_LOG"] = str(log)
-        self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=self._stderr)  # fmt: skip
+        fd, path = tempfile.mkstemp(prefix=f"reliability-{name}-", suffix=".stderr")
+        self._stderr = Path(path)
+        with os.fdopen(fd, "ab") as stderr:  # the child writes through its own copy
+            self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                         stderr=stderr)  # fmt: skip
         self.pid = self.proc.pid
         self.address = ""
 
@@ -84,8 +86,9 @@ class Backend:
             line += chunk
         match = re.fullmatch(rb"serving on (\S+)\n", line)
         if not match:
+            error = f"backend {self.name} did not start: {line!r} {self.stderr_tail()}"
             self.stop()
-            raise RuntimeError(f"backend {self.name} did not start: {line!r} {self.stderr_tail()}")
+            raise RuntimeError(error)
         self.address = match.group(1).decode()
         return self.address
 
@@ -107,21 +110,36 @@ class Backend:
             return None
         return time.monotonic() - start
 
-    def stop(self) -> None:
-        """SIGCONT + SIGTERM by PID, SIGKILL if it does not exit in time; reaps it."""
+    def terminate(self) -> None:
+        """SIGCONT + SIGTERM by PID (a SIGSTOPped process would never act on SIGTERM)."""
         if self.alive():
-            os.kill(self.pid, signal.SIGCONT)  # a SIGSTOPped process would never act on SIGTERM
+            os.kill(self.pid, signal.SIGCONT)
             os.kill(self.pid, signal.SIGTERM)
-            if self.wait_exit() is None:
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self) -> None:
+        """:meth:`terminate`, then SIGKILL if it does not exit in time; reaps it."""
+        self.terminate()
+        if self.wait_exit() is None:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        self._stderr.unlink(missing_ok=True)
+
+    def stderr_text(self) -> str:
+        """What the backend has written to stderr so far ("" once it is stopped)."""
+        try:
+            return self._stderr.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stderr_tail(self, size: int = 600) -> str:
         """The end of what the backend wrote to stderr."""
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")[-size:]
+        return self.stderr_text()[-size:]
+
+    def tracebacks(self) -> int:
+        """Python tracebacks the backend has logged so far."""
+        return self.stderr_text().count("Traceback (most recent call last)")
 
 
 def start_all(specs: Sequence[tuple[Sequence[str], str, Path | None]]) -> list[Backend]:
@@ -137,7 +155,10 @@ def start_all(specs: Sequence[tuple[Sequence[str], str, Path | None]]) -> list[B
 
 
 def stop_all(backends: Iterable[Backend]) -> None:
-    """Stop every backend by PID."""
+    """Stop every backend by PID (all told first, so their drains overlap)."""
+    backends = list(backends)
+    for backend in backends:
+        backend.terminate()
     for backend in backends:
         backend.stop()
 
@@ -175,6 +196,6 @@ def executions(logs: Iterable[Path]) -> dict[str, dict[str, list[float]]]:
             continue
         for line in log.read_text().splitlines():
             parts = line.split()
-            if len(parts) == 3:  # a line cut by SIGKILL mid-write is skipped
+            if len(parts) == 3:
                 found[parts[0]][parts[1]].append(float(parts[2]))
     return found

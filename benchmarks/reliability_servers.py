@@ -62,12 +62,12 @@ class LoggedBench(bench_server.BenchServicer):
 class LoggedAioBench(bench_server.AioBenchServicer):
     """The asyncio BenchService, logging executions."""
 
-    async def Unary(self, request: bench_pb2.BenchRequest, context: Any) -> bench_pb2.BenchResponse:  # type: ignore[override]
+    async def Unary(self, request: bench_pb2.BenchRequest, context: Any) -> bench_pb2.BenchResponse:
         """Log, then answer as AioBenchServicer does."""
         _log("unary", request.payload)
         return await super().Unary(request, context)
 
-    async def ServerStream(  # type: ignore[override]
+    async def ServerStream(
         self, request: bench_pb2.BenchRequest, context: Any
     ) -> AsyncIterator[bench_pb2.BenchResponse]:
         """Log, then stream as AioBenchServicer does."""
@@ -75,7 +75,7 @@ class LoggedAioBench(bench_server.AioBenchServicer):
         async for response in super().ServerStream(request, context):
             yield response
 
-    async def Record(self, request: bench_pb2.RecordRequest, context: Any) -> bench_pb2.RecordResponse:  # type: ignore[override]
+    async def Record(self, request: bench_pb2.RecordRequest, context: Any) -> bench_pb2.RecordResponse:
         """Log, then record as AioBenchServicer does."""
         _log("record", request.key)
         return await super().Record(request, context)
