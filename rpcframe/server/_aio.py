@@ -162,7 +162,7 @@ class Server(ServerBase):
         self._refusing = True
         while not drain.over(time.monotonic(), self._inflight > 0):  # noqa: ASYNC110 - waits for a quiet period, which no event marks
             await asyncio.sleep(_DRAIN_POLL)
-        graceful = asyncio.ensure_future(self._grpc_server.stop(max(0.0, drain.until - time.monotonic())))
+        graceful = asyncio.ensure_future(self._grpc_server.stop(drain.grace_left(time.monotonic())))
         if self.health is not None:
             await self.health.close()
         await graceful

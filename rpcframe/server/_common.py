@@ -438,12 +438,17 @@ class Drain:
 
     QUIET = 0.05
     QUIET_MAX = 1.0
+    #: grpc's own grace after a drain that ended with nothing in flight: only
+    #: refusals can be running then, and a connection that ignores GOAWAY
+    #: (an idle attacker) would otherwise hold the stop for the whole grace.
+    CLOSE = 1.0
 
-    __slots__ = ("_last", "_start", "until")
+    __slots__ = ("_idle", "_last", "_start", "until")
 
     def __init__(self, now: float, grace: float) -> None:
         self._start = self._last = now
         self.until = now + grace
+        self._idle = False
 
     def refused(self, now: float) -> None:
         """A call arrived (and was refused)."""
@@ -453,4 +458,10 @@ class Drain:
         """Whether to stop waiting: ``busy`` says whether accepted calls are still running."""
         if now >= self.until:
             return True
-        return not busy and (now - self._last >= self.QUIET or now - self._start >= self.QUIET_MAX)
+        self._idle = not busy and (now - self._last >= self.QUIET or now - self._start >= self.QUIET_MAX)
+        return self._idle
+
+    def grace_left(self, now: float) -> float:
+        """The grace to give grpc's own stop once :meth:`over` said so."""
+        left = max(0.0, self.until - now)
+        return min(left, self.CLOSE) if self._idle else left

@@ -290,7 +290,7 @@ class Server(ServerBase):
             # Polled: a queued call leaves the queue without telling anyone.
             while not drain.over(time.monotonic(), bool(self._inflight or self._executor.queued())):
                 self._idle.wait(_DRAIN_POLL)
-        left = max(0.0, drain.until - time.monotonic())
+        left = drain.grace_left(time.monotonic())
         stopped = self._grpc_server.stop(left)
         if self.health is not None:
             self.health.close()

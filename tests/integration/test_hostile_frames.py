@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -20,7 +21,7 @@ import pytest
 
 import rpcframe
 import rpcframe.aio
-from examples.echo import AioEchoServicer
+from examples.echo import AioEchoServicer, EchoServicer
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from tests.conftest import Running, eventually
@@ -146,3 +147,28 @@ async def test_raw_grpc_aio_still_leaves_a_truncated_call_unanswered() -> None:
     finally:
         conn.close()
         await server.stop(0)
+
+
+@pytest.mark.parametrize("front", ["sync", "aio"])
+async def test_an_idle_connection_that_ignores_goaway_cannot_hold_stop(front: str) -> None:
+    """grpc waits for every connection to close after GOAWAY: an idle raw client held stop() for the whole grace."""
+    config = rpcframe.ServerConfig(grace_period=10.0, drain_delay=0)
+    server: Any = rpcframe.Server(config) if front == "sync" else rpcframe.aio.Server(config)
+    server.add(AioEchoServicer() if front == "aio" else EchoServicer())
+    port = server.bind("127.0.0.1:0")
+    await _maybe(server.start())
+    conns = [await asyncio.to_thread(open_connection, port) for _ in range(3)]
+    try:
+        started = time.monotonic()
+        await (server.stop() if front == "aio" else asyncio.to_thread(server.stop))
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0, f"stop() took {elapsed:.1f} s with idle connections open"
+    finally:
+        for conn in conns:
+            conn.close()
+        await _maybe(server.stop(0))
+
+
+async def _maybe(result: Any) -> None:
+    if asyncio.iscoroutine(result):
+        await result
