@@ -20,8 +20,8 @@ from typing import Any
 from benchmarks.reliability_load import KINDS, Load, Tally
 from benchmarks.reliability_procs import Backend, Sampler, executions, server_args, start_all, stats, stop_all
 
-#: Callers per kind of call: 16 in flight.
-MIX = {"unary": 6, "stream": 6, "record": 4}
+#: Callers per kind of call (see reliability_load.KINDS): 16 in flight.
+MIX = {"unary": 6, "stream": 5, "record": 4, "refused": 1}
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,17 @@ def _mib(kib: int | None) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
 
 
+def kind_of(rid: str) -> str:
+    """The kind of call a request id names (``TAG.KIND<caller>.<n>``)."""
+    return rid.split(".")[1].rstrip("0123456789")
+
+
 def summarize(tally: Tally, done: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
     """Per kind of call: what the callers saw next to what the backends executed."""
+    ran_all = {rid: times for logged in done.values() for rid, times in logged.items() if rid in tally.deadlines}
     out: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
-        ran = {rid: times for rid, times in done.get(kind, {}).items() if rid in tally.deadlines}
+        ran = {rid: times for rid, times in ran_all.items() if kind_of(rid) == kind}
         prefix = f"{kind} "
         out[kind] = {
             "sent": tally.sent[kind],
@@ -60,7 +66,7 @@ def summarize(tally: Tally, done: dict[str, dict[str, list[float]]]) -> dict[str
             # The caller saw a failure, yet the backend ran it: a non-idempotent caller cannot tell.
             "failed_but_executed": sum(rid not in tally.ok_ids for rid in ran),
             # A success no backend logged: the logging is broken (a sanity check, expected 0).
-            "ok_not_executed": sum(rid.split(".")[1].startswith(kind) and rid not in ran for rid in tally.ok_ids),
+            "ok_not_executed": sum(kind_of(rid) == kind and rid not in ran for rid in tally.ok_ids),
         }
     return out
 

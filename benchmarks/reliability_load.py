@@ -1,7 +1,7 @@
 """Closed-loop load for the reliability suite: rpcframe or raw grpcio clients, threads or asyncio.
 
-Every call carries a unique request id (``BenchRequest.payload`` /
-``RecordRequest.key``) and the client notes the wall-clock time its deadline
+Every call carries a unique request id, ``TAG.KIND<caller>.<n>``
+(``BenchRequest.payload`` / ``RecordRequest.key``), and the client notes the wall-clock time its deadline
 passes, so the backends' execution logs (``benchmarks.reliability_servers``)
 tell duplicates and executions after the caller gave up.
 
@@ -30,7 +30,9 @@ import rpcframe
 import rpcframe.aio
 from generated.rpcframe.bench.v1 import bench_pb2, bench_pb2_grpc
 
-KINDS = ("unary", "stream", "record")
+#: unary and stream: idempotent (NO_SIDE_EFFECTS); record: not idempotent; refused: a Record whose
+#: handler fails with ConnectionRefusedError after its side effect (benchmarks.reliability_servers).
+KINDS = ("unary", "stream", "record", "refused")
 STREAM_MESSAGES = 5
 _UNARY_DELAY = duration_pb2.Duration(nanos=5_000_000)  # calls are in flight when a fault lands
 _STREAM_DELAY = duration_pb2.Duration(nanos=10_000_000)  # per message: a 50 ms stream
@@ -116,7 +118,7 @@ def _sync_calls(stub: Any, timeout: float) -> dict[str, Callable[[str], str]]:
     def record(rid: str) -> str:
         return str(stub.Record(bench_pb2.RecordRequest(key=rid), timeout=timeout).server_id)
 
-    return {"unary": unary, "stream": stream, "record": record}
+    return {"unary": unary, "stream": stream, "record": record, "refused": record}
 
 
 def _aio_calls(stub: Any, timeout: float) -> dict[str, Callable[[str], Awaitable[str]]]:
@@ -134,7 +136,7 @@ def _aio_calls(stub: Any, timeout: float) -> dict[str, Callable[[str], Awaitable
     async def record(rid: str) -> str:
         return str((await stub.Record(bench_pb2.RecordRequest(key=rid), timeout=timeout)).server_id)
 
-    return {"unary": unary, "stream": stream, "record": record}
+    return {"unary": unary, "stream": stream, "record": record, "refused": record}
 
 
 def _code(exc: BaseException) -> str:

@@ -2,7 +2,10 @@
 
 ``RELIABILITY_LOG`` names a file; each ``Unary``, ``ServerStream`` and
 ``Record`` call whose request carries an id (``payload`` or ``key``) appends
-``KIND ID WALL_TIME`` to it when its handler starts. Writes go straight to
+``KIND ID WALL_TIME`` to it when its handler starts. A ``Record`` whose key
+contains ``.refused`` then fails with ``ConnectionRefusedError``, as a relay
+whose downstream refused would, after its side effect: a client that took
+that for "never sent" would run it twice. Writes go straight to
 the file (``O_APPEND``, no Python buffer), so a backend killed with SIGKILL
 or stopped with SIGSTOP loses nothing it executed. Without the variable
 nothing is logged.
@@ -25,6 +28,7 @@ from examples import bench_server
 from generated.rpcframe.bench.v1 import bench_pb2
 
 _fd: int | None = None
+REFUSED = ".refused"
 
 
 def _log(kind: str, request_id: bytes | str) -> None:
@@ -56,7 +60,10 @@ class LoggedBench(bench_server.BenchServicer):
     def Record(self, request: bench_pb2.RecordRequest, context: Any) -> bench_pb2.RecordResponse:
         """Log, then record as BenchServicer does."""
         _log("record", request.key)
-        return super().Record(request, context)
+        response = super().Record(request, context)
+        if REFUSED in request.key:
+            raise ConnectionRefusedError("failed to connect to all addresses (a downstream, after the side effect)")
+        return response
 
 
 class LoggedAioBench(bench_server.AioBenchServicer):
@@ -78,7 +85,10 @@ class LoggedAioBench(bench_server.AioBenchServicer):
     async def Record(self, request: bench_pb2.RecordRequest, context: Any) -> bench_pb2.RecordResponse:
         """Log, then record as AioBenchServicer does."""
         _log("record", request.key)
-        return await super().Record(request, context)
+        response = await super().Record(request, context)
+        if REFUSED in request.key:
+            raise ConnectionRefusedError("failed to connect to all addresses (a downstream, after the side effect)")
+        return response
 
 
 servicer = LoggedBench()
