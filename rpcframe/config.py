@@ -16,9 +16,10 @@ import grpc
 from ._core.budget import BudgetConfig
 from ._core.hedge import HedgePolicy
 from ._core.retry import RetryPolicy
+from .balancing.outlier import OutlierConfig
 from .balancing.pickers import available_policies
 from .errors import DEFAULT_EXCEPTION_STATUS, ConfigError
-from .health.outlier import OutlierConfig
+from .observe import CallObserver
 from .security.auth import AuthConfig
 from .security.tls import TLSConfig
 from .security.tokens import TokenSource
@@ -149,6 +150,8 @@ class ChannelConfig:
             Bearer <token>``), a ``StaticToken`` or a ``RefreshingToken``.
         allow_insecure_token: send ``token`` over plaintext to non-loopback
             addresses (refused with a ConfigError otherwise).
+        observers: :class:`~rpcframe.observe.CallObserver` objects told of
+            every call and attempt (tracing, metrics); none costs nothing.
     """
 
     default_timeout: float | None = None
@@ -178,6 +181,7 @@ class ChannelConfig:
     tls: TLSConfig | None = None
     token: str | TokenSource | None = None
     allow_insecure_token: bool = False
+    observers: tuple[CallObserver, ...] = ()
 
     def __post_init__(self) -> None:
         if self.deadline_margin < 0:
@@ -304,6 +308,8 @@ class ServerConfig:
             with a client CA, mTLS); certificate files reload when changed.
         auth: authenticate and authorize every call of added services
             (:class:`~rpcframe.security.AuthConfig`); ``None`` checks nothing.
+        observers: :class:`~rpcframe.observe.CallObserver` objects told of
+            every incoming call of added services; none costs nothing.
     """
 
     max_workers: int = 64
@@ -331,6 +337,7 @@ class ServerConfig:
     max_deadline: float | None = None
     tls: TLSConfig | None = None
     auth: AuthConfig | None = None
+    observers: tuple[CallObserver, ...] = ()
 
     def __post_init__(self) -> None:
         _check_positive("max_deadline", self.max_deadline)

@@ -1,4 +1,10 @@
-"""The asyncio client front: a ``grpc.aio.Channel`` whose calls go through rpcframe."""
+"""The asyncio client front: a ``grpc.aio.Channel`` whose calls go through rpcframe.
+
+This front is a driver of :mod:`._flow`. A call performs the flow's
+non-blocking steps at once (the first attempt is sent when the stub method
+is called, as grpc.aio does) and awaits the rest when the call is awaited
+or iterated; no task is created per call.
+"""
 
 from __future__ import annotations
 
@@ -6,229 +12,57 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from .._core.deadline import CallScope
 from ..balancing.balancer import BalancerCore, Connectivity, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
-from ..errors import Cancelled, DeadlineExceeded, RpcError, Unavailable, from_grpc
-from ..security.tls import channel_credentials
+from ..errors import Cancelled, DeadlineExceeded, Unavailable, from_grpc
 from ._common import (
-    Attempts,
+    HEALTH_BACKOFF,
     BalancedChannelBase,
+    CallPlan,
     Metadata,
     MethodBase,
     SubchannelBase,
     Target,
     connectivity_of,
-    outcome_of,
-    remaining_timeout,
-    with_attempt,
 )
+from ._flow import (
+    CALL,
+    CANCEL,
+    DELIVER,
+    OPEN,
+    PICK,
+    SLEEP,
+    START,
+    WAIT,
+    Flow,
+    hedged_flow,
+    status_of,
+    stream_flow,
+    unary_flow,
+)  # fmt: skip
 
-__all__ = ["Channel", "connect"]
+__all__ = ["Call", "Channel", "connect"]
 
-S = TypeVar("S")
 _WATCH_END = 1.0  # seconds close() waits for a cancelled health Watch's task to end by itself
+_AWAIT = -1  # the driver's own step: await the attempt a CALL started
 
 
-class Call:
-    """An asyncio call in flight; awaiting or iterating it raises rpcframe errors.
-
-    Depending on the method kind it is awaitable (unary response), async
-    iterable (streaming response), and has ``write``/``done_writing``
-    (streaming request without an iterator).
-    """
-
-    __slots__ = ("_call",)
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        try:
-            return (yield from self._call.__await__())
-        except grpc.RpcError as exc:
-            raise from_grpc(exc) from None
-
-    async def _responses(self) -> AsyncIterator[Any]:
-        try:
-            async for response in self._call:
-                yield response
-        except grpc.RpcError as exc:
-            raise from_grpc(exc) from None
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._responses()
-
-    async def read(self) -> Any:
-        """The next response, or ``grpc.aio.EOF`` after the last one."""
-        try:
-            return await self._call.read()
-        except grpc.RpcError as exc:
-            raise from_grpc(exc) from None
-
-    async def write(self, request: Any) -> None:
-        """Send one request on a request stream."""
-        try:
-            await self._call.write(request)
-        except grpc.RpcError as exc:
-            raise from_grpc(exc) from None
-
-    async def done_writing(self) -> None:
-        """Close the request stream."""
-        try:
-            await self._call.done_writing()
-        except grpc.RpcError as exc:
-            raise from_grpc(exc) from None
-
-    async def wait_for_connection(self) -> None:
-        """Wait until the call is sent (raises if it failed first)."""
-        try:
-            await self._call.wait_for_connection()
-        except grpc.RpcError as exc:
-            raise from_grpc(exc) from None
-
-    def cancel(self) -> bool:
-        """Cancel the call; the server sees CANCELLED."""
-        return bool(self._call.cancel())
-
-    def cancelled(self) -> bool:
-        """Whether the call was cancelled."""
-        return bool(self._call.cancelled())
-
-    def done(self) -> bool:
-        """Whether the call has ended."""
-        return bool(self._call.done())
-
-    def time_remaining(self) -> float | None:
-        """Seconds left before the deadline, or None without one."""
-        return self._call.time_remaining()  # type: ignore[no-any-return]
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        """Run ``callback(call)`` when the call ends."""
-        self._call.add_done_callback(lambda _: callback(self))
-
-    async def initial_metadata(self) -> Metadata:
-        """Metadata the server sent before its first response."""
-        return await self._call.initial_metadata()  # type: ignore[no-any-return]
-
-    async def trailing_metadata(self) -> Metadata:
-        """Metadata the server sent with its status."""
-        return await self._call.trailing_metadata()  # type: ignore[no-any-return]
-
-    async def code(self) -> grpc.StatusCode:
-        """The call's final status code."""
-        return await self._call.code()
-
-    async def details(self) -> str:
-        """The call's final status details."""
-        return await self._call.details()  # type: ignore[no-any-return]
-
-
-class UnaryCall(Call):
-    """A unary-response call: picks, sends, reports the outcome, retries or hedges."""
-
-    __slots__ = ("_args", "_channel", "_done", "_method", "_request", "_scope", "_start", "_stats")
-
-    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
-        self._method = method
-        self._channel: Channel = method._channel  # type: ignore[assignment]
-        self._request = request
-        self._args = args  # timeout, metadata, credentials, wait_for_ready, compression
-        self._scope = scope
-        self._done: Any = None
-        if method._hedge_state is not None:
-            super().__init__(None)  # hedged calls start when awaited
-            return
-        try:
-            stats, self._done = self._channel._pick_now(args[3])
-        except NoEndpointError:
-            super().__init__(None)  # nothing to send to yet: wait in __await__
-            return
-        super().__init__(self._send(stats))
-
-    def _send(self, stats: Any, metadata: Metadata | None = None) -> Any:
-        self._stats = stats
-        timeout, base_metadata, credentials, wait_for_ready, compression = self._args
-        self._start = time.perf_counter()
-        call = stats.handle.call(self._method)(
-            self._request, timeout=timeout, metadata=metadata or base_metadata, credentials=credentials,
-            wait_for_ready=wait_for_ready, compression=compression,
-        )  # fmt: skip
-        if self._scope is not None:
-            self._scope.track(call)
-        return call
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._result().__await__()
-
-    async def _result(self) -> Any:
-        method, channel, scope = self._method, self._channel, self._scope
-        timeout = self._args[0]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._call is None:
-            delay = method._hedge_delay(scope)
-            if delay is not None:
-                return await _Hedged(self, deadline).run(delay)
-        tries: Attempts | None = None
-        failed = None
-        while True:
-            if self._call is None:
-                stats, self._done = await channel._pick_waiting(self._args[3], deadline, failed)
-                metadata = None if tries is None else with_attempt(self._args[1], tries.number)
-                self._call = self._send(stats, metadata)
-            try:
-                response = await self._call
-            except grpc.RpcError as exc:
-                self._untrack()
-                if self._done(outcome_of(exc.code()), time.perf_counter() - self._start):
-                    channel.balancer.refresh()
-                tries = tries or Attempts(method, deadline, scope)
-                delay = tries.delay(exc)
-                if delay is None:
-                    raise channel._error(exc) from None
-                if delay:
-                    await asyncio.sleep(delay)
-                self._args = (tries.timeout(), *self._args[1:])
-                self._call = None
-                failed = self._stats
-                continue
-            except BaseException:
-                # Cancelled while waiting for the response.
-                self._untrack()
-                self._done(Outcome.IGNORED, time.perf_counter() - self._start)
-                raise
-            self._untrack()
-            latency = time.perf_counter() - self._start
-            self._done(Outcome.SUCCESS, latency)
-            if method._hedge_state is not None:
-                method._hedge_state.latencies.add(latency)
-            return response
-
-    def _untrack(self) -> None:
-        if self._scope is not None:
-            self._scope.untrack(self._call)
-
-    def cancel(self) -> bool:
-        """Cancel the call; the server sees CANCELLED."""
-        return self._call is not None and bool(self._call.cancel())
-
-
-class _Attempt:
-    """One copy of a hedged call."""
-
-    __slots__ = ("call", "done", "index", "start", "stats")
-
-    def __init__(self, call: Any, stats: Any, done: Any, index: int) -> None:
-        self.call, self.stats, self.done, self.index = call, stats, done, index
-        self.start = time.perf_counter()
+def _send(method: MethodBase, stats: EndpointStats, plan: CallPlan, request: Any) -> Any:
+    call = stats.handle.call(method)(
+        request, timeout=plan.timeout, metadata=plan.metadata, credentials=plan.credentials,
+        wait_for_ready=plan.wait_for_ready, compression=plan.compression,
+    )  # fmt: skip
+    if plan.scope is not None:
+        plan.scope.track(call)
+    return call
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -236,184 +70,331 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class _Hedged:
-    """One hedged unary call: a backup after a delay, first answer wins, losers cancelled.
+class _Hedges:
+    """The running copies of one hedged call: done-callbacks and one timer wake the driver."""
 
-    Driven by the calls' done-callbacks and one timer, not by a task per
-    copy: hedged methods stay close to the cost of plain calls.
-    """
-
-    def __init__(self, call: UnaryCall, deadline: float | None) -> None:
-        self._call = call
-        self._method = call._method
-        self._channel = call._channel
-        self._deadline = deadline
-        self._running: list[_Attempt] = []
-        self._ready: list[_Attempt] = []
+    def __init__(self, scope: Any) -> None:
+        self.scope = scope
+        self.ended: set[Any] = set()
         self._wakeup: asyncio.Future[None] | None = None
-        self._sent = 0
 
-    async def _send(self) -> None:
-        call = self._call
-        self._sent += 1
-        avoid = self._running[-1].stats if self._running else None
-        stats, done = await self._channel._pick_waiting(call._args[3], self._deadline, avoid)
-        try:
-            call._args = (remaining_timeout(self._deadline), *call._args[1:])
-        except DeadlineExceeded:
-            done(Outcome.IGNORED, 0.0)
-            raise
-        metadata = None if self._sent == 1 else with_attempt(call._args[1], self._sent)
-        attempt = _Attempt(call._send(stats, metadata), stats, done, self._sent)
-        self._running.append(attempt)
-        attempt.call.add_done_callback(lambda _: self._finished(attempt))
+    def start(self, call: Any) -> Any:
+        call.add_done_callback(self._ended)
+        return call
 
-    def _finished(self, attempt: _Attempt) -> None:
-        self._ready.append(attempt)
+    def _ended(self, call: Any) -> None:
+        self.ended.add(call)
         if self._wakeup is not None:
             _wake(self._wakeup)
 
-    async def _next(self, wait: float | None) -> None:
-        """Wait until a copy ends or ``wait`` seconds pass."""
-        loop = asyncio.get_running_loop()
-        self._wakeup = wakeup = loop.create_future()
-        timer = None if wait is None else loop.call_later(wait, _wake, wakeup)
-        try:
-            await wakeup
-        finally:
-            self._wakeup = None
-            if timer is not None:
-                timer.cancel()
-
-    async def run(self, delay: float) -> Any:
-        method = self._method
-        assert method._hedge_state is not None
-        max_attempts = method._hedge_state.policy.max_attempts
-        wait: float | None = delay
-        error: BaseException | None = None
-        await self._send()
-        try:
-            while self._running:
-                if not self._ready:
-                    await self._next(wait if self._sent < max_attempts else None)
-                if not self._ready:  # the hedging delay passed first
-                    if method._may_hedge():
-                        await self._send()
-                    else:
-                        wait = None  # budget spent: wait for what is running
-                    continue
-                ready, self._ready = self._ready, []
-                for attempt in ready:
-                    self._running.remove(attempt)
-                    response, error = await self._settle(attempt)
-                    if error is None:
-                        return response
-                if method._ends_hedge(error):
-                    break
-                if not self._running and self._sent < max_attempts:
-                    await self._send()  # every copy failed retryably: the next goes now
-        finally:
-            self._cancel_rest()
-        assert error is not None
-        raise self._channel._error(error) if isinstance(error, grpc.RpcError) else error
-
-    async def _settle(self, attempt: _Attempt) -> tuple[Any, BaseException | None]:
-        """Report an ended copy to its pick: (response, None) or (None, its error)."""
-        elapsed = time.perf_counter() - attempt.start
-        scope = self._call._scope
-        if scope is not None:
-            scope.untrack(attempt.call)
-        if attempt.call.cancelled():
-            attempt.done(Outcome.IGNORED, elapsed)
-            return None, Cancelled(f"{self._method.method}: cancelled")
-        try:
-            response = await attempt.call  # already done: returns or raises at once
-        except grpc.RpcError as exc:
-            if attempt.done(outcome_of(exc.code()), elapsed):
-                self._channel.balancer.refresh()
-            return None, exc
-        attempt.done(Outcome.SUCCESS, elapsed)
-        self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]  # set for hedged methods
-        if attempt.index > 1:
-            self._channel.stats.hedge_wins += 1
-        return response, None
-
-    def _cancel_rest(self) -> None:
-        scope = self._call._scope
-        for attempt in self._running:
-            attempt.call.cancel()
-            attempt.done(Outcome.IGNORED, time.perf_counter() - attempt.start)
-            if scope is not None:
-                scope.untrack(attempt.call)
-        self._running.clear()
+    async def wait(self, calls: list[Any], seconds: float | None) -> list[tuple[Any, bool, Any]]:
+        if not self.ended.intersection(calls):
+            loop = asyncio.get_running_loop()
+            self._wakeup = wakeup = loop.create_future()
+            timer = None if seconds is None else loop.call_later(seconds, _wake, wakeup)
+            try:
+                await wakeup
+            finally:
+                self._wakeup = None
+                if timer is not None:
+                    timer.cancel()
+        return [(call, *await _outcome(call, self.scope)) for call in calls if call in self.ended]
 
 
-def _open_stream(
-    method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None, avoid: Any = None
-) -> tuple[Any, Any]:
-    """Pick once for a stream; the pick is released when the stream ends. Returns (call, endpoint)."""
-    channel: Channel = method._channel  # type: ignore[assignment]
-    timeout, metadata, credentials, wait_for_ready, compression = args
+async def _outcome(call: Any, scope: Any) -> tuple[bool, Any]:
+    """An ended (or ending) attempt as the flow's (ok, value)."""
+    if scope is not None:
+        scope.untrack(call)
+    if call.cancelled():
+        return False, Cancelled("cancelled")
     try:
-        stats, done = channel._pick_now(wait_for_ready, avoid)
-    except NoEndpointError:
-        raise Unavailable(channel.balancer.reason) from None
-    call = stats.handle.call(method)(
-        request, timeout=timeout, metadata=metadata, credentials=credentials,
-        wait_for_ready=wait_for_ready, compression=compression,
+        return True, await call
+    except grpc.RpcError as exc:
+        return False, exc
+
+
+class Call:
+    """An asyncio call in flight; awaiting or iterating it raises rpcframe errors.
+
+    Depending on the method kind it is awaitable (unary response), async
+    iterable (streaming response), and has ``write``/``done_writing``
+    (streaming request without an iterator). Its status and metadata are
+    those of the attempt that ended it.
+    """
+
+    __slots__ = (
+        "_call", "_cancelled", "_delivered", "_driving", "_ended", "_flow", "_hedges", "_method", "_outcome",
+        "_pending", "_request",
     )  # fmt: skip
+
+    def __init__(self, method: MethodBase, flow: Flow, request: Any) -> None:
+        self._method, self._flow, self._request = method, flow, request
+        self._call: Any = None
+        self._pending: tuple[Any, ...] | None = None
+        self._outcome: tuple[bool, Any] | None = None
+        self._hedges: _Hedges | None = None
+        self._cancelled = self._delivered = self._driving = False
+        self._ended: asyncio.Event | None = None
+        self._step(None, None)
+
+    # -- the driver ---------------------------------------------------------
+
+    def _step(self, reply: Any, error: BaseException | None) -> None:
+        """Perform the flow's non-blocking actions; stop at one that must be awaited."""
+        flow = self._flow
+        while True:
+            try:
+                action = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                return self._end((True, stop.value))
+            except BaseException as exc:
+                return self._end((False, exc))
+            reply = error = None
+            kind = action[0]
+            try:
+                if kind is PICK:
+                    reply = self._pick_now(action[1], action[2])
+                elif kind is CALL:
+                    self._call = _send(self._method, action[1], action[2], self._request)
+                    self._pending = (_AWAIT, action[2].scope)
+                    return None
+                elif kind is START:
+                    self._hedges = self._hedges or _Hedges(action[2].scope)
+                    reply = self._call = self._hedges.start(_send(self._method, action[1], action[2], self._request))
+                elif kind is OPEN:
+                    reply = self._call = _open(self._method, action[1], action[2], action[3], self._request)
+                elif kind is CANCEL:
+                    for call in action[1]:
+                        call.cancel()
+                        if self._hedges is not None and self._hedges.scope is not None:
+                            self._hedges.scope.untrack(call)
+                else:  # SLEEP, WAIT, DELIVER, or a PICK that must wait
+                    self._pending = action
+                    return None
+            except _MustWait:
+                self._pending = action
+                return None
+            except BaseException as exc:
+                error = exc
+
+    def _pick_now(self, plan: CallPlan, avoid: Any) -> Pick:
+        channel: Channel = self._method._channel  # type: ignore[assignment]
+        try:
+            return channel._pick_now(plan.wait_for_ready, avoid)
+        except NoEndpointError:
+            if not plan.wait_for_ready:
+                raise Unavailable(channel.balancer.reason) from None
+            raise _MustWait from None
+
+    def _end(self, outcome: tuple[bool, Any]) -> None:
+        self._outcome, self._pending = outcome, None
+        if self._ended is not None:
+            self._ended.set()
+
+    async def _perform(self, action: tuple[Any, ...]) -> Any:
+        """Perform an action that waits."""
+        kind = action[0]
+        if kind is _AWAIT:
+            return await _outcome(self._call, action[1])
+        if kind is WAIT:
+            return await self._hedges.wait(action[1], action[2])  # type: ignore[union-attr]
+        if kind is SLEEP:
+            await asyncio.sleep(action[1])
+        elif kind is PICK:
+            plan = action[1]
+            channel: Channel = self._method._channel  # type: ignore[assignment]
+            return await channel._pick_waiting(plan.wait_for_ready, plan.deadline, action[2])
+        return None
+
+    async def _run(self) -> Any:
+        """Drive the flow to its end, or to its next DELIVER; return or raise its outcome."""
+        self._driving = True
+        try:
+            while self._pending is not None and self._pending[0] is not DELIVER:
+                error: BaseException | None = None
+                try:
+                    reply = await self._perform(self._pending)
+                except asyncio.CancelledError as exc:
+                    if not self._cancelled:
+                        self._step(None, exc)  # the awaiting task was cancelled: the flow lets go first
+                        raise
+                    reply, error = None, self._cancellation()
+                except BaseException as exc:
+                    reply, error = None, exc
+                if self._cancelled and error is None:
+                    error = self._cancellation()
+                self._step(reply, error)
+        finally:
+            self._driving = False
+        if self._outcome is None:
+            return None
+        ok, value = self._outcome
+        if ok:
+            return value
+        raise value
+
+    def _cancellation(self) -> Cancelled:
+        return Cancelled(f"{self._method.method}: cancelled")
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._awaited().__await__()
+
+    async def _awaited(self) -> Any:
+        result = await self._run()
+        if self._pending is None:
+            return result
+        # A client-streaming call at its DELIVER: its one response.
+        try:
+            response, failed = await self._call, None
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise
+            response, failed = None, self._cancellation()
+        except grpc.RpcError as exc:
+            response, failed = None, exc
+        self._step((False, failed), None)
+        await self._run()
+        return response
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._responses()
+
+    async def _responses(self) -> AsyncIterator[Any]:
+        await self._run()  # up to the stream's first DELIVER
+        while self._pending is not None:
+            try:
+                async for response in self._call:
+                    self._delivered = True
+                    yield response
+                failed = None
+            except asyncio.CancelledError:
+                if not self._cancelled:
+                    raise
+                failed = self._cancellation()
+            except grpc.RpcError as exc:
+                failed = exc
+            self._step((self._delivered, failed), None)
+            await self._run()
+
+    async def _settled(self) -> None:
+        """Wait for the call's end without raising (for status and metadata)."""
+        if self._outcome is not None or self._pending is None or self._pending[0] is DELIVER:
+            return
+        if self._ended is None:
+            self._ended = asyncio.Event()
+        if self._driving:
+            await self._ended.wait()
+            return
+        try:
+            await self._run()
+        except Exception:  # noqa: BLE001 - the status is what was asked for
+            pass
+
+    # -- grpc.aio.Call --------------------------------------------------------
+
+    async def read(self) -> Any:
+        """The next response, or ``grpc.aio.EOF`` after the last one."""
+        return await self._grpc(self._call.read())
+
+    async def write(self, request: Any) -> None:
+        """Send one request on a request stream."""
+        await self._grpc(self._call.write(request))
+
+    async def done_writing(self) -> None:
+        """Close the request stream."""
+        await self._grpc(self._call.done_writing())
+
+    async def wait_for_connection(self) -> None:
+        """Wait until the call is sent (raises if it failed first)."""
+        await self._grpc(self._call.wait_for_connection())
+
+    async def _grpc(self, operation: Any) -> Any:
+        try:
+            return await operation
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise
+            raise self._cancellation() from None
+        except grpc.RpcError as exc:
+            raise from_grpc(exc) from None
+
+    def cancel(self) -> bool:
+        """Cancel the call; the server sees CANCELLED, and the caller gets :class:`rpcframe.Cancelled`."""
+        if self.done():
+            return False
+        self._cancelled = True
+        return self._call is None or bool(self._call.cancel())
+
+    def cancelled(self) -> bool:
+        """Whether the call was cancelled."""
+        return self._cancelled
+
+    def done(self) -> bool:
+        """Whether the call has ended."""
+        return self._outcome is not None or (self._call is not None and bool(self._call.done()))
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the deadline, or None without one."""
+        return None if self._call is None else self._call.time_remaining()
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """Run ``callback(call)`` when the call's current attempt ends."""
+        if self._call is None:
+            asyncio.ensure_future(self._settled()).add_done_callback(lambda _: callback(self))
+        else:
+            self._call.add_done_callback(lambda _: callback(self))
+
+    async def initial_metadata(self) -> Metadata:
+        """Metadata the server sent before its first response."""
+        await self._settled()
+        return () if self._call is None else await self._call.initial_metadata()
+
+    async def trailing_metadata(self) -> Metadata:
+        """Metadata the server sent with its status."""
+        await self._settled()
+        error = self._error()
+        if error is not None:
+            return tuple(getattr(error, "trailing_metadata", lambda: ())() or ())
+        return await self._call.trailing_metadata()  # type: ignore[no-any-return]
+
+    async def code(self) -> grpc.StatusCode:
+        """The call's final status code."""
+        await self._settled()
+        if self._outcome is None:
+            return await self._call.code()
+        return status_of(self._error())
+
+    async def details(self) -> str:
+        """The call's final status details."""
+        await self._settled()
+        if self._outcome is None:
+            return await self._call.details()  # type: ignore[no-any-return]
+        details = getattr(self._error(), "details", None)
+        return (details() if callable(details) else "") or ""
+
+    def _error(self) -> BaseException | None:
+        return None if self._outcome is None or self._outcome[0] else self._outcome[1]
+
+
+class _MustWait(Exception):
+    """The action cannot be done without waiting: the driver awaits it."""
+
+
+def _open(method: MethodBase, stats: EndpointStats, done: Any, plan: CallPlan, request: Any) -> Any:
+    """Start a streaming call; its pick is released when it ends."""
+    call = _send(method, stats, plan, request)
     # Streams count as in-flight while open; their length says nothing about
     # the endpoint's latency, so they neither age nor feed the EWMA.
     stats.as_stream()
-    if scope is None:
-        call.add_done_callback(lambda _: done(Outcome.IGNORED, -1.0))
-    else:
-        scope.track(call)
+    scope = plan.scope
 
-        def ended(_: Any) -> None:
-            done(Outcome.IGNORED, -1.0)
+    def ended(_: Any) -> None:
+        done(Outcome.IGNORED, -1.0)
+        if scope is not None:
             scope.untrack(call)
 
-        call.add_done_callback(ended)
-    return call, stats
-
-
-def _start_stream(method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> Call:
-    return Call(_open_stream(method, request, args, scope)[0])
-
-
-class _RetryingStream(Call):
-    """A server stream that is restarted elsewhere if it fails before its first response."""
-
-    __slots__ = ("_args", "_method", "_request", "_scope", "_stats", "_tries")
-
-    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
-        call, self._stats = _open_stream(method, request, args, scope)
-        super().__init__(call)
-        self._method, self._request, self._args, self._scope = method, request, args, scope
-        self._tries = Attempts(method, None if args[0] is None else time.monotonic() + args[0], scope)
-
-    async def _responses(self) -> AsyncIterator[Any]:
-        replayable = True
-        while True:
-            try:
-                async for response in self._call:
-                    replayable = False
-                    yield response
-                return
-            except grpc.RpcError as exc:
-                if not replayable or not await self._restart(exc):
-                    raise from_grpc(exc) from None
-
-    async def _restart(self, exc: grpc.RpcError) -> bool:
-        delay = self._tries.delay(exc)
-        if delay is None:
-            return False
-        if delay:
-            await asyncio.sleep(delay)
-        args = (self._tries.timeout(), with_attempt(self._args[1], self._tries.number), *self._args[2:])
-        self._call, self._stats = _open_stream(self._method, self._request, args, self._scope, self._stats)
-        return True
+    call.add_done_callback(ended)
+    return call
 
 
 class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
@@ -422,18 +403,12 @@ class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[
     __slots__ = ()
     kind = "unary_unary"
 
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        return UnaryCall(self, request, (timeout, metadata, credentials, wait_for_ready, compression), scope)
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata: Metadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> Call:  # fmt: skip
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        delay = self._hedge_delay(plan.scope)
+        return Call(self, unary_flow(self, plan) if delay is None else hedged_flow(self, plan, delay), request)
 
 
 class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
@@ -442,18 +417,11 @@ class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignor
     __slots__ = ()
     kind = "unary_stream"
 
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        return _RetryingStream(self, request, (timeout, metadata, credentials, wait_for_ready, compression), scope)
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata: Metadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> Call:  # fmt: skip
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return Call(self, stream_flow(self, plan, retry=True), request)
 
 
 class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
@@ -462,56 +430,29 @@ class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignor
     __slots__ = ()
     kind = "stream_unary"
 
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        args = (timeout, metadata, credentials, wait_for_ready, compression)
-        return _start_stream(self, request_iterator, args, scope)
+    def __call__(self, request_iterator: Any = None, timeout: float | None = None, metadata: Metadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> Call:  # fmt: skip
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return Call(self, stream_flow(self, plan, retry=False), request_iterator)
 
 
-class StreamStream(MethodBase, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
+class StreamStream(StreamUnary, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
     """Bidirectional-streaming method: requests in, ``async for`` responses out."""
 
     __slots__ = ()
     kind = "stream_stream"
-
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        args = (timeout, metadata, credentials, wait_for_ready, compression)
-        return _start_stream(self, request_iterator, args, scope)
 
 
 class _Subchannel(SubchannelBase):
     """One endpoint: a grpc.aio channel, its connectivity task and health task."""
 
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
-        options, tls = config.channel_options(), config.tls
-        if tls is not None:
-            creds = channel_credentials(tls)
-            channel = grpc.aio.secure_channel(address, creds, options=options + tls.channel_options())
-        else:
-            channel = grpc.aio.insecure_channel(address, options=options)
-        super().__init__(address, channel)
-        self._core = core
+        super().__init__(address, grpc.aio, core, config)
         self._watch: Any = None  # the health Watch call in progress, ended first by close()
         self._tasks = [asyncio.ensure_future(self._watch_state())]
         if config.health_check:
-            self._tasks.append(asyncio.ensure_future(self._watch_health(config.health_service)))
+            self._tasks.append(asyncio.ensure_future(self._watch_health()))
 
     def ready(self) -> bool:
         return self.channel.get_state(False) is grpc.ChannelConnectivity.READY
@@ -527,24 +468,20 @@ class _Subchannel(SubchannelBase):
             # try_to_connect: a dropped connection goes IDLE; reconnect at once.
             state = self.channel.get_state(try_to_connect=True)
 
-    async def _watch_health(self, service: str) -> None:
-        request = health_pb2.HealthCheckRequest(service=service)
+    async def _watch_health(self) -> None:
         stub = health_pb2_grpc.HealthStub(self.channel)
-        backoff = 0.05
+        backoff = HEALTH_BACKOFF[0]
         while True:
             try:
-                self._watch = stub.Watch(request, wait_for_ready=True)
+                self._watch = stub.Watch(self._health_request, wait_for_ready=True)
                 async for response in self._watch:
-                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
-                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-                    self._core.set_serving(self.address, serving, name)
-                    backoff = 0.05
+                    self._health_seen(response)
+                    backoff = HEALTH_BACKOFF[0]
             except grpc.RpcError as exc:
-                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                    self._core.set_serving(self.address, True)  # no health service: trust connectivity
+                if self._health_gone(exc):
                     return
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, HEALTH_BACKOFF[1])
 
     async def close(self, grace: float | None = None) -> None:
         """Stop watching and close the channel."""
@@ -566,6 +503,8 @@ class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
     Create it inside a running event loop (it starts connectivity and health
     watchers as tasks).
     """
+
+    _kinds = (UnaryUnary, UnaryStream, StreamUnary, StreamStream)
 
     def __init__(self, target: Target, config: ChannelConfig | None = None) -> None:
         super().__init__(target, config)
@@ -625,56 +564,6 @@ class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
                     await self._changed.wait()
             except TimeoutError:
                 raise DeadlineExceeded(f"waiting for an endpoint: {self._core.reason}") from None
-
-    def _error(self, exc: grpc.RpcError) -> RpcError:
-        err = from_grpc(exc)
-        if err.code() is grpc.StatusCode.UNAVAILABLE and self._core.fallback:
-            return Unavailable(f"{self._core.reason}: {err.details()}")
-        return err
-
-    def stub(self, stub_class: Callable[[grpc.aio.Channel], S]) -> S:
-        """Instantiate a generated ``*Stub`` class on this channel."""
-        return stub_class(self)
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> UnaryUnary:
-        """Wrap a unary method (called by generated stubs)."""
-        return UnaryUnary(self, method, request_serializer, response_deserializer)
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> UnaryStream:
-        """Wrap a server-streaming method (called by generated stubs)."""
-        return UnaryStream(self, method, request_serializer, response_deserializer)
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> StreamUnary:
-        """Wrap a client-streaming method (called by generated stubs)."""
-        return StreamUnary(self, method, request_serializer, response_deserializer)
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> StreamStream:
-        """Wrap a bidirectional-streaming method (called by generated stubs)."""
-        return StreamStream(self, method, request_serializer, response_deserializer)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """The target's aggregate connectivity (READY if any endpoint is)."""

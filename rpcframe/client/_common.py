@@ -12,27 +12,30 @@ contract and the budget allow (:class:`Attempts`, policy in
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health_pb2
 
 from .._core.budget import BudgetConfig, RateBudget
 from .._core.deadline import CallScope, DeadlinePassed, bounded_timeout, scope_var
 from .._core.hedge import HedgePolicy, LatencyWindow
-from .._core.retry import NOT_RUN_KEY, decide, parse_pushback
+from .._core.retry import NOT_RUN_KEY, parse_pushback
 from ..balancing.balancer import BalancerCore, Connectivity
 from ..balancing.endpoint import EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
 from ..config import ChannelConfig
-from ..errors import DeadlineExceeded, Unavailable
+from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
+from ..observe import combine
+from ..security.tls import channel_credentials
 from ..security.tokens import check_token_transport, token_parts
 
 Metadata = Sequence[tuple[str, str | bytes]]
+S = TypeVar("S")
 Target = str | Sequence[str] | Resolver
 
 _IDEMPOTENT_LEVELS = (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT)
@@ -51,10 +54,53 @@ _ENDPOINT_FAILURES = frozenset(
 _AVOID_TRIES = 4  # re-picks to find another endpoint than the one that failed
 _READY_TRIES = 8  # re-picks after grpc says a picked endpoint lost its connection
 
+_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
 #: Sent with every attempt after the first (retries and hedges), so servers
 #: see it was a retry and the calls they make are not retried again.
 ATTEMPT_KEY = "rpcframe-attempt"
-_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class CallPlan(NamedTuple):
+    """What one attempt of a call is sent with; :meth:`next` derives the next attempt's.
+
+    The deadline is absolute (``time.monotonic()``), fixed when the stub
+    method is called; ``timeout`` is what the first attempt sends.
+    """
+
+    deadline: float | None
+    timeout: float | None
+    metadata: Metadata | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+    scope: CallScope | None
+    base_metadata: Metadata | None
+    attempt: int = 1
+
+    def next(self, attempt: int) -> CallPlan:
+        """The plan of attempt number ``attempt``: what is left of the deadline, marked as a retry."""
+        return self._replace(
+            attempt=attempt, timeout=remaining_timeout(self.deadline),
+            metadata=with_attempt(self.base_metadata, attempt),
+        )  # fmt: skip
+
+
+def remaining_timeout(deadline: float | None) -> float | None:
+    """Time left for another attempt; DeadlineExceeded when none is."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before the call could be retried")
+    return remaining
+
+
+def with_attempt(metadata: Metadata | None, attempt: int) -> Metadata:
+    """``metadata`` plus the marker of the ``attempt``-th attempt (2 or more)."""
+    marker = ((ATTEMPT_KEY, str(attempt)),)
+    return tuple(metadata) + marker if metadata else marker
 
 
 def outcome_of(code: grpc.StatusCode) -> Outcome:
@@ -97,12 +143,23 @@ def connectivity_of(state: grpc.ChannelConnectivity) -> Connectivity:
     return Connectivity[state.name]
 
 
-class SubchannelBase:
-    """One endpoint's grpc channel and its per-method multicallables."""
+HEALTH_BACKOFF = (0.05, 2.0)  # seconds: first and longest wait between health Watch attempts
 
-    def __init__(self, address: str, channel: Any) -> None:
+
+class SubchannelBase:
+    """One endpoint's grpc channel (made with ``grpc_module``: grpc or grpc.aio) and its multicallables."""
+
+    def __init__(self, address: str, grpc_module: Any, core: BalancerCore, config: ChannelConfig) -> None:
+        options, tls = config.channel_options(), config.tls
+        if tls is not None:
+            creds = channel_credentials(tls)
+            channel = grpc_module.secure_channel(address, creds, options=options + tls.channel_options())
+        else:
+            channel = grpc_module.insecure_channel(address, options=options)
         self.address = address
         self.channel = channel
+        self._core = core
+        self._health_request = health_pb2.HealthCheckRequest(service=config.health_service)
         # Keyed by wrapper object: two wrappers of one method path may carry
         # different serializers (a typed stub and a raw-bytes call).
         self._calls: dict[MethodBase, Any] = {}
@@ -115,6 +172,18 @@ class SubchannelBase:
         """grpc's connectivity state of the channel now."""
         raise NotImplementedError
 
+    def _health_seen(self, response: Any) -> None:
+        serving = response.status == health_pb2.HealthCheckResponse.SERVING
+        name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        self._core.set_serving(self.address, serving, name)
+
+    def _health_gone(self, exc: grpc.RpcError) -> bool:
+        """Whether to stop watching after ``exc``: the server has no health service (trust connectivity)."""
+        if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+            self._core.set_serving(self.address, True)
+            return True
+        return False
+
     def call(self, method: MethodBase) -> Any:
         """The grpc multicallable of ``method`` on this endpoint (cached)."""
         mc = self._calls.get(method)
@@ -126,7 +195,13 @@ class SubchannelBase:
 
 
 class BalancedChannelBase:
-    """Resolver -> balancer core -> one grpc channel per endpoint."""
+    """Resolver -> balancer core -> one grpc channel per endpoint.
+
+    A front sets ``_kinds``: its wrapper classes for unary-unary,
+    unary-stream, stream-unary and stream-stream methods.
+    """
+
+    _kinds: tuple[type[MethodBase], ...] = ()
 
     def __init__(self, target: Target, config: ChannelConfig | None) -> None:
         self.config = config or ChannelConfig()
@@ -151,6 +226,7 @@ class BalancedChannelBase:
         self._resolver = resolver_for(target, cfg.dns_refresh)
         self.retry_budget = RateBudget(cfg.retry_budget)
         self.stats = CallStats()
+        self.observer = combine(cfg.observers)
         self._method_state: dict[str, MethodState] = {}
 
     def method_state(self, method: str, hedge: HedgePolicy) -> MethodState:
@@ -169,6 +245,37 @@ class BalancedChannelBase:
         """(address, state) of every endpoint, for status pages and tests."""
         now = time.monotonic()
         return [(e.stats.address, e.describe(now).split(" ", 1)[1]) for e in self._core.entries()]
+
+    def _error(self, exc: grpc.RpcError) -> RpcError:
+        """A failed call's error in rpcframe's tree, naming the endpoints when none was usable."""
+        err = from_grpc(exc)
+        if err.code() is grpc.StatusCode.UNAVAILABLE and self._core.fallback:
+            return Unavailable(f"{self._core.reason}: {err.details()}")
+        return err
+
+    def stub(self, stub_class: Callable[[Any], S]) -> S:
+        """Instantiate a generated ``*Stub`` class on this channel."""
+        return stub_class(self)
+
+    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                    _registered_method: bool = False) -> Any:  # fmt: skip
+        """Wrap a unary method (called by generated stubs)."""
+        return self._kinds[0](self, method, request_serializer, response_deserializer)
+
+    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                     _registered_method: bool = False) -> Any:  # fmt: skip
+        """Wrap a server-streaming method (called by generated stubs)."""
+        return self._kinds[1](self, method, request_serializer, response_deserializer)
+
+    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                     _registered_method: bool = False) -> Any:  # fmt: skip
+        """Wrap a client-streaming method (called by generated stubs)."""
+        return self._kinds[2](self, method, request_serializer, response_deserializer)
+
+    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                      _registered_method: bool = False) -> Any:  # fmt: skip
+        """Wrap a bidirectional-streaming method (called by generated stubs)."""
+        return self._kinds[3](self, method, request_serializer, response_deserializer)
 
     def _pick_now(self, wait_for_ready: bool | None, avoid: EndpointStats | None = None) -> Pick:
         """Pick without waiting; Unavailable when nothing can take the call now.
@@ -245,7 +352,7 @@ class MethodBase:
     """One stub method's wrapper: its identity and the channel's call policy."""
 
     __slots__ = (
-        "_budget", "_channel", "_failovers", "_hedge_state", "_margin", "_metadata", "_retry",
+        "_budget", "_channel", "_failovers", "_hedge_state", "_margin", "_metadata", "_observer", "_retry",
         "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
     )  # fmt: skip
 
@@ -275,15 +382,21 @@ class MethodBase:
             fixed, self._token = token_parts(cfg.token)
             self._metadata = self._metadata + fixed
         self._budget = channel.retry_budget
+        self._observer = channel.observer
         # Hedging resends a request that may already be executing: only for
         # methods whose contract says that is harmless, and only unary ones.
         hedge = policy.hedge if self.idempotent and self.kind == "unary_unary" else None
         self._hedge_state = None if hedge is None else channel.method_state(method, hedge)
 
     def _prepare(
-        self, timeout: float | None, metadata: Metadata | None
-    ) -> tuple[float | None, Metadata | None, CallScope | None]:
-        """The timeout, metadata and inherited scope this call is sent with.
+        self,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> CallPlan:
+        """The plan of this call's first attempt; its deadline starts now.
 
         Inside a handler (or a ``deadline_after`` block) the timeout is
         bounded by the inherited deadline; a call with no time left is
@@ -304,7 +417,8 @@ class MethodBase:
         if self._token is not None:
             header = self._token()
             metadata = (*metadata, header) if metadata else (header,)
-        return timeout, metadata, scope
+        deadline = None if timeout is None else now + timeout
+        return CallPlan(deadline, timeout, metadata, credentials, wait_for_ready, compression, scope, metadata)
 
     def _hedge_delay(self, scope: CallScope | None) -> float | None:
         """Seconds before this call's first backup, or ``None`` not to hedge it."""
@@ -332,75 +446,6 @@ class MethodBase:
         return False
 
 
-class Attempts:
-    """The attempts of one call after its first failure; decides the next (both fronts).
-
-    ``sent`` counts attempts that reached the server, ``moved`` those that
-    never left the client (see :mod:`rpcframe._core.retry`). Created only
-    when a call fails, so the fast path allocates nothing for it.
-    """
-
-    __slots__ = ("_method", "_scope", "deadline", "moved", "sent")
-
-    def __init__(self, method: MethodBase, deadline: float | None, scope: CallScope | None) -> None:
-        self._method, self._scope, self.deadline = method, scope, deadline
-        self.sent, self.moved = 1, 0
-
-    @property
-    def number(self) -> int:
-        """The number of the attempt :meth:`delay` allowed (2 for the first retry)."""
-        return self.sent + self.moved
-
-    def delay(self, exc: grpc.RpcError) -> float | None:
-        """Seconds to wait before the next attempt after ``exc``, or ``None`` to give up."""
-        method = self._method
-        now = time.monotonic()
-        remaining = None if self.deadline is None else self.deadline - now
-        if remaining is not None and remaining <= 0:
-            return None
-        stats = method._channel.stats
-        not_run, pushback = trailer_facts(exc)
-        if not_run:
-            if self.moved >= method._failovers:
-                return None
-            self.moved += 1
-            stats.failovers += 1
-            return 0.0
-        verdict = decide(
-            method._retry, attempt=self.sent, code=exc.code().name, idempotent=method.idempotent,
-            chain_stop=self._scope is not None and self._scope.is_retry, pushback=pushback,
-            remaining=remaining, rand=random.random(),
-        )  # fmt: skip
-        if not verdict.retry:
-            return None
-        if not method._budget.try_withdraw(now):
-            stats.budget_refused += 1
-            return None
-        stats.retries += 1
-        self.sent += 1
-        return verdict.delay
-
-    def timeout(self) -> float | None:
-        """The next attempt's timeout: what is left of the deadline."""
-        return remaining_timeout(self.deadline)
-
-
-def remaining_timeout(deadline: float | None) -> float | None:
-    """Time left for another attempt; DeadlineExceeded when none is."""
-    if deadline is None:
-        return None
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise DeadlineExceeded("the deadline passed before the call could be retried")
-    return remaining
-
-
-def with_attempt(metadata: Metadata | None, attempt: int) -> Metadata:
-    """``metadata`` plus the marker of the ``attempt``-th attempt (2 or more)."""
-    marker = ((ATTEMPT_KEY, str(attempt)),)
-    return tuple(metadata) + marker if metadata else marker
-
-
 def endpoint_of(stats: EndpointStats) -> Any:
     """The front's subchannel attached to an endpoint."""
     return stats.handle
@@ -408,8 +453,9 @@ def endpoint_of(stats: EndpointStats) -> Any:
 
 __all__ = [
     "ATTEMPT_KEY",
-    "Attempts",
+    "HEALTH_BACKOFF",
     "BalancedChannelBase",
+    "CallPlan",
     "CallStats",
     "Metadata",
     "MethodBase",

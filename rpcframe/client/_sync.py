@@ -1,4 +1,9 @@
-"""The sync client front: a ``grpc.Channel`` whose calls go through rpcframe."""
+"""The sync client front: a ``grpc.Channel`` whose calls go through rpcframe.
+
+This front is a driver of :mod:`._flow`: it performs what the flow asks by
+blocking the calling thread (``_drive``), by iterating a response stream
+(:class:`ResponseStream`), or from grpc's callbacks (:class:`_Future`).
+"""
 
 from __future__ import annotations
 
@@ -6,48 +11,200 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from .._core.deadline import CallScope
 from ..balancing.balancer import BalancerCore, Connectivity, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
-from ..errors import Cancelled, DeadlineExceeded, RpcError, Unavailable, from_grpc
-from ..security.tls import channel_credentials
+from ..errors import Cancelled, DeadlineExceeded, Unavailable
 from ._common import (
-    Attempts,
+    HEALTH_BACKOFF,
     BalancedChannelBase,
+    CallPlan,
     Metadata,
     MethodBase,
     SubchannelBase,
     Target,
     connectivity_of,
-    outcome_of,
-    remaining_timeout,
-    with_attempt,
 )
+from ._flow import CALL, CANCEL, DELIVER, OPEN, PICK, SLEEP, START, WAIT, Flow, hedged_flow, stream_flow, unary_flow
 
-__all__ = ["Channel", "connect"]
+__all__ = ["Channel", "ResponseStream", "connect"]
 
-S = TypeVar("S")
+# grpc_connectivity_state values as the cygrpc channel reports them.
+_CY_STATES = {state.value[0]: state for state in grpc.ChannelConnectivity}
+_CY_READY = grpc.ChannelConnectivity.READY.value[0]
+_POLL_EXIT = 10.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s; slow under load)
+
+
+def _args(plan: CallPlan) -> tuple[Any, ...]:
+    return plan.timeout, plan.metadata, plan.credentials, plan.wait_for_ready, plan.compression
+
+
+def _cancelled(method: MethodBase) -> Cancelled:
+    return Cancelled(f"{method.method}: cancelled")
+
+
+def _outcome(method: MethodBase, future: Any, with_call: bool) -> tuple[bool, Any]:
+    """An ended grpc future as the flow's (ok, value)."""
+    if future.cancelled():
+        return False, _cancelled(method)
+    exc = future.exception()
+    if exc is not None:
+        return False, exc
+    return True, (future.result(), future) if with_call else future.result()
+
+
+def _call(method: MethodBase, stats: EndpointStats, plan: CallPlan, request: Any, with_call: bool) -> tuple[bool, Any]:
+    """One blocking attempt; cancellable from the incoming call when sent while handling one."""
+    mc = stats.handle.call(method)
+    scope = plan.scope
+    try:
+        if scope is None:
+            return True, (mc.with_call if with_call else mc)(request, *_args(plan))
+        future = mc.future(request, *_args(plan))
+        scope.track(future)
+        try:
+            future.result()
+        finally:
+            scope.untrack(future)
+        return _outcome(method, future, with_call)
+    except grpc.RpcError as exc:
+        return False, exc
+    except grpc.FutureCancelledError:
+        raise Cancelled(f"{method.method}: cancelled with the incoming call") from None
+
+
+def _open(method: MethodBase, stats: EndpointStats, done: Any, plan: CallPlan, request: Any) -> Any:
+    """Start a streaming call; its pick is released when it ends."""
+    mc = stats.handle.call(method)
+    call = (mc.future if method.kind == "stream_unary" else mc)(request, *_args(plan))
+    # Streams count as in-flight while open; their length says nothing about
+    # the endpoint's latency, so they neither age nor feed the EWMA.
+    stats.as_stream()
+    scope = plan.scope
+
+    def ended(*_: Any) -> None:
+        done(Outcome.IGNORED, -1.0)
+        if scope is not None:
+            scope.untrack(call)
+
+    if scope is not None:
+        scope.track(call)
+    if method.kind == "stream_unary":
+        call.add_done_callback(ended)
+    elif not call.add_callback(ended):
+        ended()
+    return call
+
+
+class _Hedges:
+    """The running copies of one hedged call, and the event that says one ended."""
+
+    def __init__(self, scope: Any) -> None:
+        self.changed = threading.Event()
+        self.scope = scope
+
+    def start(self, method: MethodBase, stats: EndpointStats, plan: CallPlan, request: Any) -> Any:
+        future = stats.handle.call(method).future(request, *_args(plan))
+        if self.scope is not None:
+            self.scope.track(future)
+        future.add_done_callback(lambda _: self.changed.set())
+        return future
+
+    def wait(self, method: MethodBase, futures: list[Any], timeout: float | None,
+             with_call: bool) -> list[tuple[Any, bool, Any]]:  # fmt: skip
+        self.changed.wait(timeout)
+        self.changed.clear()
+        ended = [f for f in futures if f.done()]
+        self.untrack(ended)
+        return [(f, *_outcome(method, f, with_call)) for f in ended]
+
+    def cancel(self, futures: list[Any]) -> None:
+        for future in futures:
+            future.cancel()
+        self.untrack(futures)
+
+    def untrack(self, futures: list[Any]) -> None:
+        if self.scope is not None:
+            for future in futures:
+                self.scope.untrack(future)
+
+
+def _drive(method: MethodBase, flow: Flow, request: Any, with_call: bool = False) -> Any:
+    """Run a unary flow to its end on this thread."""
+    channel: Channel = method._channel  # type: ignore[assignment]
+    hedges: _Hedges | None = None
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            action = flow.send(reply) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        reply = error = None
+        kind = action[0]
+        try:
+            if kind is CALL:
+                reply = _call(method, action[1], action[2], request, with_call)
+            elif kind is PICK:
+                plan = action[1]
+                reply = channel._pick(plan.wait_for_ready, plan.deadline, action[2])
+            elif kind is SLEEP:
+                time.sleep(action[1])
+            elif kind is START:
+                hedges = hedges or _Hedges(action[2].scope)
+                reply = hedges.start(method, action[1], action[2], request)
+            elif kind is WAIT:
+                reply = hedges.wait(method, action[1], action[2], with_call)  # type: ignore[union-attr]
+            elif kind is CANCEL:
+                hedges.cancel(action[1])  # type: ignore[union-attr]
+        except BaseException as exc:  # the flow releases what it holds, then re-raises
+            error = exc
 
 
 class ResponseStream(grpc.Call):  # type: ignore[misc]
     """A streaming call's responses; iteration raises rpcframe errors.
 
     A server stream that fails before its first response is restarted on
-    another endpoint when the retry policy allows (``restart``).
+    another endpoint when the retry policy allows (the flow decides).
     """
 
-    __slots__ = ("_call", "_restart")
+    __slots__ = ("_call", "_delivered", "_flow", "_method", "_request")
 
-    def __init__(self, call: Any, restart: Callable[[grpc.RpcError, Any], Any | None] | None = None) -> None:
-        self._call = call
-        self._restart = restart
+    def __init__(self, method: MethodBase, flow: Flow, request: Any) -> None:
+        self._method, self._flow, self._request = method, flow, request
+        self._call: Any = None
+        self._delivered = False
+        self._advance(None)
+
+    def _advance(self, reply: Any) -> None:
+        """Perform the flow's actions up to its next DELIVER (StopIteration when it ends)."""
+        channel: Channel = self._method._channel  # type: ignore[assignment]
+        error: BaseException | None = None
+        while True:
+            try:
+                action = self._flow.send(reply) if error is None else self._flow.throw(error)
+            except StopIteration:
+                raise StopIteration from None
+            reply = error = None
+            kind = action[0]
+            try:
+                if kind is DELIVER:
+                    self._delivered = False
+                    return
+                if kind is OPEN:
+                    reply = self._call = _open(self._method, action[1], action[2], action[3], self._request)
+                elif kind is PICK:
+                    reply = channel._pick(action[1].wait_for_ready, action[1].deadline, action[2])
+                elif kind is SLEEP:
+                    time.sleep(action[1])
+            except BaseException as exc:
+                error = exc
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -57,12 +214,12 @@ class ResponseStream(grpc.Call):  # type: ignore[misc]
             try:
                 response = next(self._call)
             except grpc.RpcError as exc:
-                call = None if self._restart is None else self._restart(exc, self._call)
-                if call is None:
-                    raise from_grpc(exc) from None
-                self._call = call
+                self._advance((self._delivered, exc))
                 continue
-            self._restart = None  # a response arrived: the stream is no longer replayable
+            except StopIteration:
+                self._advance((self._delivered, None))
+                raise
+            self._delivered = True
             return response
 
     def cancel(self) -> bool:
@@ -98,54 +255,251 @@ class ResponseStream(grpc.Call):  # type: ignore[misc]
         return self._call.details()  # type: ignore[no-any-return]
 
 
-class _Future(grpc.Future):  # type: ignore[misc]
-    """A unary call's future whose result() raises rpcframe errors."""
+class _Future(grpc.Future, grpc.Call):  # type: ignore[misc]
+    """A call running in the background: its flow advances in grpc's callbacks.
 
-    __slots__ = ("_channel", "_future")
+    ``result()`` returns the response or raises an rpcframe error (a
+    cancelled call raises :class:`rpcframe.Cancelled`); the call's status
+    and metadata are those of the attempt that ended it.
+    """
 
-    def __init__(self, future: Any, channel: Channel) -> None:
-        self._future = future
-        self._channel = channel
+    def __init__(self, method: MethodBase, flow: Flow, request: Any) -> None:
+        self._method, self._flow, self._request = method, flow, request
+        self._call: Any = None
+        self._ended = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._lock = threading.Lock()
+        self._advance(None, None)
+
+    def _advance(self, reply: Any, error: BaseException | None) -> None:
+        channel: Channel = self._method._channel  # type: ignore[assignment]
+        while True:
+            try:
+                action = self._flow.send(reply) if error is None else self._flow.throw(error)
+            except StopIteration as stop:
+                return self._finish(stop.value, None)
+            except BaseException as exc:
+                return self._finish(None, exc)
+            reply = error = None
+            kind = action[0]
+            try:
+                if kind is PICK:
+                    reply = channel._pick(action[1].wait_for_ready, action[1].deadline, action[2])
+                elif kind is CALL:
+                    mc = action[1].handle.call(self._method)
+                    self._call = mc.future(self._request, *_args(action[2]))
+                    return self._resume_on(self._call, action[2])
+                elif kind is OPEN:
+                    reply = self._call = _open(self._method, action[1], action[2], action[3], self._request)
+                elif kind is DELIVER:
+                    return self._resume_on(self._call, None)
+                elif kind is SLEEP:
+                    threading.Timer(action[1], self._advance, (None, None)).start()
+                    return None
+            except BaseException as exc:
+                error = exc
+
+    def _resume_on(self, future: Any, plan: CallPlan | None) -> None:
+        scope = None if plan is None else plan.scope
+        if scope is not None:
+            scope.track(future)
+
+        def ended(f: Any) -> None:
+            if scope is not None:
+                scope.untrack(f)
+            ok, value = _outcome(self._method, f, False)
+            if plan is None:  # a DELIVER: the stream's response is the call's
+                self._value = value if ok else None
+                self._advance((False, None if ok else value), None)
+            elif f.cancelled():
+                self._advance(None, value)
+            else:
+                self._advance((ok, value), None)
+
+        future.add_done_callback(ended)
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
+        if value is None and error is None:
+            value = self._value  # a stream-unary flow returns nothing: its response was delivered
+        with self._lock:
+            self._value, self._error = value, error
+            self._ended.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
 
     @property
     def call(self) -> grpc.Call:
-        """The underlying call (metadata, status)."""
-        return self._future
+        """The call itself (metadata, status)."""
+        return self
 
     def cancel(self) -> bool:
-        return bool(self._future.cancel())
+        """Cancel the call; ``result()`` then raises :class:`rpcframe.Cancelled`."""
+        if self._ended.is_set() or self._call is None:
+            return False
+        self._cancelled = True
+        return bool(self._call.cancel())
 
     def cancelled(self) -> bool:
-        return bool(self._future.cancelled())
+        return self._cancelled and self._ended.is_set()
 
     def running(self) -> bool:
-        return bool(self._future.running())
+        return not self._ended.is_set()
 
     def done(self) -> bool:
-        return bool(self._future.done())
+        return self._ended.is_set()
+
+    def is_active(self) -> bool:
+        return not self._ended.is_set()
 
     def result(self, timeout: float | None = None) -> Any:
-        try:
-            return self._future.result(timeout)
-        except grpc.RpcError as exc:
-            raise self._channel._error(exc) from None
+        if not self._ended.wait(timeout):
+            raise grpc.FutureTimeoutError()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        exc = self._future.exception(timeout)
-        return self._channel._error(exc) if isinstance(exc, grpc.RpcError) else exc
+        if not self._ended.wait(timeout):
+            raise grpc.FutureTimeoutError()
+        return self._error
 
     def traceback(self, timeout: float | None = None) -> Any:
-        return self._future.traceback(timeout)
+        error = self.exception(timeout)
+        return None if error is None else error.__traceback__
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
+        with self._lock:
+            if not self._ended.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.add_done_callback(lambda _: callback())
+        return True
+
+    def time_remaining(self) -> float | None:
+        return None if self._call is None else self._call.time_remaining()
+
+    def _ended_call(self) -> Any:
+        self._ended.wait()
+        return self._call
+
+    def initial_metadata(self) -> Metadata:
+        """Metadata the server sent first (blocks until the call ends)."""
+        call = self._ended_call()
+        return () if call is None else call.initial_metadata()
+
+    def trailing_metadata(self) -> Metadata:
+        """Metadata the server sent with its status (blocks until the call ends)."""
+        error = self.exception()
+        if error is not None:
+            return tuple(getattr(error, "trailing_metadata", lambda: ())() or ())
+        return self._call.trailing_metadata()  # type: ignore[no-any-return]
+
+    def code(self) -> grpc.StatusCode:
+        """The call's status code (blocks until the call ends)."""
+        error = self.exception()
+        if error is None:
+            return grpc.StatusCode.OK
+        code = getattr(error, "code", None)
+        return code() if callable(code) else grpc.StatusCode.UNKNOWN
+
+    def details(self) -> str:
+        """The call's status details (blocks until the call ends)."""
+        error = self.exception()
+        details = getattr(error, "details", None)
+        return (details() if callable(details) else "") or ""
 
 
-# grpc_connectivity_state values as the cygrpc channel reports them.
-_CY_STATES = {state.value[0]: state for state in grpc.ChannelConnectivity}
-_CY_READY = grpc.ChannelConnectivity.READY.value[0]
+class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    """Unary method: ``stub.Method(request, timeout=..., metadata=...)``."""
 
-_POLL_EXIT = 10.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s; slow under load)
+    __slots__ = ()
+    kind = "unary_unary"
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> Any:  # fmt: skip
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return _drive(self, self._flow(plan), request)
+
+    def with_call(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
+                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                  compression: grpc.Compression | None = None) -> tuple[Any, grpc.Call]:  # fmt: skip
+        """Like calling the method, but also return the call (for metadata)."""
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return _drive(self, self._flow(plan), request, with_call=True)  # type: ignore[no-any-return]
+
+    def future(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
+               credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+               compression: grpc.Compression | None = None) -> grpc.Future:  # fmt: skip
+        """Start the call and return a future of its response (retried and failed over like a call)."""
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return _Future(self, unary_flow(self, plan), request)
+
+    def _flow(self, plan: CallPlan) -> Flow:
+        delay = self._hedge_delay(plan.scope)
+        return unary_flow(self, plan) if delay is None else hedged_flow(self, plan, delay)
+
+
+class UnaryStream(MethodBase, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    """Server-streaming method: returns an iterator of responses."""
+
+    __slots__ = ()
+    kind = "unary_stream"
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> ResponseStream:  # fmt: skip
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return ResponseStream(self, stream_flow(self, plan, retry=True), request)
+
+
+class StreamUnary(MethodBase, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    """Client-streaming method: takes an iterator of requests (no failover: it cannot be replayed)."""
+
+    __slots__ = ()
+    kind = "stream_unary"
+
+    def __call__(self, request_iterator: Iterator[Any], timeout: float | None = None,
+                 metadata: Metadata | None = None, credentials: grpc.CallCredentials | None = None,
+                 wait_for_ready: bool | None = None, compression: grpc.Compression | None = None) -> Any:  # fmt: skip
+        return self.future(request_iterator, timeout, metadata, credentials, wait_for_ready, compression).result()
+
+    def with_call(self, request_iterator: Iterator[Any], timeout: float | None = None,
+                  metadata: Metadata | None = None, credentials: grpc.CallCredentials | None = None,
+                  wait_for_ready: bool | None = None,
+                  compression: grpc.Compression | None = None) -> tuple[Any, grpc.Call]:  # fmt: skip
+        """Like calling the method, but also return the call (for metadata)."""
+        future = self.future(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        return future.result(), future
+
+    def future(self, request_iterator: Iterator[Any], timeout: float | None = None,
+               metadata: Metadata | None = None, credentials: grpc.CallCredentials | None = None,
+               wait_for_ready: bool | None = None,
+               compression: grpc.Compression | None = None) -> grpc.Future:  # fmt: skip
+        """Start the call and return a future of its response."""
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return _Future(self, stream_flow(self, plan, retry=False), request_iterator)
+
+
+class StreamStream(MethodBase, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    """Bidirectional-streaming method: requests in, an iterator of responses out."""
+
+    __slots__ = ()
+    kind = "stream_stream"
+
+    def __call__(self, request_iterator: Iterator[Any], timeout: float | None = None,
+                 metadata: Metadata | None = None, credentials: grpc.CallCredentials | None = None,
+                 wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> ResponseStream:  # fmt: skip
+        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        return ResponseStream(self, stream_flow(self, plan, retry=False), request_iterator)
 
 
 def _cancel_kick(kick: grpc.Future | None) -> None:
@@ -161,25 +515,16 @@ class _Subchannel(SubchannelBase):
     """One endpoint: a grpc channel, its connectivity, and its health watch."""
 
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
-        options, tls = config.channel_options(), config.tls
-        if tls is not None:
-            creds = channel_credentials(tls)
-            channel = grpc.secure_channel(address, creds, options=options + tls.channel_options())
-        else:
-            channel = grpc.insecure_channel(address, options=options)
-        super().__init__(address, channel)
+        super().__init__(address, grpc, core, config)
         # grpc's sync channel has no public "state now" call (only subscribe);
         # its own connectivity poller asks the cygrpc channel the same way.
-        self._cy_channel = channel._channel
-        self._core = core
+        self._cy_channel = self.channel._channel
         self._closed = threading.Event()
         self._kick: grpc.Future | None = None
         self._watch: Any = None
         self.channel.subscribe(self._on_state, try_to_connect=True)
         if config.health_check:
-            threading.Thread(
-                target=self._watch_health, args=(config.health_service,), daemon=True, name=f"rpcframe-health-{address}"
-            ).start()
+            threading.Thread(target=self._watch_health, daemon=True, name=f"rpcframe-health-{address}").start()
 
     def ready(self) -> bool:
         return bool(self._cy_channel.check_connectivity_state(False) == _CY_READY)
@@ -199,26 +544,22 @@ class _Subchannel(SubchannelBase):
             if self._closed.is_set():
                 _cancel_kick(self._kick)
 
-    def _watch_health(self, service: str) -> None:
-        request = health_pb2.HealthCheckRequest(service=service)
+    def _watch_health(self) -> None:
         stub = health_pb2_grpc.HealthStub(self.channel)
-        backoff = 0.05
+        backoff = HEALTH_BACKOFF[0]
         while not self._closed.is_set():
             try:
-                self._watch = stub.Watch(request, wait_for_ready=True)
+                self._watch = stub.Watch(self._health_request, wait_for_ready=True)
                 for response in self._watch:
-                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
-                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-                    self._core.set_serving(self.address, serving, name)
-                    backoff = 0.05
+                    self._health_seen(response)
+                    backoff = HEALTH_BACKOFF[0]
             except grpc.RpcError as exc:
-                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                    self._core.set_serving(self.address, True)  # no health service: trust connectivity
+                if self._health_gone(exc):
                     return
             except ValueError:
                 return  # the channel was closed under us
             self._closed.wait(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, HEALTH_BACKOFF[1])
 
     def close(self) -> None:
         """Stop watching and close the channel (cancels its active calls)."""
@@ -244,378 +585,6 @@ class _Subchannel(SubchannelBase):
         self.channel.close()
 
 
-class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    """Unary method: ``stub.Method(request, timeout=..., metadata=...)``."""
-
-    __slots__ = ()
-    kind = "unary_unary"
-
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        return self._invoke(False, request, timeout, metadata, scope, (credentials, wait_for_ready, compression))
-
-    def with_call(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> tuple[Any, grpc.Call]:
-        """Like calling the method, but also return the call (for metadata)."""
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        return self._invoke(True, request, timeout, metadata, scope, (credentials, wait_for_ready, compression))  # type: ignore[no-any-return]
-
-    def _invoke(
-        self,
-        with_call: bool,
-        request: Any,
-        timeout: float | None,
-        metadata: Metadata | None,
-        scope: CallScope | None,
-        rest: tuple[grpc.CallCredentials | None, bool | None, grpc.Compression | None],
-    ) -> Any:
-        channel: Channel = self._channel  # type: ignore[assignment]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        hedge_delay = self._hedge_delay(scope)
-        if hedge_delay is not None:
-            return _Hedged(self, request, metadata, scope, rest, deadline).run(hedge_delay, with_call)
-        credentials, wait_for_ready, compression = rest
-        tries, failed, sent_metadata = None, None, metadata
-        while True:
-            stats, done = channel._pick(wait_for_ready, deadline, failed)
-            mc = stats.handle.call(self)
-            start = time.perf_counter()
-            try:
-                if scope is not None:
-                    result = _cancellable(mc, scope, with_call, request, timeout, sent_metadata, rest)
-                elif with_call:
-                    result = mc.with_call(request, timeout, sent_metadata, credentials, wait_for_ready, compression)
-                else:
-                    result = mc(request, timeout, sent_metadata, credentials, wait_for_ready, compression)
-            except grpc.RpcError as exc:
-                if done(outcome_of(exc.code()), time.perf_counter() - start):
-                    channel.balancer.refresh()
-                tries = tries or Attempts(self, deadline, scope)
-                delay = tries.delay(exc)
-                if delay is None:
-                    raise channel._error(exc) from None
-                if delay:
-                    time.sleep(delay)
-                timeout = tries.timeout()
-                sent_metadata = with_attempt(metadata, tries.number)
-                failed = stats
-                continue
-            except grpc.FutureCancelledError:
-                done(Outcome.IGNORED, time.perf_counter() - start)
-                raise Cancelled(f"{self.method}: cancelled with the incoming call") from None
-            latency = time.perf_counter() - start
-            done(Outcome.SUCCESS, latency)
-            if self._hedge_state is not None:
-                self._hedge_state.latencies.add(latency)
-            return result
-
-    def future(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.Future:
-        """Start the call and return a future of its response (no retries)."""
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        channel: Channel = self._channel  # type: ignore[assignment]
-        stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout)
-        start = time.perf_counter()
-        future = stats.handle.call(self).future(request, timeout, metadata, credentials, wait_for_ready, compression)
-        _watch_future(future, done, start, scope)
-        return _Future(future, channel)
-
-
-def _cancellable(
-    mc: Any, scope: CallScope, with_call: bool, request: Any, timeout: float | None, metadata: Metadata | None,
-    rest: tuple[Any, Any, Any],
-) -> Any:  # fmt: skip
-    """A blocking call made while handling a call: cancelled if that call ends early."""
-    future = mc.future(request, timeout, metadata, *rest)
-    scope.track(future)
-    try:
-        result = future.result()
-    finally:
-        scope.untrack(future)
-    return (result, future) if with_call else result
-
-
-def _watch_future(future: Any, done: Any, start: float, scope: CallScope | None) -> None:
-    """Report a future's outcome to its pick and keep it cancellable from the incoming call."""
-    if scope is not None:
-        scope.track(future)
-
-    def finished(f: Any) -> None:
-        done(_future_outcome(f), time.perf_counter() - start)
-        if scope is not None:
-            scope.untrack(f)
-
-    future.add_done_callback(finished)
-
-
-class _Attempt:
-    """One copy of a hedged call."""
-
-    __slots__ = ("done", "future", "index", "start", "stats")
-
-    def __init__(self, future: Any, stats: Any, done: Any, index: int) -> None:
-        self.future, self.stats, self.done, self.index = future, stats, done, index
-        self.start = time.perf_counter()
-
-
-class _Hedged:
-    """One hedged unary call: a backup after ``delay``, first answer wins, losers cancelled."""
-
-    def __init__(
-        self, method: UnaryUnary, request: Any, metadata: Metadata | None, scope: CallScope | None,
-        rest: tuple[Any, Any, Any], deadline: float | None,
-    ) -> None:  # fmt: skip
-        self._method = method
-        self._channel: Channel = method._channel  # type: ignore[assignment]
-        self._request = request
-        self._metadata = metadata
-        self._scope = scope
-        self._rest = rest
-        self._deadline = deadline
-        self._changed = threading.Event()
-        self._running: list[_Attempt] = []
-        self._sent = 0
-
-    def _send(self) -> None:
-        self._sent += 1
-        avoid = self._running[-1].stats if self._running else None
-        stats, done = self._channel._pick(self._rest[1], self._deadline, avoid)
-        metadata = self._metadata if self._sent == 1 else with_attempt(self._metadata, self._sent)
-        try:
-            timeout = remaining_timeout(self._deadline)
-        except DeadlineExceeded:
-            done(Outcome.IGNORED, 0.0)
-            raise
-        future = stats.handle.call(self._method).future(self._request, timeout, metadata, *self._rest)
-        if self._scope is not None:
-            self._scope.track(future)
-        future.add_done_callback(lambda _: self._changed.set())
-        self._running.append(_Attempt(future, stats, done, self._sent))
-
-    def run(self, delay: float, with_call: bool) -> Any:
-        method = self._method
-        assert method._hedge_state is not None
-        max_attempts = method._hedge_state.policy.max_attempts
-        self._send()
-        error: BaseException | None = None
-        wait: float | None = delay
-        try:
-            while self._running:
-                if not self._changed.wait(wait if self._sent < max_attempts else None):
-                    if method._may_hedge():
-                        self._send()
-                    else:
-                        wait = None  # budget spent: wait for what is running
-                    continue
-                self._changed.clear()
-                for attempt in [a for a in self._running if a.future.done()]:
-                    self._running.remove(attempt)
-                    error = self._settle(attempt)
-                    if error is None:
-                        result = attempt.future.result()
-                        return (result, attempt.future) if with_call else result
-                if method._ends_hedge(error):
-                    break
-                if not self._running and self._sent < max_attempts:
-                    self._send()  # every copy failed retryably: the next goes now
-        finally:
-            self._cancel_rest()
-        assert error is not None
-        raise self._channel._error(error) if isinstance(error, grpc.RpcError) else error from None
-
-    def _settle(self, attempt: _Attempt) -> BaseException | None:
-        """Report an ended copy to its pick; its error, or None if it answered."""
-        future, elapsed = attempt.future, time.perf_counter() - attempt.start
-        if self._scope is not None:
-            self._scope.untrack(future)
-        if future.cancelled():
-            attempt.done(Outcome.IGNORED, elapsed)
-            return Cancelled(f"{self._method.method}: cancelled with the incoming call")
-        exc = future.exception()
-        if exc is None:
-            attempt.done(Outcome.SUCCESS, elapsed)
-            self._method._hedge_state.latencies.add(elapsed)  # type: ignore[union-attr]  # set for hedged methods
-            if attempt.index > 1:
-                self._channel.stats.hedge_wins += 1
-            return None
-        if attempt.done(outcome_of(exc.code()), elapsed):
-            self._channel.balancer.refresh()
-        return exc  # type: ignore[no-any-return]
-
-    def _cancel_rest(self) -> None:
-        for attempt in self._running:
-            attempt.future.cancel()
-            attempt.done(Outcome.IGNORED, time.perf_counter() - attempt.start)
-            if self._scope is not None:
-                self._scope.untrack(attempt.future)
-        self._running.clear()
-
-
-def _future_outcome(future: Any) -> Outcome:
-    if future.cancelled():
-        return Outcome.IGNORED
-    exc = future.exception()
-    return outcome_of(exc.code()) if isinstance(exc, grpc.RpcError) else Outcome.SUCCESS
-
-
-def _start_stream(
-    method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None, avoid: Any = None
-) -> Any:
-    """Pick once for a stream; the pick is released when the stream ends."""
-    channel: Channel = method._channel  # type: ignore[assignment]
-    timeout, wait_for_ready = args[0], args[3]
-    stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout, avoid)
-    call = stats.handle.call(method)(request, *args)
-    call._rpcframe_stats = stats
-    # Streams count as in-flight while open; their length says nothing about
-    # the endpoint's latency, so they neither age nor feed the EWMA.
-    stats.as_stream()
-    if scope is None:
-        if not call.add_callback(lambda: done(Outcome.IGNORED, -1.0)):
-            done(Outcome.IGNORED, -1.0)
-        return call
-    scope.track(call)
-
-    def ended() -> None:
-        done(Outcome.IGNORED, -1.0)
-        scope.untrack(call)
-
-    if not call.add_callback(ended):
-        ended()
-    return call
-
-
-class _StreamRetry:
-    """Restarts a server stream that failed before its first response (when the policy allows)."""
-
-    __slots__ = ("_args", "_method", "_request", "_scope", "_tries")
-
-    def __init__(self, method: MethodBase, request: Any, args: tuple[Any, ...], scope: CallScope | None) -> None:
-        self._method, self._request, self._args, self._scope = method, request, args, scope
-        self._tries = Attempts(method, None if args[0] is None else time.monotonic() + args[0], scope)
-
-    def __call__(self, exc: grpc.RpcError, failed: Any) -> Any | None:
-        delay = self._tries.delay(exc)
-        if delay is None:
-            return None
-        if delay:
-            time.sleep(delay)
-        args = (self._tries.timeout(), with_attempt(self._args[1], self._tries.number), *self._args[2:])
-        return _start_stream(self._method, self._request, args, self._scope, getattr(failed, "_rpcframe_stats", None))
-
-
-class UnaryStream(MethodBase, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
-    """Server-streaming method: returns an iterator of responses."""
-
-    __slots__ = ()
-    kind = "unary_stream"
-
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> ResponseStream:
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        args = (timeout, metadata, credentials, wait_for_ready, compression)
-        return ResponseStream(_start_stream(self, request, args, scope), _StreamRetry(self, request, args, scope))
-
-
-class StreamUnary(MethodBase, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
-    """Client-streaming method: takes an iterator of requests (no failover: it cannot be replayed)."""
-
-    __slots__ = ()
-    kind = "stream_unary"
-
-    def __call__(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)[0]
-
-    def with_call(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> tuple[Any, grpc.Call]:
-        """Like calling the method, but also return the call (for metadata)."""
-        future = self.future(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        return future.result(), future.call
-
-    def future(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.Future:
-        """Start the call and return a future of its response."""
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        channel: Channel = self._channel  # type: ignore[assignment]
-        stats, done = channel._pick(wait_for_ready, None if timeout is None else time.monotonic() + timeout)
-        start = time.perf_counter()
-        mc = stats.handle.call(self)
-        future = mc.future(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        _watch_future(future, done, start, scope)
-        return _Future(future, channel)
-
-
-class StreamStream(MethodBase, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
-    """Bidirectional-streaming method: requests in, an iterator of responses out."""
-
-    __slots__ = ()
-    kind = "stream_stream"
-
-    def __call__(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> ResponseStream:
-        timeout, metadata, scope = self._prepare(timeout, metadata)
-        args = (timeout, metadata, credentials, wait_for_ready, compression)
-        return ResponseStream(_start_stream(self, request_iterator, args, scope))
-
-
 class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
     """A client channel to a service: one grpc channel per endpoint, a pick per call.
 
@@ -625,6 +594,8 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
     the stub is an rpcframe wrapper, so calls are balanced, fail over when
     safe, and raise :mod:`rpcframe.errors` exceptions.
     """
+
+    _kinds = (UnaryUnary, UnaryStream, StreamUnary, StreamStream)
 
     def __init__(self, target: Target, config: ChannelConfig | None = None) -> None:
         super().__init__(target, config)
@@ -674,56 +645,6 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
                     if remaining is not None and remaining <= 0:
                         raise DeadlineExceeded(f"waiting for an endpoint: {self._core.reason}") from None
                     self._changed.wait(remaining)
-
-    def _error(self, exc: grpc.RpcError) -> RpcError:
-        err = from_grpc(exc)
-        if err.code() is grpc.StatusCode.UNAVAILABLE and self._core.fallback:
-            return Unavailable(f"{self._core.reason}: {err.details()}")
-        return err
-
-    def stub(self, stub_class: Callable[[grpc.Channel], S]) -> S:
-        """Instantiate a generated ``*Stub`` class on this channel."""
-        return stub_class(self)
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> UnaryUnary:
-        """Wrap a unary method (called by generated stubs)."""
-        return UnaryUnary(self, method, request_serializer, response_deserializer)
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> UnaryStream:
-        """Wrap a server-streaming method (called by generated stubs)."""
-        return UnaryStream(self, method, request_serializer, response_deserializer)
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> StreamUnary:
-        """Wrap a client-streaming method (called by generated stubs)."""
-        return StreamUnary(self, method, request_serializer, response_deserializer)
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> StreamStream:
-        """Wrap a bidirectional-streaming method (called by generated stubs)."""
-        return StreamStream(self, method, request_serializer, response_deserializer)
 
     def subscribe(self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False) -> None:
         """Be told the target's aggregate connectivity on every change."""

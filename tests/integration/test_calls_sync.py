@@ -89,8 +89,11 @@ def test_client_cancellation_reaches_server(stub, sync_server: Running) -> None:
     assert servicer.started.wait(5)
     assert future.cancel()
     assert servicer.cancelled.wait(5)
-    with pytest.raises(grpc.FutureCancelledError):
+    # One error tree: a cancelled future raises rpcframe.Cancelled (was grpc.FutureCancelledError).
+    with pytest.raises(rpcframe.Cancelled):
         future.result()
+    assert future.cancelled()
+    assert future.code() is grpc.StatusCode.CANCELLED
 
 
 def test_stream_cancellation(stub) -> None:  # type: ignore[no-untyped-def]

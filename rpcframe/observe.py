@@ -1,0 +1,148 @@
+"""The one seam through which every call can be observed, client and server.
+
+Set ``ChannelConfig(observers=(...))`` and ``ServerConfig(observers=(...))``;
+each observer is a :class:`CallObserver` (override what you need). The
+client's call flow and the server's one wrapper call them; with no observer
+set nothing is allocated and nothing is called. Tracing, metrics and
+overload control hang off this seam instead of wrapping the hot path.
+
+Client events, per call::
+
+    call_started -> (attempt_started -> attempt_ended)+ -> call_ended
+
+An attempt is the first send, a retry, a failover (the previous attempt
+provably never ran) or a hedge. Server events: ``call_received`` (before
+the handler; after authentication, so ``identity`` is known) and
+``call_ended``. Observers may refuse work: an :class:`rpcframe.RpcError`
+raised by ``call_started`` fails the call before anything is sent; raised
+by ``call_received`` it ends the incoming call with that status before the
+handler runs. Any other exception from an observer is a bug in the
+observer; it propagates.
+
+Each event gets the call's info object; observers may keep their own state
+on it in :attr:`CallInfo.slots` (keyed by the observer), e.g. a span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+__all__ = ["AttemptInfo", "CallInfo", "CallObserver", "ServerCallInfo", "combine"]
+
+
+class CallInfo:
+    """One client call, as observers see it."""
+
+    __slots__ = ("deadline", "kind", "metadata", "method", "sent_bytes", "slots", "start", "target")
+
+    def __init__(
+        self, method: str, kind: str, target: str, deadline: float | None, metadata: Any, start: float
+    ) -> None:
+        self.method = method  #: "/pkg.Service/Method"
+        self.kind = kind  #: "unary_unary", "unary_stream", "stream_unary" or "stream_stream"
+        self.target = target  #: the channel's target
+        self.deadline = deadline  #: absolute time.monotonic() deadline, or None
+        self.metadata = metadata  #: what the first attempt sends (observers may not change it)
+        self.start = start  #: time.perf_counter() when the call began
+        self.sent_bytes: int | None = None  #: serialized request size (unary requests)
+        self.slots: dict[object, Any] = {}  #: per-observer state
+
+
+class AttemptInfo:
+    """One attempt of a call: which endpoint, which number, and why it was sent."""
+
+    __slots__ = ("endpoint", "number", "reason", "received_bytes", "slots", "start")
+
+    def __init__(self, endpoint: str, number: int, reason: str, start: float) -> None:
+        self.endpoint = endpoint  #: "host:port" the attempt went to
+        self.number = number  #: 1 for the first attempt
+        self.reason = reason  #: "first", "retry", "failover" or "hedge"
+        self.start = start  #: time.perf_counter() when it was sent
+        self.received_bytes: int | None = None  #: serialized response size, when it answered
+        self.slots: dict[object, Any] = {}
+
+
+class ServerCallInfo:
+    """One incoming call, as observers see it."""
+
+    __slots__ = ("context", "identity", "method", "slots", "start")
+
+    def __init__(self, method: str, context: Any, identity: Any, start: float) -> None:
+        self.method = method  #: "/pkg.Service/Method"
+        self.context = context  #: grpc's ServicerContext (peer(), invocation_metadata(), ...)
+        self.identity = identity  #: the caller's rpcframe.security Identity when auth is on, else None
+        self.start = start  #: time.perf_counter() when the wrapper began
+        self.slots: dict[object, Any] = {}
+
+    @property
+    def deadline(self) -> float | None:
+        """Seconds the caller left for the call, or None."""
+        remaining = self.context.time_remaining()
+        return None if remaining is None or remaining > 1e9 else float(remaining)
+
+
+class CallObserver:
+    """Receives call events; every method is a no-op until overridden."""
+
+    def call_started(self, call: CallInfo) -> None:
+        """A client call is about to pick its first endpoint."""
+
+    def attempt_started(self, call: CallInfo, attempt: AttemptInfo) -> None:
+        """An attempt was sent."""
+
+    def attempt_ended(
+        self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float
+    ) -> None:
+        """An attempt ended with ``status`` after ``latency`` seconds (a cancelled hedge: CANCELLED)."""
+
+    def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
+        """The call ended (for a streaming response: when its stream was opened or failed)."""
+
+    def call_received(self, call: ServerCallInfo) -> None:
+        """An incoming call passed authentication; its handler runs next."""
+
+    def call_finished(self, call: ServerCallInfo, status: grpc.StatusCode, latency: float) -> None:
+        """An incoming call's handler returned or raised."""
+
+
+class _Fanout(CallObserver):
+    """Several observers as one, called in order."""
+
+    def __init__(self, observers: Sequence[CallObserver]) -> None:
+        self._observers = tuple(observers)
+
+    def call_started(self, call: CallInfo) -> None:
+        for observer in self._observers:
+            observer.call_started(call)
+
+    def attempt_started(self, call: CallInfo, attempt: AttemptInfo) -> None:
+        for observer in self._observers:
+            observer.attempt_started(call, attempt)
+
+    def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
+        for observer in self._observers:
+            observer.attempt_ended(call, attempt, status, latency)
+
+    def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
+        for observer in self._observers:
+            observer.call_ended(call, status, attempts, latency)
+
+    def call_received(self, call: ServerCallInfo) -> None:
+        for observer in self._observers:
+            observer.call_received(call)
+
+    def call_finished(self, call: ServerCallInfo, status: grpc.StatusCode, latency: float) -> None:
+        for observer in self._observers:
+            observer.call_finished(call, status, latency)
+
+
+def combine(observers: Sequence[CallObserver]) -> CallObserver | None:
+    """One observer for a config's ``observers``: None (nothing to call) when there are none."""
+    if not observers:
+        return None
+    if len(observers) == 1:
+        return observers[0]
+    return _Fanout(observers)
