@@ -1,1 +1,0 @@
-"""Endpoint health: passive outlier detection (pure) and active health watching."""
