@@ -27,6 +27,7 @@ import pytest
 
 import rpcframe
 import rpcframe.aio
+import rpcframe.observe
 from examples.bench_server import BenchServicer
 from generated.rpcframe.bench.v1 import bench_pb2, bench_pb2_grpc
 
@@ -51,6 +52,9 @@ class _Ready:
         yield  # a generator that returns at once
 
     def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
         return False
 
 
@@ -98,8 +102,8 @@ def target() -> Iterator[str]:
 def test_prepare(benchmark: Any, config: rpcframe.ChannelConfig, metadata: Any) -> None:
     with rpcframe.connect("127.0.0.1:1", config) as channel:  # never called: nothing listens there
         method = channel.stub(bench_pb2_grpc.BenchServiceStub).Unary
-        timeout, _, _ = benchmark(method._prepare, None, metadata)
-        assert timeout == config.default_timeout
+        plan = benchmark(method._prepare, None, metadata, None, None, None)
+        assert plan.timeout == config.default_timeout
 
 
 # -- sync wrapper ---------------------------------------------------------------
@@ -109,8 +113,13 @@ def test_sync_bare_function(benchmark: Any) -> None:
     assert benchmark(bare_call, REQUEST, None, None, None, None, None) is RESPONSE
 
 
-def test_sync_wrapper(benchmark: Any, target: str) -> None:
-    with rpcframe.connect(target) as channel:
+#: The observer seam unset (the default) and with one observer that does nothing.
+OBSERVERS = pytest.mark.parametrize("observers", [(), (rpcframe.observe.CallObserver(),)], ids=["unobserved", "observed"])
+
+
+@OBSERVERS
+def test_sync_wrapper(benchmark: Any, target: str, observers: Any) -> None:
+    with rpcframe.connect(target, rpcframe.ChannelConfig(observers=observers)) as channel:
         channel.wait_ready(10)
         method = channel.stub(bench_pb2_grpc.BenchServiceStub).Unary
         assert method(REQUEST, timeout=5).server_id  # one real call first
@@ -142,11 +151,12 @@ def test_aio_bare_coroutine_batch(benchmark: Any, loop: asyncio.AbstractEventLoo
     benchmark(lambda: loop.run_until_complete(batch()))
 
 
-def test_aio_wrapper_batch(benchmark: Any, loop: asyncio.AbstractEventLoop, target: str) -> None:
+@OBSERVERS
+def test_aio_wrapper_batch(benchmark: Any, loop: asyncio.AbstractEventLoop, target: str, observers: Any) -> None:
     """AIO_BATCH awaits of the rpcframe wrapper around the same done call object."""
 
     async def open_channel() -> tuple[Any, Any]:
-        channel = rpcframe.aio.connect(target)
+        channel = rpcframe.aio.connect(target, rpcframe.ChannelConfig(observers=observers))
         await asyncio.wait_for(channel.channel_ready(), 10)
         method = channel.stub(bench_pb2_grpc.BenchServiceStub).Unary
         assert (await method(REQUEST, timeout=5)).server_id  # one real call first

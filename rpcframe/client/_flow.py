@@ -111,10 +111,12 @@ def _call_info(method: MethodBase, plan: CallPlan) -> CallInfo:
     return info
 
 
-def _attempt_info(method: MethodBase, info: CallInfo | None, stats: Any, number: int, why: str) -> AttemptInfo | None:
+def _attempt_info(method: MethodBase, info: CallInfo | None, stats: Any, number: int,
+                  why: Attempts | str | None) -> AttemptInfo | None:  # fmt: skip
     if info is None:
         return None
-    attempt = AttemptInfo(stats.address, number, why if number > 1 else "first", time.perf_counter())
+    reason = "first" if number == 1 else why if isinstance(why, str) else why.why if why is not None else "retry"
+    attempt = AttemptInfo(stats.address, number, reason, time.perf_counter())
     method._observer.attempt_started(info, attempt)  # type: ignore[union-attr]
     return attempt
 
@@ -154,24 +156,28 @@ def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
     try:
         while True:
             stats, done = yield (PICK, plan, avoid)
-            attempt = _attempt_info(method, info, stats, number, "" if tries is None else tries.why)
+            # Observer calls are guarded inline: unobserved calls pay no call for them.
+            attempt = None if info is None else _attempt_info(method, info, stats, number, tries)
             start = time.perf_counter()
             try:
                 ok, value = yield (CALL, stats, plan)
             except BaseException as exc:  # cancelled, or the driver failed
                 done(Outcome.IGNORED, time.perf_counter() - start)
-                _attempt_ended(method, info, attempt, exc, time.perf_counter() - start)
+                if info is not None:
+                    _attempt_ended(method, info, attempt, exc, time.perf_counter() - start)
                 raise
             latency = time.perf_counter() - start
             if ok:
                 done(Outcome.SUCCESS, latency)
-                _attempt_ended(method, info, attempt, None, latency)
+                if info is not None:
+                    _attempt_ended(method, info, attempt, None, latency)
                 if method._hedge_state is not None:
                     method._hedge_state.latencies.add(latency)
                 return value
             if done(outcome_of(value.code()), latency):
                 channel.balancer.refresh()
-            _attempt_ended(method, info, attempt, value, latency)
+            if info is not None:
+                _attempt_ended(method, info, attempt, value, latency)
             tries = tries or Attempts(method, plan.deadline, plan.scope)
             delay = tries.delay(value)
             if delay is None:
@@ -185,7 +191,8 @@ def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
         error = exc
         raise
     finally:
-        _call_ended(method, info, error, number)
+        if info is not None:
+            _call_ended(method, info, error, number)
 
 
 class _Copy:
@@ -285,7 +292,7 @@ def stream_flow(method: MethodBase, plan: CallPlan, retry: bool) -> Flow:
     try:
         while True:
             stats, done = yield (PICK, plan, avoid)
-            attempt = _attempt_info(method, info, stats, number, "" if tries is None else tries.why)
+            attempt = _attempt_info(method, info, stats, number, tries)
             start = time.perf_counter()
             handle = yield (OPEN, stats, done, plan)
             delivered, failed = yield (DELIVER, handle)
