@@ -114,7 +114,9 @@ def test_sync_bare_function(benchmark: Any) -> None:
 
 
 #: The observer seam unset (the default) and with one observer that does nothing.
-OBSERVERS = pytest.mark.parametrize("observers", [(), (rpcframe.observe.CallObserver(),)], ids=["unobserved", "observed"])
+OBSERVERS = pytest.mark.parametrize(
+    "observers", [(), (rpcframe.observe.CallObserver(),)], ids=["unobserved", "observed"]
+)
 
 
 @OBSERVERS
