@@ -41,6 +41,8 @@ from collections.abc import Sequence
 
 import grpc
 
+from ._core.errors import ConfigError, RpcframeError
+
 __all__ = [
     "DEFAULT_EXCEPTION_STATUS",
     "Aborted",
@@ -67,14 +69,6 @@ __all__ = [
 ]
 
 Metadata = Sequence[tuple[str, str | bytes]]
-
-
-class RpcframeError(Exception):
-    """Base of every exception rpcframe raises."""
-
-
-class ConfigError(RpcframeError, ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 class RpcError(RpcframeError, grpc.RpcError):  # type: ignore[misc]

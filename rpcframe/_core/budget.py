@@ -17,7 +17,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["BudgetConfig", "RateBudget"]
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["DEFAULT_RETRYABLE", "NOT_RUN_KEY", "RetryPolicy", "Verdict", "decide", "parse_pushback"]
 

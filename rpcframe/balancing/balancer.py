@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..health.outlier import OutlierConfig, update_ejections
 from .endpoint import Endpoint, EndpointStats
+from .outlier import OutlierConfig, update_ejections
 from .pickers import Picker, PickerContext, build_picker
 
 __all__ = ["BalancerCore", "Connectivity", "EndpointEntry"]

@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..balancing.endpoint import EndpointStats
-from ..errors import ConfigError
+from .._core.errors import ConfigError
+from .endpoint import EndpointStats
 
 __all__ = ["OutlierConfig", "update_ejections"]
 

@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .histogram import Merged, Partial, Recorder
-    from .methods import MethodInfo, build_request, parse_method_name, resolve_method
+    from .methods import build_request, parse_method_name, resolve_method
     from .runner import BenchResult, run_bench
     from .schedule import OpenLoopSchedule
-    from .spec import BenchError, LoadSpec, parse_duration
+    from .spec import BenchError, LoadSpec, MethodInfo, parse_duration
 
 _MODULE_OF = {
     "BenchError": "spec",
     "BenchResult": "runner",
     "LoadSpec": "spec",
     "Merged": "histogram",
-    "MethodInfo": "methods",
+    "MethodInfo": "spec",
     "OpenLoopSchedule": "schedule",
     "Partial": "histogram",
     "Recorder": "histogram",

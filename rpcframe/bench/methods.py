@@ -16,65 +16,18 @@ import importlib.util
 import os
 import pkgutil
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from google.protobuf.descriptor import FieldDescriptor, FileDescriptor, MethodDescriptor
-from google.protobuf.message import Message
 
-from .spec import BenchError
+from .spec import KIND_LABELS, BenchError, MethodInfo
 
 __all__ = ["KIND_LABELS", "MethodInfo", "build_request", "parse_method_name", "resolve_method"]
 
-#: grpc multicallable kind -> the words reports use.
-KIND_LABELS = {
-    "unary_unary": "unary",
-    "unary_stream": "server-stream",
-    "stream_unary": "client-stream",
-    "stream_stream": "bidi-stream",
-}
-
 # Where protoc output usually lives relative to the proto package.
 _STUB_ROOTS = ("generated.", "")
-
-
-@dataclass(frozen=True, slots=True)
-class MethodInfo:
-    """A resolved method: its path, kind, and the descriptors of its messages.
-
-    Attributes:
-        path: ``/package.Service/Method`` as sent on the wire.
-        kind: ``unary_unary``, ``unary_stream``, ``stream_unary`` or ``stream_stream``.
-        request_type: full name of the request message.
-        response_type: full name of the response message.
-        files: serialized ``FileDescriptorProto`` of the method's file and its
-            dependencies, dependencies first.
-        source: ``stubs`` or ``reflection``.
-    """
-
-    path: str
-    kind: str
-    request_type: str
-    response_type: str
-    files: tuple[bytes, ...]
-    source: str
-
-    @property
-    def label(self) -> str:
-        """The kind in report words (``unary``, ``server-stream`` ...)."""
-        return KIND_LABELS[self.kind]
-
-    def message_classes(self) -> tuple[type[Message], type[Message]]:
-        """Request and response classes, built in a private descriptor pool."""
-        pool = descriptor_pool.DescriptorPool()
-        for data in self.files:
-            pool.Add(descriptor_pb2.FileDescriptorProto.FromString(data))
-        return (
-            message_factory.GetMessageClass(pool.FindMessageTypeByName(self.request_type)),
-            message_factory.GetMessageClass(pool.FindMessageTypeByName(self.response_type)),
-        )
 
 
 def parse_method_name(text: str) -> tuple[str, str]:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from .methods import MethodInfo
+    from google.protobuf.message import Message
 
-__all__ = ["DEFAULT_MAX_DURATION", "BenchError", "LoadSpec", "parse_duration"]
+__all__ = ["DEFAULT_MAX_DURATION", "KIND_LABELS", "BenchError", "LoadSpec", "MethodInfo", "parse_duration"]
 
 Mode = Literal["sync", "aio"]
 ClientKind = Literal["raw", "rpcframe"]
@@ -32,6 +32,55 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a duration (e.g. 10s, 500ms, 1m)")
     return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+#: grpc multicallable kind -> the words reports use.
+KIND_LABELS = {
+    "unary_unary": "unary",
+    "unary_stream": "server-stream",
+    "stream_unary": "client-stream",
+    "stream_stream": "bidi-stream",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    """A resolved method: its path, kind, and the descriptors of its messages.
+
+    Attributes:
+        path: ``/package.Service/Method`` as sent on the wire.
+        kind: ``unary_unary``, ``unary_stream``, ``stream_unary`` or ``stream_stream``.
+        request_type: full name of the request message.
+        response_type: full name of the response message.
+        files: serialized ``FileDescriptorProto`` of the method's file and its
+            dependencies, dependencies first.
+        source: ``stubs`` or ``reflection``.
+    """
+
+    path: str
+    kind: str
+    request_type: str
+    response_type: str
+    files: tuple[bytes, ...]
+    source: str
+
+    @property
+    def label(self) -> str:
+        """The kind in report words (``unary``, ``server-stream`` ...)."""
+        return KIND_LABELS[self.kind]
+
+    def message_classes(self) -> tuple[type[Message], type[Message]]:
+        """Request and response classes, built in a private descriptor pool."""
+        # Imported here: the CLI imports this module to parse flags, before any protobuf is needed.
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        pool = descriptor_pool.DescriptorPool()
+        for data in self.files:
+            pool.Add(descriptor_pb2.FileDescriptorProto.FromString(data))
+        return (
+            message_factory.GetMessageClass(pool.FindMessageTypeByName(self.request_type)),
+            message_factory.GetMessageClass(pool.FindMessageTypeByName(self.response_type)),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,15 +32,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import jwt
 
 from ..errors import ConfigError
 from .authz import Policy
 from .identity import Identity
+
+# PyJWT (and the cryptography it loads) costs more to import than grpc: it is
+# imported where a JWT is handled, so importing rpcframe stays cheap.
+if TYPE_CHECKING:
+    import jwt
 
 __all__ = [
     "ApiKey",
@@ -214,6 +219,8 @@ class _Key:
 
 
 def _prepare(algorithm: str, key: Any, kid: str | None) -> _Key:
+    import jwt
+
     try:
         return _Key(algorithm, kid, jwt.get_algorithm_by_name(algorithm).prepare_key(key))
     except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
@@ -246,6 +253,8 @@ def _load_jwks(path: str | os.PathLike[str], accepted: Sequence[str]) -> tuple[_
         raise ConfigError(f"JWTConfig.jwks_file {os.fspath(path)!r}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"JWTConfig.jwks_file {os.fspath(path)!r}: not a JWKS document ({exc!r})") from None
+    import jwt
+
     usable, keys, ids = 0, [], set()
     for member in members:
         try:
@@ -338,21 +347,27 @@ class _JwksFile:
             _LOG.info("JWKS file %s: keys removed or replaced; cached tokens re-verified", os.fspath(self.path))
 
 
-_REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (jwt.ExpiredSignatureError, "JWT expired"),
-    (jwt.ImmatureSignatureError, "JWT not valid yet (nbf)"),
-    (jwt.InvalidAudienceError, "JWT audience not accepted"),
-    (jwt.InvalidIssuerError, "JWT issuer not accepted"),
-    (jwt.InvalidSignatureError, "JWT signature does not verify"),
-    (jwt.MissingRequiredClaimError, "JWT lacks a required claim"),
-    (jwt.InvalidIssuedAtError, "JWT issued-at (iat) claim is not an integer"),
-    (jwt.DecodeError, "malformed JWT"),  # after InvalidSignatureError, its subclass
-)
+@cache
+def _reasons() -> tuple[tuple[type[Exception], str], ...]:
+    import jwt
+
+    return (
+        (jwt.ExpiredSignatureError, "JWT expired"),
+        (jwt.ImmatureSignatureError, "JWT not valid yet (nbf)"),
+        (jwt.InvalidAudienceError, "JWT audience not accepted"),
+        (jwt.InvalidIssuerError, "JWT issuer not accepted"),
+        (jwt.InvalidSignatureError, "JWT signature does not verify"),
+        (jwt.MissingRequiredClaimError, "JWT lacks a required claim"),
+        (jwt.InvalidIssuedAtError, "JWT issued-at (iat) claim is not an integer"),
+        (jwt.DecodeError, "malformed JWT"),  # after InvalidSignatureError, its subclass
+    )
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
     """The status message for ``exc``: never PyJWT's text, which may quote the token."""
-    for exc_type, text in _REASONS:
+    import jwt
+
+    for exc_type, text in _reasons():
         if isinstance(exc, exc_type):
             if isinstance(exc, jwt.MissingRequiredClaimError):
                 return f"{text}: {exc.claim!r}"  # one of the configured required claims
@@ -430,6 +445,8 @@ class JWTVerifier:
         return keys
 
     def _verify(self, token: str) -> tuple[Identity, float]:
+        import jwt  # a cache miss: the signature check costs far more than this lookup
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -449,6 +466,8 @@ class JWTVerifier:
         return self._decode(token, algorithm, keys)
 
     def _decode(self, token: str, algorithm: str, keys: list[_Key]) -> tuple[Identity, float]:
+        import jwt
+
         cfg = self.config
         error: jwt.PyJWTError | None = None
         for key in keys:

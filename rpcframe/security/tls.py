@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from ..errors import ConfigError
 
@@ -62,6 +60,10 @@ def _stamp(source: PEMSource | None) -> tuple[int, int] | None:
 
 def check_pair(cert: bytes, key: bytes) -> None:
     """Raise ConfigError unless ``key`` is the private key of ``cert``'s first certificate."""
+    # Imported here: cryptography costs about as much to import as grpc, and only TLS setup needs it.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         leaf = x509.load_pem_x509_certificates(cert)[0]
         private = serialization.load_pem_private_key(key, password=None)

@@ -32,7 +32,8 @@ import rpcframe.aio
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.balancing.endpoint import Endpoint
-from rpcframe.balancing.etcd import EtcdRegistration, EtcdResolver
+from rpcframe.discovery.etcd_registration import EtcdRegistration
+from rpcframe.discovery.etcd_resolver import EtcdResolver
 from tests.conftest import eventually, wait_until
 from tests.servicers import Backend
 

@@ -10,6 +10,7 @@ import pytest
 
 from rpcframe.balancing.balancer import BalancerCore, Connectivity
 from rpcframe.balancing.endpoint import Endpoint, EndpointStats, Outcome
+from rpcframe.balancing.outlier import OutlierConfig, update_ejections
 from rpcframe.balancing.pickers import (
     NoEndpointError,
     PickerContext,
@@ -19,7 +20,6 @@ from rpcframe.balancing.pickers import (
 )
 from rpcframe.balancing.resolver import DNSResolver, ManualResolver, StaticResolver, resolver_for
 from rpcframe.errors import ConfigError
-from rpcframe.health.outlier import OutlierConfig, update_ejections
 
 
 class FakeClock:

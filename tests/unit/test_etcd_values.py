@@ -7,8 +7,9 @@ import logging
 import pytest
 
 from rpcframe.balancing.endpoint import Endpoint
-from rpcframe.balancing.etcd import EtcdResolver, endpoint_from_value, endpoint_value, prefix_range_end
 from rpcframe.balancing.resolver import resolver_for
+from rpcframe.discovery.etcd_gateway import endpoint_from_value, endpoint_value, prefix_range_end
+from rpcframe.discovery.etcd_resolver import EtcdResolver
 from rpcframe.errors import ConfigError
 
 
