@@ -12,13 +12,16 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
+from grpc._cython import cygrpc  # ExecuteBatchError, which grpc.aio does not re-export
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded
+from . import _heap
 from ._common import (
+    NO_REQUEST,
     NOT_RUN,
     BadRequest,
     Drain,
@@ -133,6 +136,7 @@ class Server(ServerBase):
             reflection.enable_server_reflection(names, self._grpc_server)
         await self._grpc_server.start()
         self._started = True
+        _heap.hold()  # freed connection memory goes back to the OS
 
     async def set_serving(self, service: str, serving: bool) -> None:
         """Report ``service`` ("" for the whole server) as SERVING or NOT_SERVING."""
@@ -166,6 +170,8 @@ class Server(ServerBase):
         if self.health is not None:
             await self.health.close()
         await graceful
+        if self._started:
+            _heap.unhold()
 
     async def wait(self) -> None:
         """Wait until the server has stopped (bound it with ``asyncio.timeout``)."""
@@ -257,6 +263,9 @@ class Server(ServerBase):
             except asyncio.CancelledError:
                 scope.cancel_all()  # the caller cancelled or its deadline passed
                 raise
+            except _WRITE_FAILED:
+                scope.cancel_all()  # a write with context.write found the client gone
+                raise asyncio.CancelledError from None
             except Exception as exc:
                 await self._fail(exc, context, method)
             finally:
@@ -327,14 +336,27 @@ async def _capped(result: Any, scope: CallScope, cap: float) -> Any:
 # one lets the handler read the request itself (context.read(), the same core
 # operation) and answer a missing message with INVALID_ARGUMENT.
 
-_NO_REQUEST = "the request message is missing or truncated (a unary method takes exactly one)"
+def _write_failure() -> type[Exception]:
+    """What grpc.aio's ``context.write`` raises once the call is over (the client left, or cancelled it)."""
+    error = getattr(cygrpc, "ExecuteBatchError", None)
+    if isinstance(error, type) and issubclass(error, Exception):
+        return error
+    return type("_NeverRaised", (Exception,), {})  # grpc renamed it: writes fail loudly again, nothing breaks
+
+
+#: grpc.aio logs a handler's ExecuteBatchError at ERROR with a traceback
+#: unless it has already seen the client close the call, and a write blocked
+#: on flow control fails before it does when a client that stopped reading
+#: goes away. That is the client leaving, not an error: the handler ends as
+#: a cancelled call, which grpc.aio ends quietly.
+_WRITE_FAILED = _write_failure()
 
 
 async def _one_request(context: Any) -> Any:
     """The call's single request message, or INVALID_ARGUMENT when none arrived whole."""
     request = await context.read()
     if request is grpc.aio.EOF:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _NO_REQUEST)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
     return request
 
 
@@ -359,12 +381,20 @@ def _reading_request(handler: Any) -> Any:
     if inspect.isasyncgenfunction(streaming):
 
         async def stream_response(_requests: Any, context: Any) -> None:
-            async for response in streaming(await _one_request(context), context):
-                await context.write(response)  # what grpc's own loop does with a generator
+            responses = streaming(await _one_request(context), context)
+            try:
+                async for response in responses:
+                    await context.write(response)  # what grpc's own loop does with a generator
+            except _WRITE_FAILED:
+                await responses.aclose()  # the handler's cleanup runs now
+                raise asyncio.CancelledError from None  # the client is gone (see _WRITE_FAILED)
     elif inspect.iscoroutinefunction(streaming):
 
         async def stream_response(_requests: Any, context: Any) -> None:
-            await streaming(await _one_request(context), context)  # writes with context.write
+            try:
+                await streaming(await _one_request(context), context)  # writes with context.write
+            except _WRITE_FAILED:
+                raise asyncio.CancelledError from None  # the client is gone (see _WRITE_FAILED)
     else:
         return handler
     return handler._replace(request_streaming=True, unary_stream=None, stream_stream=stream_response)

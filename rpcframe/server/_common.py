@@ -164,6 +164,10 @@ NOT_RUN = (
 )
 
 
+#: Why a unary call ends with INVALID_ARGUMENT when its request never arrived whole.
+NO_REQUEST = "the request message is missing or truncated (a unary method takes exactly one)"
+
+
 #: Metadata that marks a request as a retry or hedge of an earlier attempt:
 #: rpcframe's own, and the one grpc core's retries send.
 RETRY_KEYS = frozenset({"rpcframe-attempt", "grpc-previous-rpc-attempts"})

@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
+from . import _heap
 from ._common import (
+    NO_REQUEST,
     NOT_RUN,
     BadRequest,
     Drain,
@@ -135,6 +137,19 @@ def _arrived_late() -> bool:
     return bool(getattr(_late, "arrived", False))
 
 
+def _one_request(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    """A unary call's request message, or INVALID_ARGUMENT when the stream ended without a whole one.
+
+    grpc's own read of a unary request answers a missing or truncated
+    message with UNIMPLEMENTED ("requires exactly one request message"), a
+    status that tells the caller the method does not exist.
+    """
+    request = next(requests, None)  # the same core read grpc would do; None: the stream ended
+    if request is None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
+    return request
+
+
 def _refusal(context: grpc.ServicerContext, drain: Drain | None) -> tuple[grpc.StatusCode, str]:
     if drain is not None:
         drain.refused(time.monotonic())
@@ -249,6 +264,7 @@ class Server(ServerBase):
             reflection.enable_server_reflection(names, self._grpc_server)
         self._grpc_server.start()
         self._started = True
+        _heap.hold()  # freed connection memory goes back to the OS
 
     def set_serving(self, service: str, serving: bool) -> None:
         """Report ``service`` ("" for the whole server) as SERVING or NOT_SERVING."""
@@ -295,6 +311,8 @@ class Server(ServerBase):
         if self.health is not None:
             self.health.close()
         stopped.wait(left + _CANCEL_WAIT)
+        if self._started:
+            _heap.unhold()
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -360,6 +378,9 @@ class Server(ServerBase):
         set_scope = scope_var.set
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
         watch, reads, now = self._stalls, handler.request_streaming, time.monotonic
+        # A unary request is registered as a request stream of which the
+        # wrapper reads the one message itself (see _one_request).
+        one = not reads
         if handler.response_streaming:
             behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
@@ -368,6 +389,8 @@ class Server(ServerBase):
                     context.abort(*_refusal(context, server._drain))
                 if guard is not None and (denied := guard(context)) is not None:
                     context.abort(*denied)
+                if one:
+                    request = _one_request(request, context)
                 if type(request) is BadRequest:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 enter()
@@ -390,8 +413,7 @@ class Server(ServerBase):
                     _end_scope(scope, token)
                     leave()
 
-            key = "stream_stream" if handler.request_streaming else "unary_stream"
-            return handler._replace(**{key: streaming})
+            return handler._replace(request_streaming=True, unary_stream=None, stream_stream=streaming)
 
         behaviour = watch_reads(handler.stream_unary, watch, method) if reads else handler.unary_unary
 
@@ -400,6 +422,8 @@ class Server(ServerBase):
                 context.abort(*_refusal(context, server._drain))
             if guard is not None and (denied := guard(context)) is not None:
                 context.abort(*denied)
+            if one:
+                request = _one_request(request, context)
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             enter()
@@ -413,5 +437,4 @@ class Server(ServerBase):
                 _end_scope(scope, token)
                 leave()
 
-        key = "stream_unary" if handler.request_streaming else "unary_unary"
-        return handler._replace(**{key: unary})
+        return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
