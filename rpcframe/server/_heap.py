@@ -7,8 +7,9 @@ returns every whole free page. One daemon thread per process, running while
 a server runs, checks every :data:`INTERVAL` seconds how much of the RSS
 malloc's live allocations do not explain (the *slack*: free heap pages
 still resident, plus Python's own arenas and the like) and trims once the
-slack has grown by :data:`GROWTH` since the last trim. Memory still in use
-(connections still open) is not slack, so the trim waits until it is freed.
+slack has grown by :data:`GROWTH` since the last trim and stopped growing
+(a burst of closes is over). Memory still in use (connections still open)
+is not slack, so the trim waits until it is freed.
 
 Not all of it comes back: grpc keeps a small record of every connection it
 ever polled (``Epoll1EventHandle``, reused for the next connections), and
@@ -25,9 +26,11 @@ import threading
 from collections.abc import Callable
 
 #: Seconds between two checks of the slack.
-INTERVAL = 1.0
+INTERVAL = 0.5
 #: Bytes the slack must grow by since the last trim before the next one.
 GROWTH = 4 << 20
+#: The slack counts as settled (nothing is being freed) once it grew less than this since the check before.
+SETTLED = 1 << 20
 
 
 class _MallInfo2(ctypes.Structure):
@@ -85,8 +88,9 @@ class HeapTrimmer:
         self._checking = threading.Lock()  # a thread ending and its successor may overlap
         self._holders = 0
         self._stop: threading.Event | None = None
-        # The lowest RSS and slack seen since the last trim.
+        # The lowest RSS and slack seen since the last trim; the slack at the check before.
         self._rss_floor = self._slack_floor = 0
+        self._last_slack: int | None = None
         self.trims = 0
 
     def acquire(self) -> None:
@@ -114,6 +118,7 @@ class HeapTrimmer:
     def _reset(self) -> None:
         self._rss_floor = rss = _rss()
         self._slack_floor = self._slack(rss)
+        self._last_slack = None
 
     def check(self) -> bool:
         """Trim if the slack grew by :data:`GROWTH` since the last trim; whether it did."""
@@ -121,11 +126,15 @@ class HeapTrimmer:
             rss = _rss()
             if rss - self._rss_floor < GROWTH:  # no room for that much freed memory: skip malloc's walk
                 self._rss_floor = min(self._rss_floor, rss)
+                self._last_slack = None
                 return False
             slack = self._slack(rss)
+            last, self._last_slack = self._last_slack, slack
             if slack - self._slack_floor < GROWTH:  # the growth is memory in use (connections still open)
                 self._slack_floor = min(self._slack_floor, slack)
                 return False
+            if last is None or slack - last > SETTLED:
+                return False  # memory is being freed right now (connections closing): trim once that is over
             self._trim(0)
             self.trims += 1
             self._reset()
