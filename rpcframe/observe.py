@@ -68,14 +68,20 @@ class AttemptInfo:
 class ServerCallInfo:
     """One incoming call, as observers see it."""
 
-    __slots__ = ("context", "identity", "method", "slots", "start")
+    __slots__ = ("context", "method", "slots", "start")
 
-    def __init__(self, method: str, context: Any, identity: Any, start: float) -> None:
+    def __init__(self, method: str, context: Any, start: float) -> None:
         self.method = method  #: "/pkg.Service/Method"
         self.context = context  #: grpc's ServicerContext (peer(), invocation_metadata(), ...)
-        self.identity = identity  #: the caller's rpcframe.security Identity when auth is on, else None
         self.start = start  #: time.perf_counter() when the wrapper began
         self.slots: dict[object, Any] = {}
+
+    @property
+    def identity(self) -> Any:
+        """Who is calling (:func:`rpcframe.peer`): read from the call when first asked."""
+        from .security.identity import peer
+
+        return peer(self.context)
 
     @property
     def deadline(self) -> float | None:

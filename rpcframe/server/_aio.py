@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
@@ -18,7 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
-from ..errors import DeadlineExceeded
+from ..errors import DeadlineExceeded, RpcError
+from ..observe import CallObserver, ServerCallInfo
 from . import _heap
 from ._common import (
     NO_REQUEST,
@@ -29,6 +31,8 @@ from ._common import (
     ServerBase,
     checked_requests,
     is_grpc_abort,
+    observe_finished,
+    observe_received,
     status_for_exception,
 )
 
@@ -237,7 +241,7 @@ class Server(ServerBase):
         # Plain functions are the generated base's "not implemented" stubs
         # (or handlers that write with context.write); they run inline.
         is_async = inspect.iscoroutinefunction(behaviour)
-        cap = self.config.max_deadline
+        cap, observer = self.config.max_deadline, self._observer
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -249,6 +253,7 @@ class Server(ServerBase):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:
                 request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
+            info = None if observer is None else await _received(observer, method, context)
             self._inflight += 1
             # Each call runs in its own task, so the scope is this call's alone.
             scope = IncomingScope(context, cap)
@@ -271,11 +276,13 @@ class Server(ServerBase):
             finally:
                 scope.ended = True
                 self._leave()
+                if info is not None:
+                    observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
         return call
 
     def _wrap_generator(self, method: str, behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
-        cap = self.config.max_deadline
+        cap, observer = self.config.max_deadline, self._observer
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -287,6 +294,7 @@ class Server(ServerBase):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:
                 request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
+            info = None if observer is None else await _received(observer, method, context)
             self._inflight += 1
             scope = IncomingScope(context, cap)
             token = scope_var.set(scope)
@@ -310,8 +318,18 @@ class Server(ServerBase):
                 except ValueError:
                     pass  # finalized outside the call's task
                 self._leave()
+                if info is not None:
+                    observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
         return stream
+
+
+async def _received(observer: CallObserver, method: str, context: grpc.aio.ServicerContext) -> ServerCallInfo:
+    try:
+        return observe_received(observer, method, context)
+    except RpcError as refused:  # the observer refused the call (admission control)
+        await context.abort(refused.code(), refused.details())
+        raise AssertionError("unreachable: abort() raises") from None  # pragma: no cover
 
 
 async def _capped(result: Any, scope: CallScope, cap: float) -> Any:

@@ -24,6 +24,7 @@ from .._core.deadline import CallScope
 from .._core.retry import NOT_RUN_KEY
 from ..config import ServerConfig
 from ..errors import ConfigError, RpcError
+from ..observe import CallObserver, ServerCallInfo, combine
 from ..security.guard import guard_factory
 from ..security.tls import server_credentials
 
@@ -377,6 +378,7 @@ class ServerBase:
         self._started = False
         # method -> auth guard, or None without ServerConfig.auth (then the wrapper checks nothing).
         self._guard_for = guard_factory(config.auth, config.tls)
+        self._observer = combine(config.observers)  # None: the wrapper observes nothing
         self._credentials: Any = None
 
     @property
@@ -469,3 +471,27 @@ class Drain:
         """The grace to give grpc's own stop once :meth:`over` said so."""
         left = max(0.0, self.until - now)
         return min(left, self.CLOSE) if self._idle else left
+
+
+def observe_received(observer: CallObserver, method: str, context: Any) -> ServerCallInfo:
+    """Tell the observer of an incoming call (it may raise an RpcError to refuse it)."""
+    info = ServerCallInfo(method, context, time.perf_counter())
+    observer.call_received(info)
+    return info
+
+
+def observe_finished(observer: CallObserver, info: ServerCallInfo, exc: BaseException | None) -> None:
+    """Tell the observer how the call ended: ``exc`` is what its handler raised (None: it returned)."""
+    observer.call_finished(info, final_status(info.context, exc), time.perf_counter() - info.start)
+
+
+def final_status(context: Any, exc: BaseException | None) -> grpc.StatusCode:
+    """The status a call ends with after its wrapper saw ``exc`` (None: OK)."""
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, RpcError):
+        return exc.code()
+    code = context.code()  # set by abort(), which every mapped error goes through
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.CANCELLED if type(exc).__name__ == "CancelledError" else grpc.StatusCode.UNKNOWN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,8 @@ from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
+from ..errors import RpcError
+from ..observe import CallObserver, ServerCallInfo
 from . import _heap
 from ._common import (
     NO_REQUEST,
@@ -26,6 +29,8 @@ from ._common import (
     ServerBase,
     StallWatch,
     is_grpc_abort,
+    observe_finished,
+    observe_received,
     status_for_exception,
     watch_reads,
     watched_requests,
@@ -156,6 +161,14 @@ def _refusal(context: grpc.ServicerContext, drain: Drain | None) -> tuple[grpc.S
     code, details, trailing = NOT_RUN
     context.set_trailing_metadata(trailing)
     return code, details
+
+
+def _received(observer: CallObserver, method: str, context: grpc.ServicerContext) -> ServerCallInfo:
+    try:
+        return observe_received(observer, method, context)
+    except RpcError as refused:  # the observer refused the call (admission control)
+        context.abort(refused.code(), refused.details())
+        raise AssertionError("unreachable: abort() raises") from None  # pragma: no cover
 
 
 class _Executor(ThreadPoolExecutor):
@@ -373,7 +386,7 @@ class Server(ServerBase):
         raise AssertionError("unreachable: abort() raises")  # pragma: no cover
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        server, enter, leave, fail = self, self._enter, self._leave, self._fail
+        server, enter, leave, fail, observer = self, self._enter, self._leave, self._fail, self._observer
         cap = self.config.max_deadline
         set_scope = scope_var.set
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
@@ -393,6 +406,7 @@ class Server(ServerBase):
                     request = _one_request(request, context)
                 if type(request) is BadRequest:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+                info = None if observer is None else _received(observer, method, context)
                 enter()
                 scope = _Scope(context, cap)
                 token = set_scope(scope)
@@ -412,6 +426,8 @@ class Server(ServerBase):
                     watch.close(stall)
                     _end_scope(scope, token)
                     leave()
+                    if info is not None:
+                        observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
             return handler._replace(request_streaming=True, unary_stream=None, stream_stream=streaming)
 
@@ -426,6 +442,7 @@ class Server(ServerBase):
                 request = _one_request(request, context)
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            info = None if observer is None else _received(observer, method, context)
             enter()
             scope = _Scope(context, cap)
             token = set_scope(scope)
@@ -436,5 +453,7 @@ class Server(ServerBase):
             finally:
                 _end_scope(scope, token)
                 leave()
+                if info is not None:
+                    observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
         return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)

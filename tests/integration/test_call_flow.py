@@ -16,7 +16,7 @@ from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.observe import AttemptInfo, CallInfo, CallObserver
 from tests.conftest import Running, wait_until
-from tests.servicers import Backend
+from tests.servicers import AioScriptedEcho, Backend, ScriptedEcho
 
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
 _HEDGED = {ECHO: rpcframe.MethodConfig(hedge=rpcframe.HedgePolicy(delay=0.05))}
@@ -207,3 +207,85 @@ def test_sync_future_is_retried_like_a_call(two: list[Backend]) -> None:
         assert set(answers) == {"b"}
         assert channel.stats.retries >= 1
 
+
+
+# -- the server side of the seam ----------------------------------------------------------
+
+
+class ServerRecorder(CallObserver):
+    """Keeps (method, status) of every finished incoming call; refuses calls whose metadata asks it to."""
+
+    def __init__(self) -> None:
+        self.finished: list[tuple[str, str]] = []
+
+    def call_received(self, call: Any) -> None:
+        assert call.identity.method == "none"  # no auth configured: the anonymous caller, read when asked
+        if ("x-refuse", "1") in tuple(call.context.invocation_metadata()):
+            raise rpcframe.ResourceExhausted("over the limit")
+
+    def call_finished(self, call: Any, status: grpc.StatusCode, latency: float) -> None:
+        assert latency >= 0
+        self.finished.append((call.method.rsplit("/", 1)[1], status.name))
+
+
+_SERVER_CASES = [
+    ("x", "OK"),
+    ("raise:NotFound:gone", "NOT_FOUND"),
+    ("py:ValueError:bad", "INVALID_ARGUMENT"),
+    ("abort:PERMISSION_DENIED:no", "PERMISSION_DENIED"),
+    ("py:RuntimeError:boom", "INTERNAL"),
+]
+
+
+def _expected() -> list[tuple[str, str]]:
+    return [("Echo", status) for _, status in _SERVER_CASES] + [("Expand", "OK")]
+
+
+def test_sync_server_observer_sees_every_call_and_may_refuse() -> None:
+    recorder = ServerRecorder()
+    backend_servicer = ScriptedEcho("s")
+    server = rpcframe.Server(rpcframe.ServerConfig(observers=(recorder,)))
+    server.add(backend_servicer)
+    port = server.bind("127.0.0.1:0")
+    server.start()
+    try:
+        with rpcframe.connect(f"127.0.0.1:{port}") as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for message, _ in _SERVER_CASES:
+                try:
+                    stub.Echo(pb.EchoRequest(message=message))
+                except rpcframe.RpcError:
+                    pass
+            assert len(list(stub.Expand(pb.ExpandRequest(message="m", count=2)))) == 2
+            calls = backend_servicer.calls
+            with pytest.raises(rpcframe.ResourceExhausted, match="over the limit"):
+                stub.Echo(pb.EchoRequest(message="x"), metadata=(("x-refuse", "1"),))
+            assert backend_servicer.calls == calls  # refused before the handler ran
+    finally:
+        server.stop(0)
+    assert recorder.finished == _expected()
+
+
+async def test_aio_server_observer_sees_every_call_and_may_refuse() -> None:
+    recorder = ServerRecorder()
+    servicer = AioScriptedEcho("s")
+    server = rpcframe.aio.Server(rpcframe.ServerConfig(observers=(recorder,)))
+    server.add(servicer)
+    port = server.bind("127.0.0.1:0")
+    await server.start()
+    try:
+        async with rpcframe.aio.connect(f"127.0.0.1:{port}") as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for message, _ in _SERVER_CASES:
+                try:
+                    await stub.Echo(pb.EchoRequest(message=message))
+                except rpcframe.RpcError:
+                    pass
+            assert len([r async for r in stub.Expand(pb.ExpandRequest(message="m", count=2))]) == 2
+            calls = servicer.calls
+            with pytest.raises(rpcframe.ResourceExhausted, match="over the limit"):
+                await stub.Echo(pb.EchoRequest(message="x"), metadata=(("x-refuse", "1"),))
+            assert servicer.calls == calls
+    finally:
+        await server.stop(0)
+    assert recorder.finished == _expected()
