@@ -378,14 +378,39 @@ async def _one_request(context: Any) -> Any:
     return request
 
 
+async def _write_all(responses: AsyncIterator[Any], context: Any) -> None:
+    """Write a handler's responses as grpc.aio's own loop would; a client gone ends the call as cancelled."""
+    try:
+        async for response in responses:
+            await context.write(response)
+    except _WRITE_FAILED:
+        await responses.aclose()  # the handler's cleanup runs now
+        raise asyncio.CancelledError from None  # the client is gone (see _WRITE_FAILED)
+
+
+def _writing_responses(handler: Any) -> Any:
+    """A bidi ``handler`` whose async generator's responses are written by :func:`_write_all`, not grpc.aio."""
+    streaming = handler.stream_stream
+    if not handler.response_streaming or not inspect.isasyncgenfunction(streaming):
+        return handler
+
+    async def stream_response(requests: Any, context: Any) -> None:
+        await _write_all(streaming(requests, context), context)
+
+    return handler._replace(stream_stream=stream_response)
+
+
 def _reading_request(handler: Any) -> Any:
     """``handler`` registered as request-streaming, reading its one request first.
 
     Only async behaviours change (rpcframe's wrappers and grpcio's health
-    servicer); anything else is returned as it is.
+    servicer); anything else is returned as it is. Response streams are
+    written by :func:`_write_all` (bidi ones too).
     """
-    if handler is None or handler.request_streaming:
+    if handler is None:
         return handler
+    if handler.request_streaming:
+        return _writing_responses(handler)
     if not handler.response_streaming:
         unary = handler.unary_unary
         if not inspect.iscoroutinefunction(unary):
@@ -399,13 +424,7 @@ def _reading_request(handler: Any) -> Any:
     if inspect.isasyncgenfunction(streaming):
 
         async def stream_response(_requests: Any, context: Any) -> None:
-            responses = streaming(await _one_request(context), context)
-            try:
-                async for response in responses:
-                    await context.write(response)  # what grpc's own loop does with a generator
-            except _WRITE_FAILED:
-                await responses.aclose()  # the handler's cleanup runs now
-                raise asyncio.CancelledError from None  # the client is gone (see _WRITE_FAILED)
+            await _write_all(streaming(await _one_request(context), context), context)
     elif inspect.iscoroutinefunction(streaming):
 
         async def stream_response(_requests: Any, context: Any) -> None:
@@ -429,7 +448,7 @@ class _ReadingGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 
 class _AnswersEmptyRequests:
-    """A grpc.aio server whose unary-request methods always answer (see above)."""
+    """A grpc.aio server whose unary-request methods always answer and whose failed writes are quiet (see above)."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server

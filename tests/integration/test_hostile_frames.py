@@ -203,13 +203,35 @@ class _UnreadConnection(RawConnection):
             super()._record(event)
 
 
-def _open_unread_streams(port: int, count: int) -> RawConnection:
-    """``count`` server streams of 100 MB each on one connection, none read; open until ``close()``."""
+CHAT = "/rpcframe.echo.v1.EchoService/Chat"
+
+
+def _send(conn: RawConnection, stream: int, data: bytes, *, end_stream: bool) -> None:
+    """One DATA frame, once the server's flow-control window has room for it."""
+    deadline = time.monotonic() + ANSWER_WITHIN
+    while conn.h2.local_flow_control_window(stream) < len(data) and time.monotonic() < deadline:
+        conn.pump(deadline - time.monotonic())  # the server's WINDOW_UPDATE for what it read
+    conn.h2.send_data(stream, data, end_stream=end_stream)
+    conn.flush()
+
+
+def _open_unread_streams(port: int, path: str, count: int) -> RawConnection:
+    """``count`` response streams on one connection, each sent more than its window, none read.
+
+    Expand: one request for 100 MB of responses; Chat: 10 requests of 8 KB,
+    each echoed. The connection stays open until ``close()``.
+    """
     sock = socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN)
     conn = _UnreadConnection(sock, f"127.0.0.1:{port}")
     conn.h2.initiate_connection()
-    request = grpc_frame(pb.ExpandRequest(message="x" * 1000, count=100_000).SerializeToString())
-    streams = [send_request(conn, EXPAND, request) for _ in range(count)]
+    if path == EXPAND:
+        bodies = [grpc_frame(pb.ExpandRequest(message="x" * 1000, count=100_000).SerializeToString())]
+    else:
+        bodies = [grpc_frame(pb.EchoRequest(message="x" * 8000).SerializeToString())] * 10
+    streams = [send_request(conn, path, b"", end_stream=False) for _ in range(count)]
+    for stream in streams:
+        for i, body in enumerate(bodies):
+            _send(conn, stream, body, end_stream=i == len(bodies) - 1)
     deadline = time.monotonic() + ANSWER_WITHIN  # until every stream has its headers: its handler runs
     while not all(conn.answers[s].headers for s in streams) and time.monotonic() < deadline:
         conn.pump(deadline - time.monotonic())
@@ -217,13 +239,14 @@ def _open_unread_streams(port: int, count: int) -> RawConnection:
     return conn
 
 
+@pytest.mark.parametrize("path", [EXPAND, CHAT], ids=["server-stream", "bidi"])
 async def test_a_client_leaving_unread_streams_is_not_an_error(
-    aio_server: Running, caplog: pytest.LogCaptureFixture
+    aio_server: Running, caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
     """A client that goes away with server streams blocked on flow control: their writes fail, quietly."""
     caplog.set_level(logging.WARNING)
     for _ in range(3):  # a write failing before grpc saw the client leave is a race: give it several chances
-        conn = await asyncio.to_thread(_open_unread_streams, aio_server.server.ports[0], 32)
+        conn = await asyncio.to_thread(_open_unread_streams, aio_server.server.ports[0], path, 16)
         conn.close()
 
         async def ended() -> bool:
