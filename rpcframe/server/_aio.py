@@ -7,7 +7,7 @@ import inspect
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -378,7 +378,7 @@ async def _one_request(context: Any) -> Any:
     return request
 
 
-async def _write_all(responses: AsyncIterator[Any], context: Any) -> None:
+async def _write_all(responses: AsyncGenerator[Any, None], context: Any) -> None:
     """Write a handler's responses as grpc.aio's own loop would; a client gone ends the call as cancelled."""
     try:
         async for response in responses:
