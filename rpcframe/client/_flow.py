@@ -145,6 +145,18 @@ def _call_ended(method: MethodBase, info: CallInfo | None, error: BaseException 
 # -- the flows ------------------------------------------------------------------
 
 
+def _again(method: MethodBase, plan: CallPlan, tries: Attempts | None,
+           failed: grpc.RpcError) -> Generator[tuple[Any, ...], Any, tuple[CallPlan, Attempts]]:  # fmt: skip
+    """After a failed attempt: wait as :class:`Attempts` decides and plan the next one, or raise the error."""
+    tries = tries or Attempts(method, plan.deadline, plan.scope)
+    delay = tries.delay(failed)
+    if delay is None:
+        raise method._channel._error(failed)
+    if delay:
+        yield (SLEEP, delay)
+    return plan.next(tries.number), tries
+
+
 def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
     """A unary-response call: one attempt at a time, retried or failed over as :class:`Attempts` decides."""
     channel = method._channel
@@ -178,15 +190,8 @@ def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
                 channel.balancer.refresh()
             if info is not None:
                 _attempt_ended(method, info, attempt, value, latency)
-            tries = tries or Attempts(method, plan.deadline, plan.scope)
-            delay = tries.delay(value)
-            if delay is None:
-                raise channel._error(value)
-            if delay:
-                yield (SLEEP, delay)
-            number = tries.number
-            plan = plan.next(number)
-            avoid = stats
+            plan, tries = yield from _again(method, plan, tries, value)
+            number, avoid = tries.number, stats
     except BaseException as exc:
         error = exc
         raise
@@ -301,15 +306,8 @@ def stream_flow(method: MethodBase, plan: CallPlan, retry: bool) -> Flow:
                 return None
             if delivered or not retry:  # responses were seen, or requests were streamed: not replayable
                 raise channel._error(failed)
-            tries = tries or Attempts(method, plan.deadline, plan.scope)
-            delay = tries.delay(failed)
-            if delay is None:
-                raise channel._error(failed)
-            if delay:
-                yield (SLEEP, delay)
-            number = tries.number
-            plan = plan.next(number)
-            avoid = stats
+            plan, tries = yield from _again(method, plan, tries, failed)
+            number, avoid = tries.number, stats
     except BaseException as exc:
         error = exc
         raise
