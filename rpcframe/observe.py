@@ -36,33 +36,56 @@ __all__ = ["AttemptInfo", "CallInfo", "CallObserver", "ServerCallInfo", "combine
 class CallInfo:
     """One client call, as observers see it."""
 
-    __slots__ = ("deadline", "kind", "metadata", "method", "sent_bytes", "slots", "start", "target")
+    __slots__ = ("added", "deadline", "kind", "metadata", "method", "request", "slots", "start", "target")
 
     def __init__(
-        self, method: str, kind: str, target: str, deadline: float | None, metadata: Any, start: float
+        self, method: str, kind: str, target: str, deadline: float | None, metadata: Any, start: float,
+        request: Any = None,
     ) -> None:
         self.method = method  #: "/pkg.Service/Method"
         self.kind = kind  #: "unary_unary", "unary_stream", "stream_unary" or "stream_stream"
         self.target = target  #: the channel's target
         self.deadline = deadline  #: absolute time.monotonic() deadline, or None
-        self.metadata = metadata  #: what the first attempt sends (observers may not change it)
+        self.metadata = metadata  #: what the caller asked to send (observers add with add_metadata)
         self.start = start  #: time.perf_counter() when the call began
-        self.sent_bytes: int | None = None  #: serialized request size (unary requests)
+        self.request = request  #: the request message (an iterator for request streams)
         self.slots: dict[object, Any] = {}  #: per-observer state
+        self.added: list[tuple[str, str]] = []  #: headers observers added in call_started
+
+    @property
+    def sent_bytes(self) -> int | None:
+        """Serialized size of the request message (None for request streams)."""
+        return _size(self.request)
+
+    def add_metadata(self, key: str, value: str) -> None:
+        """From ``call_started``: send this header with every attempt (e.g. W3C ``traceparent``)."""
+        self.added.append((key, value))
 
 
 class AttemptInfo:
     """One attempt of a call: which endpoint, which number, and why it was sent."""
 
-    __slots__ = ("endpoint", "number", "reason", "received_bytes", "slots", "start")
+    __slots__ = ("endpoint", "number", "reason", "response", "slots", "start")
 
     def __init__(self, endpoint: str, number: int, reason: str, start: float) -> None:
         self.endpoint = endpoint  #: "host:port" the attempt went to
         self.number = number  #: 1 for the first attempt
         self.reason = reason  #: "first", "retry", "failover" or "hedge"
         self.start = start  #: time.perf_counter() when it was sent
-        self.received_bytes: int | None = None  #: serialized response size, when it answered
+        self.response: Any = None  #: the response message, when the attempt answered (unary responses)
         self.slots: dict[object, Any] = {}
+
+    @property
+    def received_bytes(self) -> int | None:
+        """Serialized size of the response, when the attempt answered with one."""
+        return _size(self.response)
+
+
+def _size(message: Any) -> int | None:
+    if type(message) is tuple:  # with_call's (response, call)
+        message = message[0]
+    byte_size = getattr(message, "ByteSize", None)
+    return byte_size() if callable(byte_size) else None
 
 
 class ServerCallInfo:

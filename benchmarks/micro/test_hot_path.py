@@ -102,7 +102,7 @@ def target() -> Iterator[str]:
 def test_prepare(benchmark: Any, config: rpcframe.ChannelConfig, metadata: Any) -> None:
     with rpcframe.connect("127.0.0.1:1", config) as channel:  # never called: nothing listens there
         method = channel.stub(bench_pb2_grpc.BenchServiceStub).Unary
-        plan = benchmark(method._prepare, None, metadata, None, None, None)
+        plan = benchmark(method._prepare, REQUEST, None, metadata, None, None, None)
         assert plan.timeout == config.default_timeout
 
 

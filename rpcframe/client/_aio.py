@@ -47,7 +47,7 @@ class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Metadata | None = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> Call:  # fmt: skip
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
         delay = self._hedge_delay(plan.scope)
         return Call(self, unary_flow(self, plan) if delay is None else hedged_flow(self, plan, delay), request)
 
@@ -61,7 +61,7 @@ class UnaryStream(MethodBase, grpc.aio.UnaryStreamMultiCallable):  # type: ignor
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Metadata | None = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> Call:  # fmt: skip
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
         return Call(self, stream_flow(self, plan, retry=True), request)
 
 
@@ -74,7 +74,7 @@ class StreamUnary(MethodBase, grpc.aio.StreamUnaryMultiCallable):  # type: ignor
     def __call__(self, request_iterator: Any = None, timeout: float | None = None, metadata: Metadata | None = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> Call:  # fmt: skip
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
         return Call(self, stream_flow(self, plan, retry=False), request_iterator)
 
 

@@ -77,6 +77,7 @@ class CallPlan(NamedTuple):
     compression: grpc.Compression | None
     scope: CallScope | None
     base_metadata: Metadata | None
+    request: Any = None  #: the request message (an iterator for request streams)
     attempt: int = 1
 
     def next(self, attempt: int) -> CallPlan:
@@ -390,6 +391,7 @@ class MethodBase:
 
     def _prepare(
         self,
+        request: Any,
         timeout: float | None,
         metadata: Metadata | None,
         credentials: grpc.CallCredentials | None,
@@ -418,7 +420,7 @@ class MethodBase:
             header = self._token()
             metadata = (*metadata, header) if metadata else (header,)
         deadline = None if timeout is None else now + timeout
-        return CallPlan(deadline, timeout, metadata, credentials, wait_for_ready, compression, scope, metadata)
+        return CallPlan(deadline, timeout, metadata, credentials, wait_for_ready, compression, scope, metadata, request)
 
     def _hedge_delay(self, scope: CallScope | None) -> float | None:
         """Seconds before this call's first backup, or ``None`` not to hedge it."""

@@ -104,11 +104,15 @@ class Attempts:
 # -- observing ----------------------------------------------------------------
 
 
-def _call_info(method: MethodBase, plan: CallPlan) -> CallInfo:
+def _call_info(method: MethodBase, plan: CallPlan) -> tuple[CallInfo, CallPlan]:
+    """Tell the observer a call starts; the plan carries the headers it added (trace context)."""
     info = CallInfo(method.method, method.kind, method._channel.target, plan.deadline, plan.metadata,
-                    time.perf_counter())  # fmt: skip
+                    time.perf_counter(), plan.request)  # fmt: skip
     method._observer.call_started(info)  # type: ignore[union-attr]  # only called with an observer
-    return info
+    if info.added:
+        metadata = (*(plan.base_metadata or ()), *info.added)
+        plan = plan._replace(metadata=metadata, base_metadata=metadata)
+    return info, plan
 
 
 def _attempt_info(method: MethodBase, info: CallInfo | None, stats: Any, number: int,
@@ -160,7 +164,9 @@ def _again(method: MethodBase, plan: CallPlan, tries: Attempts | None,
 def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
     """A unary-response call: one attempt at a time, retried or failed over as :class:`Attempts` decides."""
     channel = method._channel
-    info = None if method._observer is None else _call_info(method, plan)
+    info = None
+    if method._observer is not None:
+        info, plan = _call_info(method, plan)
     tries: Attempts | None = None
     avoid = None
     number = 1
@@ -181,7 +187,8 @@ def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
             latency = time.perf_counter() - start
             if ok:
                 done(Outcome.SUCCESS, latency)
-                if info is not None:
+                if attempt is not None:
+                    attempt.response = value
                     _attempt_ended(method, info, attempt, None, latency)
                 if method._hedge_state is not None:
                     method._hedge_state.latencies.add(latency)
@@ -215,7 +222,9 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
     state = method._hedge_state
     assert state is not None
     channel = method._channel
-    info = None if method._observer is None else _call_info(method, plan)
+    info = None
+    if method._observer is not None:
+        info, plan = _call_info(method, plan)
     max_attempts = state.policy.max_attempts
     running: list[_Copy] = []
     sent = 0
@@ -252,6 +261,8 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
                 latency = time.perf_counter() - copy.start
                 if ok:
                     copy.done(Outcome.SUCCESS, latency)
+                    if copy.attempt is not None:
+                        copy.attempt.response = value
                     _attempt_ended(method, info, copy.attempt, None, latency)
                     state.latencies.add(latency)
                     if copy.index > 1:
@@ -289,7 +300,9 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
 def stream_flow(method: MethodBase, plan: CallPlan, retry: bool) -> Flow:
     """A streaming-response call; a server stream that fails before its first response is restarted (``retry``)."""
     channel = method._channel
-    info = None if method._observer is None else _call_info(method, plan)
+    info = None
+    if method._observer is not None:
+        info, plan = _call_info(method, plan)
     tries: Attempts | None = None
     avoid = None
     number = 1

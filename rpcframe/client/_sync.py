@@ -51,21 +51,21 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
     def __call__(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> Any:  # fmt: skip
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
         return drive(self, self._flow(plan), request)
 
     def with_call(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
                   credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                   compression: grpc.Compression | None = None) -> tuple[Any, grpc.Call]:  # fmt: skip
         """Like calling the method, but also return the call (for metadata)."""
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
         return drive(self, self._flow(plan), request, with_call=True)  # type: ignore[no-any-return]
 
     def future(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
                credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                compression: grpc.Compression | None = None) -> grpc.Future:  # fmt: skip
         """Start the call and return a future of its response (retried and failed over like a call)."""
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
         return Future(self, unary_flow(self, plan), request)
 
     def _flow(self, plan: CallPlan) -> Flow:
@@ -82,7 +82,7 @@ class UnaryStream(MethodBase, grpc.UnaryStreamMultiCallable):  # type: ignore[mi
     def __call__(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> ResponseStream:  # fmt: skip
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
         return ResponseStream(self, stream_flow(self, plan, retry=True), request)
 
 
@@ -110,7 +110,7 @@ class StreamUnary(MethodBase, grpc.StreamUnaryMultiCallable):  # type: ignore[mi
                wait_for_ready: bool | None = None,
                compression: grpc.Compression | None = None) -> grpc.Future:  # fmt: skip
         """Start the call and return a future of its response."""
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
         return Future(self, stream_flow(self, plan, retry=False), request_iterator)
 
 
@@ -124,7 +124,7 @@ class StreamStream(MethodBase, grpc.StreamStreamMultiCallable):  # type: ignore[
                  metadata: Metadata | None = None, credentials: grpc.CallCredentials | None = None,
                  wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> ResponseStream:  # fmt: skip
-        plan = self._prepare(timeout, metadata, credentials, wait_for_ready, compression)
+        plan = self._prepare(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
         return ResponseStream(self, stream_flow(self, plan, retry=False), request_iterator)
 
 

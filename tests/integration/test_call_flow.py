@@ -289,3 +289,39 @@ async def test_aio_server_observer_sees_every_call_and_may_refuse() -> None:
     finally:
         await server.stop(0)
     assert recorder.finished == _expected()
+
+
+def test_observers_add_headers_and_see_message_sizes() -> None:
+    """What tracing needs: a header on every attempt (trace context) and the sizes of what was sent."""
+
+    class Tracer(CallObserver):
+        def __init__(self) -> None:
+            self.sizes: list[tuple[int | None, int | None]] = []
+
+        def call_started(self, call: CallInfo) -> None:
+            call.add_metadata("x-trace", "t-1")
+
+        def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
+            self.sizes.append((call.sent_bytes, attempt.received_bytes))
+
+    class Seen(CallObserver):
+        def __init__(self) -> None:
+            self.traces: list[str | None] = []
+
+        def call_received(self, call: Any) -> None:
+            self.traces.append(dict(call.context.invocation_metadata()).get("x-trace"))
+
+    tracer, seen = Tracer(), Seen()
+    server = rpcframe.Server(rpcframe.ServerConfig(observers=(seen,)))
+    server.add(ScriptedEcho("s"))
+    port = server.bind("127.0.0.1:0")
+    server.start()
+    try:
+        with rpcframe.connect(f"127.0.0.1:{port}", rpcframe.ChannelConfig(observers=(tracer,))) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            request = pb.EchoRequest(message="hello")
+            assert stub.Echo(request, metadata=(("x-other", "1"),)).message == "hello"
+    finally:
+        server.stop(0)
+    assert seen.traces == ["t-1"]
+    assert tracer.sizes == [(request.ByteSize(), pb.EchoResponse(message="hello").ByteSize())]
