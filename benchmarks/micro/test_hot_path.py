@@ -113,9 +113,20 @@ def test_sync_bare_function(benchmark: Any) -> None:
     assert benchmark(bare_call, REQUEST, None, None, None, None, None) is RESPONSE
 
 
-#: The observer seam unset (the default) and with one observer that does nothing.
+def _telemetry() -> tuple[rpcframe.observe.CallObserver, ...]:
+    """rpcframe.otel's tracing and metrics on SDK providers: spans recorded and dropped, metrics aggregated."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from rpcframe.otel import telemetry
+
+    return telemetry(TracerProvider(), MeterProvider(metric_readers=[InMemoryMetricReader()]))
+
+
+#: The observer seam unset (the default), with one observer that does nothing, and with OpenTelemetry.
 OBSERVERS = pytest.mark.parametrize(
-    "observers", [(), (rpcframe.observe.CallObserver(),)], ids=["unobserved", "observed"]
+    "observers", [(), (rpcframe.observe.CallObserver(),), _telemetry()], ids=["unobserved", "observed", "otel"]
 )
 
 

@@ -1,0 +1,386 @@
+"""OpenTelemetry traces and gRFC A66 metrics for rpcframe calls, on the observer seam.
+
+Needs the ``otel`` extra (``pip install 'rpcframe[otel]'``); ``import rpcframe``
+never imports OpenTelemetry, only importing this module does::
+
+    from rpcframe.otel import telemetry
+
+    observers = telemetry()                      # the global providers, or pass your own
+    channel = rpcframe.connect(target, rpcframe.ChannelConfig(observers=observers))
+    server = rpcframe.Server(rpcframe.ServerConfig(observers=observers))
+
+:class:`TracingObserver` makes a CLIENT span per call with a child span per
+attempt (number, reason, endpoint), sends the call span's W3C
+``traceparent``/``tracestate`` with every attempt through the global
+propagator, and makes a SERVER span per incoming call, child of the caller's,
+that is the current OpenTelemetry context while the handler runs, so the
+handler's own outgoing calls join the trace (sync and asyncio).
+
+:class:`MetricsObserver` records the gRFC A66 instruments (``grpc.client.*``,
+``grpc.server.*``) with A66's bucket boundaries, A96's retry counts and
+rpcframe's hedges. ``grpc.method`` names only methods found in the protobuf
+descriptor pool (generated code registers them); anything else is
+``"other"``, so a caller cannot grow the label set.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from .observe import AttemptInfo, CallInfo, CallObserver, ServerCallInfo
+
+__all__ = ["MetricsObserver", "TracingObserver", "telemetry"]
+
+_SCOPE = "rpcframe"
+_OK = grpc.StatusCode.OK
+_ERROR = StatusCode.ERROR
+
+#: Codes that make a SERVER span an error (OpenTelemetry RPC conventions); a
+#: CLIENT span is an error for every code but OK.
+_SERVER_ERRORS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})  # fmt: skip
+
+#: gRFC A66's bucket boundaries for latencies (s) and sizes (bytes); A96's for retries.
+LATENCY_BUCKETS = (
+    0, 0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008,
+    0.01, 0.013, 0.016, 0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4,
+    0.5, 0.65, 0.8, 1, 2, 5, 10, 20, 50, 100,
+)  # fmt: skip
+SIZE_BUCKETS = (
+    0, 1024, 2048, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864, 268435456,
+    1073741824, 4294967296,
+)  # fmt: skip
+RETRY_BUCKETS = (1, 2, 3, 4, 5)
+
+#: Every instrument: (attribute, name, unit, histogram buckets or None for a counter, description).
+INSTRUMENTS: tuple[tuple[str, str, str, Sequence[float] | None, str], ...] = (
+    ("_attempt_started", "grpc.client.attempt.started", "{attempt}", None,
+     "Attempts started, including retries, failovers and hedges."),
+    ("_attempt_duration", "grpc.client.attempt.duration", "s", LATENCY_BUCKETS,
+     "From an attempt's start to its end."),
+    ("_attempt_sent", "grpc.client.attempt.sent_total_compressed_message_size", "By", SIZE_BUCKETS,
+     "Request bytes per attempt (rpcframe: the serialized unary request, before compression)."),
+    ("_attempt_rcvd", "grpc.client.attempt.rcvd_total_compressed_message_size", "By", SIZE_BUCKETS,
+     "Response bytes per attempt (rpcframe: the serialized unary response, after decompression)."),
+    ("_call_duration", "grpc.client.call.duration", "s", LATENCY_BUCKETS,
+     "From the call's start to its end, over all its attempts."),
+    ("_retries", "grpc.client.call.retries", "{retry}", RETRY_BUCKETS,
+     "Retries of a call that was retried (A96)."),
+    ("_transparent", "grpc.client.call.transparent_retries", "{transparent_retry}", RETRY_BUCKETS,
+     "Attempts sent elsewhere because the previous one provably never ran (rpcframe failovers; A96)."),
+    ("_hedges", "rpcframe.client.hedges", "{hedge}", None, "Hedged attempts sent."),
+    ("_hedge_wins", "rpcframe.client.hedge_wins", "{hedge}", None, "Calls a hedge answered first."),
+    ("_server_started", "grpc.server.call.started", "{call}", None, "Incoming calls that reached a handler."),
+    ("_server_duration", "grpc.server.call.duration", "s", LATENCY_BUCKETS,
+     "From the call's arrival in the server's wrapper to its handler's end."),
+)  # fmt: skip
+
+#: Attribute names per instrument family (A66).
+_CLIENT = ("grpc.method", "grpc.target")
+_CLIENT_STATUS = ("grpc.method", "grpc.target", "grpc.status")
+_SERVER = ("grpc.method",)
+_SERVER_STATUS = ("grpc.method", "grpc.status")
+
+_MAX_UNKNOWN = 1024  # method names remembered as "other"; past that they are looked up each time
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# -- names ------------------------------------------------------------------------
+
+
+def _split_method(method: str) -> tuple[str, str, str]:
+    """``"/pkg.Service/Method"`` -> (``"pkg.Service/Method"``, ``"pkg.Service"``, ``"Method"``)."""
+    name = method[1:] if method.startswith("/") else method
+    service, _, short = name.rpartition("/")
+    return name, service, short
+
+
+def _split_address(endpoint: str) -> tuple[str, int | None]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); a port that is not a number is None."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep:
+        return endpoint, None
+    return host.strip("[]"), int(port) if port.isdigit() else None
+
+
+class _MethodLabels:
+    """The bounded ``grpc.method`` label: the method's name if the descriptor pool knows it, else "other"."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, str] = {}
+        self._unknown: set[str] = set()
+        self._pool = descriptor_pool.Default()
+
+    def __call__(self, method: str) -> str:
+        label = self._known.get(method)
+        if label is not None:
+            return label
+        if method in self._unknown:
+            return "other"
+        name, service, short = _split_method(method)
+        try:
+            self._pool.FindMethodByName(f"{service}.{short}")
+        except KeyError:
+            if len(self._unknown) < _MAX_UNKNOWN:
+                self._unknown.add(method)
+            return "other"
+        self._known[method] = name
+        return name
+
+
+# -- traces -------------------------------------------------------------------------
+
+
+class _MetadataGetter(Getter[Any]):
+    """Reads propagation headers from grpc's invocation metadata (a sequence of key/value pairs)."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        values = [value for k, value in carrier if k == key and isinstance(value, str)]
+        return values or None
+
+    def keys(self, carrier: Any) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+_GETTER = _MetadataGetter()
+
+
+class TracingObserver(CallObserver):
+    """OpenTelemetry spans for calls on both fronts (see the module's docstring).
+
+    Args:
+        tracer_provider: where spans go; None: the global provider
+            (``opentelemetry.trace.set_tracer_provider``).
+        principal: record an authenticated caller's name on server spans as
+            ``enduser.id`` (and how it was authenticated as
+            ``rpcframe.auth.method``); never a credential.
+    """
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None, *, principal: bool = True) -> None:
+        self._tracer = trace.get_tracer(_SCOPE, _version(), tracer_provider)
+        self._principal = principal
+        self._names: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def _name(self, method: str) -> tuple[str, dict[str, Any]]:
+        """The span name and the RPC attributes of ``method`` (cached: spans copy attributes)."""
+        found = self._names.get(method)
+        if found is None:
+            name, service, short = _split_method(method)
+            found = name, {"rpc.system": "grpc", "rpc.service": service, "rpc.method": short}
+            if len(self._names) < _MAX_UNKNOWN:
+                self._names[method] = found
+        return found
+
+    # client
+
+    def call_started(self, call: CallInfo) -> None:
+        """Start the call's span, child of the caller's current context, and send its trace context."""
+        name, attributes = self._name(call.method)
+        parent = otel_context.get_current()
+        span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attributes)
+        call.slots[self] = span
+        headers: dict[str, str] = {}
+        propagate.inject(headers, trace.set_span_in_context(span, parent))
+        for key, value in headers.items():
+            call.add_metadata(key, value)
+
+    def attempt_started(self, call: CallInfo, attempt: AttemptInfo) -> None:
+        """Start the attempt's span under the call's."""
+        span = call.slots.get(self)
+        if span is None:
+            return
+        name, attributes = self._name(call.method)
+        host, port = _split_address(attempt.endpoint)
+        attributes = {
+            **attributes, "server.address": host, "rpcframe.attempt": attempt.number,
+            "rpcframe.attempt.reason": attempt.reason,
+        }  # fmt: skip
+        if port is not None:
+            attributes["server.port"] = port
+        attempt.slots[self] = self._tracer.start_span(
+            name, trace.set_span_in_context(span), SpanKind.CLIENT, attributes
+        )
+
+    def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
+        """End the attempt's span with its status."""
+        span = attempt.slots.pop(self, None)
+        if span is not None:
+            _end(span, status, status is not _OK)
+
+    def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
+        """End the call's span with its status and attempt count."""
+        span = call.slots.pop(self, None)
+        if span is not None:
+            span.set_attribute("rpcframe.attempts", attempts)
+            _end(span, status, status is not _OK)
+
+    # server
+
+    def call_received(self, call: ServerCallInfo) -> None:
+        """Start the server span, child of the caller's trace context, and make it current for the handler."""
+        name, attributes = self._name(call.method)
+        parent = propagate.extract(call.context.invocation_metadata() or (), otel_context.Context(), _GETTER)
+        span = self._tracer.start_span(name, parent, SpanKind.SERVER, attributes)
+        if self._principal and span.is_recording():
+            identity = call.identity
+            if identity.method != "none" and identity.principal is not None:
+                span.set_attribute("enduser.id", identity.principal)
+                span.set_attribute("rpcframe.auth.method", identity.method)
+        # call_received and call_finished run on the handler's thread (sync) or task (asyncio).
+        call.slots[self] = span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def call_finished(self, call: ServerCallInfo, status: grpc.StatusCode, latency: float) -> None:
+        """End the server span and restore the context the handler's thread or task had."""
+        entry = call.slots.pop(self, None)
+        if entry is None:
+            return
+        span, token = entry
+        _end(span, status, status in _SERVER_ERRORS)
+        _detach(token)
+
+
+def _end(span: Span, status: grpc.StatusCode, error: bool) -> None:
+    span.set_attribute("rpc.grpc.status_code", status.value[0])
+    if error:
+        span.set_status(Status(_ERROR, status.name))
+    span.end()
+
+
+def _detach(token: Any) -> None:
+    """Undo an attach; quietly skip it when a streaming handler is finalized in another context.
+
+    (``opentelemetry.context.detach`` logs a traceback for that case; with
+    the default contextvars runtime the token resets its variable itself.)
+    """
+    if isinstance(token, contextvars.Token):
+        try:
+            token.var.reset(token)
+        except ValueError:
+            pass  # created in another Context: nothing of ours is current here
+    else:
+        otel_context.detach(token)
+
+
+# -- metrics ------------------------------------------------------------------------
+
+
+class MetricsObserver(CallObserver):
+    """gRFC A66 (and A96) metrics for calls on both fronts.
+
+    Sizes: ``…sent_total_compressed_message_size`` and ``…rcvd…`` record the
+    serialized (uncompressed) size of a unary request and response, which is
+    what the seam knows; streams record no size.
+
+    Args:
+        meter_provider: where measurements go; None: the global provider
+            (``opentelemetry.metrics.set_meter_provider``).
+    """
+
+    _attempt_started: metrics.Counter
+    _attempt_duration: metrics.Histogram
+    _attempt_sent: metrics.Histogram
+    _attempt_rcvd: metrics.Histogram
+    _call_duration: metrics.Histogram
+    _retries: metrics.Histogram
+    _transparent: metrics.Histogram
+    _hedges: metrics.Counter
+    _hedge_wins: metrics.Counter
+    _server_started: metrics.Counter
+    _server_duration: metrics.Histogram
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        meter = metrics.get_meter(_SCOPE, _version(), meter_provider)
+        for attribute, name, unit, buckets, description in INSTRUMENTS:
+            if buckets is None:
+                instrument: Any = meter.create_counter(name, unit, description)
+            else:
+                instrument = meter.create_histogram(
+                    name, unit, description, explicit_bucket_boundaries_advisory=buckets
+                )  # fmt: skip
+            setattr(self, attribute, instrument)
+        self._label = _MethodLabels()
+        self._attrs: dict[tuple[Any, ...], dict[str, str]] = {}
+        self._retry_key, self._failover_key = object(), object()  # per-call counts in CallInfo.slots
+
+    def _attributes(self, names: tuple[str, ...], *values: str) -> dict[str, str]:
+        """The attribute dict ``names`` -> ``values``; cached (labels are bounded), as the SDK copies none."""
+        key = (names, *values)
+        found = self._attrs.get(key)
+        if found is None:
+            found = self._attrs[key] = dict(zip(names, values, strict=True))
+        return found
+
+    # client
+
+    def attempt_started(self, call: CallInfo, attempt: AttemptInfo) -> None:
+        """Count the attempt; count retries, failovers and hedges on the call."""
+        attributes = self._attributes(_CLIENT, self._label(call.method), call.target)
+        self._attempt_started.add(1, attributes)
+        reason = attempt.reason
+        if reason == "first":
+            return
+        if reason == "hedge":
+            self._hedges.add(1, attributes)
+            return
+        key = self._failover_key if reason == "failover" else self._retry_key
+        call.slots[key] = call.slots.get(key, 0) + 1
+
+    def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
+        """Record the attempt's duration and message sizes."""
+        attributes = self._attributes(_CLIENT_STATUS, self._label(call.method), call.target, status.name)
+        self._attempt_duration.record(latency, attributes)
+        sent = call.sent_bytes
+        if sent is not None:
+            self._attempt_sent.record(sent, attributes)
+        received = attempt.received_bytes
+        if received is None and status is not _OK:
+            received = 0  # a failed attempt received no message
+        if received is not None:
+            self._attempt_rcvd.record(received, attributes)
+        if status is _OK and attempt.reason == "hedge":
+            self._hedge_wins.add(1, self._attributes(_CLIENT, self._label(call.method), call.target))
+
+    def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
+        """Record the call's duration and, when it was retried, its retry counts."""
+        label = self._label(call.method)
+        self._call_duration.record(latency, self._attributes(_CLIENT_STATUS, label, call.target, status.name))
+        slots = call.slots
+        if slots:
+            retries, failovers = slots.get(self._retry_key), slots.get(self._failover_key)
+            if retries:
+                self._retries.record(retries, self._attributes(_CLIENT, label, call.target))
+            if failovers:
+                self._transparent.record(failovers, self._attributes(_CLIENT, label, call.target))
+
+    # server
+
+    def call_received(self, call: ServerCallInfo) -> None:
+        """Count the incoming call."""
+        self._server_started.add(1, self._attributes(_SERVER, self._label(call.method)))
+
+    def call_finished(self, call: ServerCallInfo, status: grpc.StatusCode, latency: float) -> None:
+        """Record the incoming call's duration."""
+        self._server_duration.record(latency, self._attributes(_SERVER_STATUS, self._label(call.method), status.name))
+
+
+def telemetry(
+    tracer_provider: trace.TracerProvider | None = None, meter_provider: metrics.MeterProvider | None = None
+) -> tuple[CallObserver, ...]:
+    """Tracing and metrics observers, for ``ChannelConfig(observers=...)`` and ``ServerConfig(observers=...)``."""
+    return TracingObserver(tracer_provider), MetricsObserver(meter_provider)
