@@ -26,6 +26,7 @@ descriptor pool (generated code registers them); anything else is
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -280,6 +282,33 @@ def _detach(token: Any) -> None:
 # -- metrics ------------------------------------------------------------------------
 
 
+class _Counts:
+    """A counter rpcframe keeps and the SDK reads when it collects (an observable counter).
+
+    Adding is a dict update under a lock instead of an SDK call, which costs
+    several µs (the SDK validates and hashes the attributes of every measurement).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[int, list[Any]] = {}  # id(attributes) -> [attributes, count]; attributes are cached
+
+    def add(self, amount: int, attributes: dict[str, str]) -> None:
+        """Add ``amount`` for ``attributes`` (one of the observer's cached dicts)."""
+        with self._lock:
+            entry = self._counts.get(id(attributes))
+            if entry is None:
+                self._counts[id(attributes)] = [attributes, amount]
+            else:
+                entry[1] += amount
+
+    def observe(self, options: CallbackOptions) -> list[Observation]:
+        """The SDK's callback: every count so far (cumulative)."""
+        with self._lock:
+            return [Observation(count, attributes) for attributes, count in self._counts.values()]
+
+
+
 class MetricsObserver(CallObserver):
     """gRFC A66 (and A96) metrics for calls on both fronts.
 
@@ -292,23 +321,24 @@ class MetricsObserver(CallObserver):
             (``opentelemetry.metrics.set_meter_provider``).
     """
 
-    _attempt_started: metrics.Counter
+    _attempt_started: _Counts
     _attempt_duration: metrics.Histogram
     _attempt_sent: metrics.Histogram
     _attempt_rcvd: metrics.Histogram
     _call_duration: metrics.Histogram
     _retries: metrics.Histogram
     _transparent: metrics.Histogram
-    _hedges: metrics.Counter
-    _hedge_wins: metrics.Counter
-    _server_started: metrics.Counter
+    _hedges: _Counts
+    _hedge_wins: _Counts
+    _server_started: _Counts
     _server_duration: metrics.Histogram
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
         meter = metrics.get_meter(_SCOPE, _version(), meter_provider)
         for attribute, name, unit, buckets, description in INSTRUMENTS:
             if buckets is None:
-                instrument: Any = meter.create_counter(name, unit, description)
+                instrument: Any = _Counts()
+                meter.create_observable_counter(name, [instrument.observe], unit, description)
             else:
                 instrument = meter.create_histogram(
                     name, unit, description, explicit_bucket_boundaries_advisory=buckets
@@ -319,11 +349,15 @@ class MetricsObserver(CallObserver):
         self._retry_key, self._failover_key = object(), object()  # per-call counts in CallInfo.slots
 
     def _attributes(self, names: tuple[str, ...], *values: str) -> dict[str, str]:
-        """The attribute dict ``names`` -> ``values``; cached (labels are bounded), as the SDK copies none."""
+        """The attribute dict ``names`` -> ``values``; cached (labels are bounded).
+
+        One dict per key even when threads race (``setdefault`` is atomic):
+        :class:`_Counts` tells attribute sets apart by the dict's identity.
+        """
         key = (names, *values)
         found = self._attrs.get(key)
         if found is None:
-            found = self._attrs[key] = dict(zip(names, values, strict=True))
+            found = self._attrs.setdefault(key, dict(zip(names, values, strict=True)))
         return found
 
     # client

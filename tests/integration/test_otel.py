@@ -29,7 +29,7 @@ from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.observe import CallObserver, ServerCallInfo
 from rpcframe.otel import telemetry
 from rpcframe.security import ApiKeys, AuthConfig, StaticToken
-from tests.conftest import wait_until
+from tests.conftest import Running, wait_until
 from tests.servicers import AioScriptedEcho, Backend, ScriptedEcho
 
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
@@ -249,6 +249,26 @@ def test_server_span_names_an_authenticated_principal_never_the_key(otel: Teleme
     assert (span.attributes or {})["enduser.id"] == "ci-bot"
     assert (span.attributes or {})["rpcframe.auth.method"] == "api_key"
     assert not any(key in str(value) for value in (span.attributes or {}).values())
+
+
+async def test_aio_hedged_call_shows_the_hedge_and_counts_it(otel: Telemetry, aio_server: Running) -> None:
+    hedged = {ECHO: rpcframe.MethodConfig(hedge=rpcframe.HedgePolicy(delay=0.05))}
+    config = rpcframe.ChannelConfig(observers=otel.observers, methods=hedged, default_timeout=10)
+    async with rpcframe.aio.connect(aio_server.target, config) as channel:
+        stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+        for _ in range(30):  # teach the method its latency (a few ms)
+            await stub.Echo(pb.EchoRequest(message="x"))
+        await stub.Echo(pb.EchoRequest(message="sleep:0.3"))  # slower than its p95: a hedge is sent
+    spans = otel.finished()
+    calls = [s for s in spans if s.parent is None]
+    slow = max(calls, key=lambda s: s.end_time or 0)  # the sleeping call ended last
+    first, hedge = _attempts(spans, slow)
+    assert (hedge.attributes or {})["rpcframe.attempt.reason"] == "hedge"
+    assert {(first.attributes or {})["rpc.grpc.status_code"], (hedge.attributes or {})["rpc.grpc.status_code"]} == {
+        0, 1  # one answered, the other was cancelled
+    }
+    hedges = [s for s in spans if (s.attributes or {}).get("rpcframe.attempt.reason") == "hedge"]
+    assert sum(p.value for p in otel.points("rpcframe.client.hedges")) == len(hedges) >= 1
 
 
 # -- metrics ----------------------------------------------------------------------------
