@@ -25,7 +25,9 @@ descriptor pool (generated code registers them); anything else is
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -178,6 +180,9 @@ class TracingObserver(CallObserver):
         self._tracer = trace.get_tracer(_SCOPE, _version(), tracer_provider)
         self._principal = principal
         self._names: dict[str, tuple[str, dict[str, Any]]] = {}
+        # A call's attempt spans not ended yet: the seam does not end the attempt of a
+        # stream its caller cancels or drops, so call_ended ends what is left.
+        self._open = object()
 
     def _name(self, method: str) -> tuple[str, dict[str, Any]]:
         """The span name and the RPC attributes of ``method`` (cached: spans copy attributes)."""
@@ -197,6 +202,7 @@ class TracingObserver(CallObserver):
         parent = otel_context.get_current()
         span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attributes)
         call.slots[self] = span
+        call.slots[self._open] = []
         headers: dict[str, str] = {}
         propagate.inject(headers, trace.set_span_in_context(span, parent))
         for key, value in headers.items():
@@ -215,22 +221,27 @@ class TracingObserver(CallObserver):
         }  # fmt: skip
         if port is not None:
             attributes["server.port"] = port
-        attempt.slots[self] = self._tracer.start_span(
-            name, trace.set_span_in_context(span), SpanKind.CLIENT, attributes
-        )
+        attempt_span = self._tracer.start_span(name, trace.set_span_in_context(span), SpanKind.CLIENT, attributes)
+        attempt.slots[self] = attempt_span
+        call.slots[self._open].append(attempt_span)
 
     def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
         """End the attempt's span with its status."""
         span = attempt.slots.pop(self, None)
         if span is not None:
+            call.slots[self._open].remove(span)
             _end(span, status, status is not _OK)
 
     def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
-        """End the call's span with its status and attempt count."""
+        """End the call's span with its status and attempt count (and any attempt span left open)."""
         span = call.slots.pop(self, None)
-        if span is not None:
-            span.set_attribute("rpcframe.attempts", attempts)
-            _end(span, status, status is not _OK)
+        if span is None:
+            return
+        status = _cancelled_or(status, None)  # a stream its caller cancelled or dropped
+        for left in call.slots.pop(self._open):
+            _end(left, status, status is not _OK)
+        span.set_attribute("rpcframe.attempts", attempts)
+        _end(span, status, status is not _OK)
 
     # server
 
@@ -253,8 +264,26 @@ class TracingObserver(CallObserver):
         if entry is None:
             return
         span, token = entry
+        status = _cancelled_or(status, call.context)
         _end(span, status, status in _SERVER_ERRORS)
         _detach(token)
+
+
+def _cancelled_or(status: grpc.StatusCode, context: Any) -> grpc.StatusCode:
+    """CANCELLED for a call cancelled by its client, which the seam reports as UNKNOWN; else ``status``.
+
+    A stream whose client cancelled or dropped it is closed with
+    GeneratorExit (or CancelledError), on the server's wrapper and in the
+    client's flow alike, which the seam maps to UNKNOWN; observers are called
+    from their ``finally``, so that exception is still the one being
+    handled. A thread-pool server's context also says it is no longer active.
+    """
+    if status is not grpc.StatusCode.UNKNOWN:
+        return status
+    if isinstance(sys.exc_info()[1], GeneratorExit | asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    is_active = getattr(context, "is_active", None)
+    return grpc.StatusCode.CANCELLED if callable(is_active) and not is_active() else status
 
 
 def _end(span: Span, status: grpc.StatusCode, error: bool) -> None:
@@ -393,6 +422,7 @@ class MetricsObserver(CallObserver):
     def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
         """Record the call's duration and, when it was retried, its retry counts."""
         label = self._label(call.method)
+        status = _cancelled_or(status, None)  # a stream its caller cancelled or dropped
         self._call_duration.record(latency, self._attributes(_CLIENT_STATUS, label, call.target, status.name))
         slots = call.slots
         if slots:
@@ -410,6 +440,7 @@ class MetricsObserver(CallObserver):
 
     def call_finished(self, call: ServerCallInfo, status: grpc.StatusCode, latency: float) -> None:
         """Record the incoming call's duration."""
+        status = _cancelled_or(status, call.context)
         self._server_duration.record(latency, self._attributes(_SERVER_STATUS, self._label(call.method), status.name))
 
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -29,10 +31,26 @@ from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.observe import CallObserver, ServerCallInfo
 from rpcframe.otel import telemetry
 from rpcframe.security import ApiKeys, AuthConfig, StaticToken
-from tests.conftest import Running, wait_until
+from tests.conftest import Running, eventually, wait_until
 from tests.servicers import AioScriptedEcho, Backend, ScriptedEcho
 
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
+
+
+class OpenSpans(SpanProcessor):
+    """Counts spans started and not yet ended."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        with self._lock:
+            self.open += 1
+
+    def on_end(self, span: ReadableSpan) -> None:
+        with self._lock:
+            self.open -= 1
 
 
 class Telemetry:
@@ -40,8 +58,10 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.spans = InMemorySpanExporter()
+        self.open_spans = OpenSpans()
         self.tracer_provider = TracerProvider()
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.tracer_provider.add_span_processor(self.open_spans)
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
         self.observers: tuple[CallObserver, ...] = telemetry(self.tracer_provider, self.meter_provider)
@@ -269,6 +289,54 @@ async def test_aio_hedged_call_shows_the_hedge_and_counts_it(otel: Telemetry, ai
     }
     hedges = [s for s in spans if (s.attributes or {}).get("rpcframe.attempt.reason") == "hedge"]
     assert sum(p.value for p in otel.points("rpcframe.client.hedges")) == len(hedges) >= 1
+
+
+STREAMS = 20
+
+
+def test_sync_cancelled_streams_leave_no_open_span(otel: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
+    server, address = _server(ScriptedEcho("s"), otel.observers)
+    try:
+        with rpcframe.connect(address, rpcframe.ChannelConfig(observers=otel.observers)) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for _ in range(STREAMS):
+                stream = stub.Expand(pb.ExpandRequest(message="m", count=100_000), timeout=10)
+                assert next(stream).index == 0
+                stream.cancel()
+            del stream  # the call ends when its caller drops it
+            wait_until(lambda: otel.open_spans.open == 0)
+    finally:
+        server.stop(0)
+    servers = [s for s in otel.finished() if s.kind is SpanKind.SERVER]
+    assert len(servers) == STREAMS
+    assert {(s.attributes or {})["rpc.grpc.status_code"] for s in otel.finished()} == {1}  # CANCELLED, both sides
+    assert "detach" not in caplog.text
+
+
+async def test_aio_cancelled_streams_leave_no_open_span(otel: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
+    server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=1, observers=otel.observers))
+    server.add(AioScriptedEcho("s"))
+    address = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
+    await server.start()
+    try:
+        async with rpcframe.aio.connect(address, rpcframe.ChannelConfig(observers=otel.observers)) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for _ in range(STREAMS):
+                stream = stub.Expand(pb.ExpandRequest(message="m", count=100_000), timeout=10)
+                assert (await stream.read()).index == 0
+                stream.cancel()
+            del stream  # the call ends when its caller drops it
+
+            async def closed() -> bool:
+                return otel.open_spans.open == 0
+
+            await eventually(closed)
+    finally:
+        await server.stop(0)
+    servers = [s for s in otel.finished() if s.kind is SpanKind.SERVER]
+    assert len(servers) == STREAMS
+    assert {(s.attributes or {})["rpc.grpc.status_code"] for s in otel.finished()} == {1}  # CANCELLED, both sides
+    assert "detach" not in caplog.text
 
 
 # -- metrics ----------------------------------------------------------------------------
