@@ -129,6 +129,8 @@ def status_of(error: BaseException | None) -> grpc.StatusCode:
     """The status an attempt or call ended with (OK when ``error`` is None)."""
     if error is None:
         return grpc.StatusCode.OK
+    if isinstance(error, GeneratorExit) or type(error).__name__ == "CancelledError":
+        return grpc.StatusCode.CANCELLED  # the caller dropped or cancelled it
     code = getattr(error, "code", None)
     return code() if callable(code) else grpc.StatusCode.UNKNOWN
 

@@ -494,4 +494,5 @@ def final_status(context: Any, exc: BaseException | None) -> grpc.StatusCode:
     code = context.code()  # set by abort(), which every mapped error goes through
     if isinstance(code, grpc.StatusCode):
         return code
-    return grpc.StatusCode.CANCELLED if type(exc).__name__ == "CancelledError" else grpc.StatusCode.UNKNOWN
+    cancelled = isinstance(exc, GeneratorExit) or type(exc).__name__ == "CancelledError"
+    return grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
