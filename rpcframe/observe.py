@@ -65,7 +65,7 @@ class CallInfo:
 class AttemptInfo:
     """One attempt of a call: which endpoint, which number, and why it was sent."""
 
-    __slots__ = ("endpoint", "number", "reason", "response", "slots", "start")
+    __slots__ = ("added", "endpoint", "number", "reason", "response", "slots", "start")
 
     def __init__(self, endpoint: str, number: int, reason: str, start: float) -> None:
         self.endpoint = endpoint  #: "host:port" the attempt went to
@@ -74,6 +74,11 @@ class AttemptInfo:
         self.start = start  #: time.perf_counter() when it was sent
         self.response: Any = None  #: the response message, when the attempt answered (unary responses)
         self.slots: dict[object, Any] = {}
+        self.added: list[tuple[str, str]] = []  #: headers observers added in attempt_started
+
+    def add_metadata(self, key: str, value: str) -> None:
+        """From ``attempt_started``: send this header with this attempt only (e.g. its span's ``traceparent``)."""
+        self.added.append((key, value))
 
     @property
     def received_bytes(self) -> int | None:

@@ -197,16 +197,11 @@ class TracingObserver(CallObserver):
     # client
 
     def call_started(self, call: CallInfo) -> None:
-        """Start the call's span, child of the caller's current context, and send its trace context."""
+        """Start the call's span, child of the caller's current context."""
         name, attributes = self._name(call.method)
-        parent = otel_context.get_current()
-        span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attributes)
+        span = self._tracer.start_span(name, otel_context.get_current(), SpanKind.CLIENT, attributes)
         call.slots[self] = span
         call.slots[self._open] = []
-        headers: dict[str, str] = {}
-        propagate.inject(headers, trace.set_span_in_context(span, parent))
-        for key, value in headers.items():
-            call.add_metadata(key, value)
 
     def attempt_started(self, call: CallInfo, attempt: AttemptInfo) -> None:
         """Start the attempt's span under the call's."""
@@ -224,6 +219,11 @@ class TracingObserver(CallObserver):
         attempt_span = self._tracer.start_span(name, trace.set_span_in_context(span), SpanKind.CLIENT, attributes)
         attempt.slots[self] = attempt_span
         call.slots[self._open].append(attempt_span)
+        # The attempt's trace context goes with it: the server span becomes its child.
+        headers: dict[str, str] = {}
+        propagate.inject(headers, trace.set_span_in_context(attempt_span))
+        for key, value in headers.items():
+            attempt.add_metadata(key, value)
 
     def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
         """End the attempt's span with its status."""

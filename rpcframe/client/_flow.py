@@ -125,6 +125,13 @@ def _attempt_info(method: MethodBase, info: CallInfo | None, stats: Any, number:
     return attempt
 
 
+def _sent(plan: CallPlan, attempt: AttemptInfo) -> CallPlan:
+    """The plan an attempt is sent with: plus the headers observers added for it."""
+    if not attempt.added:
+        return plan
+    return plan._replace(metadata=(*(plan.metadata or ()), *attempt.added))
+
+
 def status_of(error: BaseException | None) -> grpc.StatusCode:
     """The status an attempt or call ended with (OK when ``error`` is None)."""
     if error is None:
@@ -180,7 +187,7 @@ def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
             attempt = None if info is None else _attempt_info(method, info, stats, number, tries)
             start = time.perf_counter()
             try:
-                ok, value = yield (CALL, stats, plan)
+                ok, value = yield (CALL, stats, plan if attempt is None else _sent(plan, attempt))
             except BaseException as exc:  # cancelled, or the driver failed
                 done(Outcome.IGNORED, time.perf_counter() - start)
                 if info is not None:
@@ -244,7 +251,7 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
                 done(Outcome.IGNORED, 0.0)
                 raise
         attempt = _attempt_info(method, info, stats, sent, "hedge")
-        handle = yield (START, stats, plan)
+        handle = yield (START, stats, plan if attempt is None else _sent(plan, attempt))
         running.append(_Copy(handle, stats, done, sent, attempt))
 
     try:
@@ -314,7 +321,7 @@ def stream_flow(method: MethodBase, plan: CallPlan, retry: bool) -> Flow:
             stats, done = yield (PICK, plan, avoid)
             attempt = _attempt_info(method, info, stats, number, tries)
             start = time.perf_counter()
-            handle = yield (OPEN, stats, done, plan)
+            handle = yield (OPEN, stats, done, plan if attempt is None else _sent(plan, attempt))
             delivered, failed = yield (DELIVER, handle)
             _attempt_ended(method, info, attempt, failed, time.perf_counter() - start)
             if failed is None:

@@ -107,11 +107,11 @@ def _attempts(spans: list[ReadableSpan], call: ReadableSpan) -> list[ReadableSpa
 
 
 def _assert_three_hops(spans: list[ReadableSpan]) -> None:
-    """client call -> relay server -> relay's call -> backend server, each call with its attempt, one trace."""
+    """client call -> attempt -> relay server -> relay's call -> attempt -> backend server, one trace."""
     client = _one(spans, SpanKind.CLIENT, None)
-    relay = _one(spans, SpanKind.SERVER, client)
+    relay = _one(spans, SpanKind.SERVER, _attempts(spans, client)[0])  # the server span is the attempt's child
     relay_call = _one(spans, SpanKind.CLIENT, relay)
-    backend = _one(spans, SpanKind.SERVER, relay_call)
+    backend = _one(spans, SpanKind.SERVER, _attempts(spans, relay_call)[0])
     assert {s.context.trace_id for s in spans} == {client.context.trace_id}
     assert client.name == relay.name == backend.name == ECHO
     for call in (client, relay_call):
