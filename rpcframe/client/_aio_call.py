@@ -19,7 +19,7 @@ from ..balancing.endpoint import EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..errors import Cancelled, Unavailable, from_grpc
 from ._common import CallPlan, Metadata, MethodBase
-from ._flow import CALL, CANCEL, DELIVER, OPEN, PICK, SLEEP, START, WAIT, Flow, status_of
+from ._flow import CALL, CANCEL, DELIVER, OPEN, PICK, SLEEP, START, WAIT, Flow, details_of, status_of, trailers_of
 
 __all__ = ["Call"]
 
@@ -325,7 +325,7 @@ class Call:
         await self._settled()
         error = self._error()
         if error is not None:
-            return tuple(getattr(error, "trailing_metadata", lambda: ())() or ())
+            return trailers_of(error)
         return await self._call.trailing_metadata()  # type: ignore[no-any-return]
 
     async def code(self) -> grpc.StatusCode:
@@ -340,8 +340,7 @@ class Call:
         await self._settled()
         if self._outcome is None:
             return await self._call.details()  # type: ignore[no-any-return]
-        details = getattr(self._error(), "details", None)
-        return (details() if callable(details) else "") or ""
+        return details_of(self._error())
 
     def _error(self) -> BaseException | None:
         return None if self._outcome is None or self._outcome[0] else self._outcome[1]

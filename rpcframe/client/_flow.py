@@ -42,7 +42,7 @@ from ._common import CallPlan, MethodBase, outcome_of, trailer_facts
 
 __all__ = [
     "CALL", "CANCEL", "DELIVER", "OPEN", "PICK", "SLEEP", "START", "WAIT",
-    "Attempts", "Flow", "hedged_flow", "status_of", "stream_flow", "unary_flow",
+    "Attempts", "Flow", "details_of", "hedged_flow", "status_of", "stream_flow", "trailers_of", "unary_flow",
 ]  # fmt: skip
 
 PICK, CALL, START, WAIT, CANCEL, SLEEP, OPEN, DELIVER = range(8)
@@ -123,6 +123,18 @@ def _attempt_info(method: MethodBase, info: CallInfo | None, stats: Any, number:
     attempt = AttemptInfo(stats.address, number, reason, time.perf_counter())
     method._observer.attempt_started(info, attempt)  # type: ignore[union-attr]
     return attempt
+
+
+def details_of(error: BaseException | None) -> str:
+    """The status details a call ended with ("" when it succeeded)."""
+    details = getattr(error, "details", None)
+    return (details() if callable(details) else "") or ""
+
+
+def trailers_of(error: BaseException | None) -> tuple[Any, ...]:
+    """The trailing metadata of a call that failed with ``error`` (() when it has none)."""
+    trailing = getattr(error, "trailing_metadata", None)
+    return tuple((trailing() if callable(trailing) else None) or ())
 
 
 def _sent(plan: CallPlan, attempt: AttemptInfo) -> CallPlan:

@@ -17,7 +17,7 @@ import grpc
 from ..balancing.endpoint import EndpointStats, Outcome
 from ..errors import Cancelled
 from ._common import CallPlan, Metadata, MethodBase
-from ._flow import CALL, CANCEL, DELIVER, OPEN, PICK, SLEEP, START, WAIT, Flow, status_of
+from ._flow import CALL, CANCEL, DELIVER, OPEN, PICK, SLEEP, START, WAIT, Flow, details_of, status_of, trailers_of
 
 __all__ = ["Future", "ResponseStream", "drive"]
 
@@ -379,7 +379,7 @@ class Future(grpc.Future, grpc.Call):  # type: ignore[misc]
         """Metadata the server sent with its status (blocks until the call ends)."""
         error = self.exception()
         if error is not None:
-            return tuple(getattr(error, "trailing_metadata", lambda: ())() or ())
+            return trailers_of(error)
         return self._call.trailing_metadata()  # type: ignore[no-any-return]
 
     def code(self) -> grpc.StatusCode:
@@ -388,6 +388,4 @@ class Future(grpc.Future, grpc.Call):  # type: ignore[misc]
 
     def details(self) -> str:
         """The call's status details (blocks until the call ends)."""
-        error = self.exception()
-        details = getattr(error, "details", None)
-        return (details() if callable(details) else "") or ""
+        return details_of(self.exception())
