@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _loop
+from ..accesslog import AccessLog
 from ..config import ServerConfig
 from ..errors import ConfigError
 from ..server import _aio, _sync
@@ -40,6 +41,8 @@ def register(sub: Any) -> None:
                    help=f"thread-pool size of the sync server (default {defaults.max_workers})")
     p.add_argument("--no-reflection", action="store_true", help="do not serve grpc.reflection")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one JSON line per call on the rpcframe.access logger (never credentials)")
     add_server_security_flags(p)
     p.set_defaults(run=run)
 
@@ -91,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         split_host_port(address)
     tls, auth = server_tls(args), server_auth(args)
     try:
+        observers = (AccessLog(),) if args.access_log else ()
         config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection, grace_period=args.grace,
-                              drain_delay=args.drain_delay, tls=tls, auth=auth)  # fmt: skip
+                              drain_delay=args.drain_delay, tls=tls, auth=auth, observers=observers)  # fmt: skip
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
     use_aio = _is_async(servicers) if args.aio is None else args.aio
