@@ -29,8 +29,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
-__all__ = ["AttemptInfo", "CallInfo", "CallObserver", "ServerCallInfo", "combine"]
+__all__ = ["AttemptInfo", "CallInfo", "CallObserver", "MethodLabels", "ServerCallInfo", "combine"]
+
+_MAX_UNKNOWN = 1024  # method names remembered as "other"; past that they are looked up each time
 
 
 class CallInfo:
@@ -171,6 +174,33 @@ class _Fanout(CallObserver):
     def call_finished(self, call: ServerCallInfo, status: grpc.StatusCode, latency: float) -> None:
         for observer in self._observers:
             observer.call_finished(call, status, latency)
+
+
+class MethodLabels:
+    """A bounded method label for metrics: ``pkg.Service/Method`` if the descriptor pool knows it, else "other".
+
+    A caller inventing method names cannot grow a metric's label set.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, str] = {}
+        self._unknown: set[str] = set()
+
+    def __call__(self, method: str) -> str:
+        label = self._known.get(method)
+        if label is not None:
+            return label
+        if method in self._unknown:
+            return "other"
+        name = method[1:] if method.startswith("/") else method
+        try:
+            descriptor_pool.Default().FindMethodByName(name.replace("/", "."))
+        except KeyError:
+            if len(self._unknown) < _MAX_UNKNOWN:
+                self._unknown.add(method)
+            return "other"
+        self._known[method] = name
+        return name
 
 
 def combine(observers: Sequence[CallObserver]) -> CallObserver | None:

@@ -33,14 +33,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from .observe import AttemptInfo, CallInfo, CallObserver, ServerCallInfo
+from .observe import AttemptInfo, CallInfo, CallObserver, MethodLabels, ServerCallInfo
 
 __all__ = ["MetricsObserver", "TracingObserver", "telemetry"]
 
@@ -121,31 +120,6 @@ def _split_address(endpoint: str) -> tuple[str, int | None]:
     if not sep:
         return endpoint, None
     return host.strip("[]"), int(port) if port.isdigit() else None
-
-
-class _MethodLabels:
-    """The bounded ``grpc.method`` label: the method's name if the descriptor pool knows it, else "other"."""
-
-    def __init__(self) -> None:
-        self._known: dict[str, str] = {}
-        self._unknown: set[str] = set()
-        self._pool = descriptor_pool.Default()
-
-    def __call__(self, method: str) -> str:
-        label = self._known.get(method)
-        if label is not None:
-            return label
-        if method in self._unknown:
-            return "other"
-        name, service, short = _split_method(method)
-        try:
-            self._pool.FindMethodByName(f"{service}.{short}")
-        except KeyError:
-            if len(self._unknown) < _MAX_UNKNOWN:
-                self._unknown.add(method)
-            return "other"
-        self._known[method] = name
-        return name
 
 
 # -- traces -------------------------------------------------------------------------
@@ -373,7 +347,7 @@ class MetricsObserver(CallObserver):
                     name, unit, description, explicit_bucket_boundaries_advisory=buckets
                 )  # fmt: skip
             setattr(self, attribute, instrument)
-        self._label = _MethodLabels()
+        self._label = MethodLabels()
         self._attrs: dict[tuple[Any, ...], dict[str, str]] = {}
         self._retry_key, self._failover_key = object(), object()  # per-call counts in CallInfo.slots
 
