@@ -6,9 +6,21 @@ STAMP  := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup protos check-generated lint test test-fast demo bench bench-quick bench-micro reliability reliability-quick clean
+.PHONY: setup system protos check-generated lint test test-fast demo bench bench-quick bench-micro reliability reliability-quick clean
 
-setup: $(STAMP) $(NPM_STAMP)
+setup: $(STAMP) $(NPM_STAMP) system
+
+# Real servers the tests start: Prometheus from Debian's package (as root,
+# as CI runs); without it the one test that needs it skips and says why.
+system:
+	@if ! command -v prometheus >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y -q prometheus >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q prometheus >/dev/null 2>&1; } || true; \
+		fi; \
+		command -v prometheus >/dev/null 2>&1 || \
+			echo "prometheus not installed: tests/integration/test_prometheus.py skips its real-Prometheus test"; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -41,6 +41,8 @@ def register(sub: Any) -> None:
                    help=f"thread-pool size of the sync server (default {defaults.max_workers})")
     p.add_argument("--no-reflection", action="store_true", help="do not serve grpc.reflection")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics on 127.0.0.1:PORT (0: a free one; needs rpcframe[prometheus])")
     p.add_argument("--access-log", action="store_true",
                    help="log one JSON line per call on the rpcframe.access logger (never credentials)")
     add_server_security_flags(p)
@@ -78,10 +80,11 @@ def _is_async(servicers: list[Any]) -> bool:
     return False
 
 
-def _ready_line(server: _sync.Server | _aio.Server, binds: list[str]) -> None:
+def _ready_line(server: _sync.Server | _aio.Server, binds: list[str], metrics_line: str = "") -> None:
     for address, port in zip(binds, server.ports, strict=True):
         host, _ = split_host_port(address)
         print(f"serving on {host}:{port}", flush=True)
+    print(metrics_line, end="", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         split_host_port(address)
     tls, auth = server_tls(args), server_auth(args)
     try:
-        observers = (AccessLog(),) if args.access_log else ()
+        observers, metrics_line = _observers(args)
         config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection, grace_period=args.grace,
                               drain_delay=args.drain_delay, tls=tls, auth=auth, observers=observers)  # fmt: skip
     except ConfigError as exc:
@@ -102,11 +105,11 @@ def run(args: argparse.Namespace) -> int:
     use_aio = _is_async(servicers) if args.aio is None else args.aio
     try:
         if use_aio:
-            _loop.run(_serve_aio(config, servicers, binds), use_uvloop=not args.no_uvloop)
+            _loop.run(_serve_aio(config, servicers, binds, metrics_line), use_uvloop=not args.no_uvloop)
         else:
             server = _sync.Server(config)
             _setup(server, servicers, binds)
-            server.run(on_ready=lambda: _ready_line(server, binds))
+            server.run(on_ready=lambda: _ready_line(server, binds, metrics_line))
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -119,7 +122,23 @@ def _setup(server: _sync.Server | _aio.Server, servicers: list[Any], binds: list
         server.bind(address)
 
 
-async def _serve_aio(config: ServerConfig, servicers: list[Any], binds: list[str]) -> None:
+async def _serve_aio(config: ServerConfig, servicers: list[Any], binds: list[str], metrics_line: str) -> None:
     server = _aio.Server(config)
     _setup(server, servicers, binds)
-    await server.run(on_ready=lambda: _ready_line(server, binds))
+    await server.run(on_ready=lambda: _ready_line(server, binds, metrics_line))
+
+
+def _observers(args: argparse.Namespace) -> tuple[tuple[Any, ...], str]:
+    """The observers the flags ask for, and the line that announces the metrics endpoint ("" without one)."""
+    observers: list[Any] = [AccessLog()] if args.access_log else []
+    if args.metrics_port is None:
+        return tuple(observers), ""
+    try:
+        from ..prometheus import PrometheusObserver, serve_metrics
+    except ImportError:
+        raise CliError("--metrics-port needs prometheus-client: pip install 'rpcframe[prometheus]'", 2) from None
+    try:
+        _, port = serve_metrics(args.metrics_port)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on 127.0.0.1:{args.metrics_port}: {exc.strerror}", 2) from None
+    return (*observers, PrometheusObserver()), f"metrics on 127.0.0.1:{port}\n"
