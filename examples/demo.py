@@ -1,9 +1,10 @@
-"""`make demo`: every call kind, balancing and failover, then deadlines, retries and hedging.
+"""`make demo`: every call kind, balancing and failover, deadlines, retries and hedging, traces and metrics.
 
 Part 1 starts ``rpcframe serve examples.echo:aio_servicer`` on a free port,
 runs the four call kinds through the sync and the asyncio client, checks
 health, then sends SIGTERM and shows the server draining. Part 2 is
-:mod:`examples.balancing_demo`, part 3 :mod:`examples.resilience_demo`.
+:mod:`examples.balancing_demo`, part 3 :mod:`examples.resilience_demo`, part 4
+:mod:`examples.observability_demo`.
 Exits non-zero if anything fails.
 """
 
@@ -23,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import rpcframe
 import rpcframe.aio
-from examples import balancing_demo, resilience_demo
+from examples import balancing_demo, observability_demo, resilience_demo
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 
@@ -135,7 +136,10 @@ def main() -> int:
         if balancing_demo.main() != 0:
             return 1
         print("\n== deadlines, retries and hedging ==\n")
-        return resilience_demo.main()
+        if resilience_demo.main() != 0:
+            return 1
+        print("\n== observability: a trace of a retried call across a relay, and /metrics ==\n")
+        return observability_demo.main()
     finally:
         if proc.poll() is None:
             proc.kill()
