@@ -17,7 +17,7 @@ import collections
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,6 +167,17 @@ class Load:
         self._aio_done: Future[None] | None = None
         self._channel: Any = None
 
+    def _ids(self, kind: str, index: int, tally: Tally) -> Iterator[str]:
+        """One caller's request ids, each counted as sent with its deadline; bounded in count and time."""
+        end = time.monotonic() + MAX_SECONDS
+        for seq in range(MAX_CALLS_PER_CALLER):
+            if self._stop.is_set() or time.monotonic() > end:
+                return
+            rid = f"{self.tag}.{kind}{index}.{seq}"
+            tally.sent[kind] += 1
+            tally.deadlines[rid] = time.time() + self.timeout
+            yield rid
+
     # -- sync ----------------------------------------------------------------------------
 
     def _sync_channel(self) -> Any:
@@ -175,13 +186,7 @@ class Load:
         return grpc.insecure_channel(_raw_target(self.addresses), options=[("grpc.service_config", _ROUND_ROBIN)])
 
     def _sync_worker(self, call: Callable[[str], str], kind: str, index: int, tally: Tally) -> None:
-        end = time.monotonic() + MAX_SECONDS
-        for seq in range(MAX_CALLS_PER_CALLER):
-            if self._stop.is_set() or time.monotonic() > end:
-                return
-            rid = f"{self.tag}.{kind}{index}.{seq}"
-            tally.sent[kind] += 1
-            tally.deadlines[rid] = time.time() + self.timeout
+        for rid in self._ids(kind, index, tally):
             try:
                 tally.served_by[call(rid)] += 1
                 tally.ok_ids.add(rid)
@@ -228,13 +233,7 @@ class Load:
             await channel.close()
 
     async def _aio_worker(self, call: Callable[[str], Awaitable[str]], kind: str, index: int, tally: Tally) -> None:
-        end = time.monotonic() + MAX_SECONDS
-        for seq in range(MAX_CALLS_PER_CALLER):
-            if self._stop.is_set() or time.monotonic() > end:
-                return
-            rid = f"{self.tag}.{kind}{index}.{seq}"
-            tally.sent[kind] += 1
-            tally.deadlines[rid] = time.time() + self.timeout
+        for rid in self._ids(kind, index, tally):
             try:
                 tally.served_by[await call(rid)] += 1
                 tally.ok_ids.add(rid)

@@ -448,11 +448,6 @@ class MethodBase:
         return False
 
 
-def endpoint_of(stats: EndpointStats) -> Any:
-    """The front's subchannel attached to an endpoint."""
-    return stats.handle
-
-
 __all__ = [
     "ATTEMPT_KEY",
     "HEALTH_BACKOFF",
@@ -464,7 +459,6 @@ __all__ = [
     "NoEndpointError",
     "SubchannelBase",
     "connectivity_of",
-    "endpoint_of",
     "is_idempotent",
     "outcome_of",
     "remaining_timeout",

@@ -41,7 +41,6 @@ __all__ = ["Server"]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-_DRAIN_POLL = 0.01  # seconds between checks that accepted calls are done
 
 
 class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -169,7 +168,7 @@ class Server(ServerBase):
         drain = self._drainer = Drain(time.monotonic(), grace)
         self._refusing = True
         while not drain.over(time.monotonic(), self._inflight > 0):  # noqa: ASYNC110 - waits for a quiet period, which no event marks
-            await asyncio.sleep(_DRAIN_POLL)
+            await asyncio.sleep(Drain.POLL)
         graceful = asyncio.ensure_future(self._grpc_server.stop(drain.grace_left(time.monotonic())))
         if self.health is not None:
             await self.health.close()

@@ -444,6 +444,7 @@ class Drain:
 
     QUIET = 0.05
     QUIET_MAX = 1.0
+    POLL = 0.01  #: seconds between the server's checks of :meth:`over`
     #: grpc's own grace after a drain that ended with nothing in flight: only
     #: refusals can be running then, and a connection that ignores GOAWAY
     #: (an idle attacker) would otherwise hold the stop for the whole grace.

@@ -42,7 +42,6 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the grace period, cancelled handlers get this long to return.
 _CANCEL_WAIT = 5.0
-_DRAIN_POLL = 0.01  # seconds between checks that accepted calls are done
 
 
 class _Health(health.HealthServicer):  # type: ignore[misc]
@@ -318,7 +317,7 @@ class Server(ServerBase):
         with self._idle:
             # Polled: a queued call leaves the queue without telling anyone.
             while not drain.over(time.monotonic(), bool(self._inflight or self._executor.queued())):
-                self._idle.wait(_DRAIN_POLL)
+                self._idle.wait(Drain.POLL)
         left = drain.grace_left(time.monotonic())
         stopped = self._grpc_server.stop(left)
         if self.health is not None:
