@@ -21,17 +21,30 @@ observer; it propagates.
 
 Each event gets the call's info object; observers may keep their own state
 on it in :attr:`CallInfo.slots` (keyed by the observer), e.g. a span.
+
+State that is not a call event (a channel's endpoints and their health,
+in-flight calls, outlier ejections, retry-budget refusals; a server's
+authentication denials) is read, not pushed: a channel or server created
+with an observer hands itself over once, through ``channel_opened`` or
+``server_opened``, as an :class:`ObservedChannel` or :class:`ObservedServer`,
+and a metrics observer reads it when it is scraped. The calls pay nothing
+for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from google.protobuf import descriptor_pool
 
-__all__ = ["AttemptInfo", "CallInfo", "CallObserver", "MethodLabels", "ServerCallInfo", "combine"]
+__all__ = [
+    "AttemptInfo", "CallInfo", "CallObserver", "EndpointState", "MethodLabels", "ObservedChannel",
+    "ObservedServer", "ServerCallInfo", "StateReader", "combine",
+]  # fmt: skip
 
 _MAX_UNKNOWN = 1024  # method names remembered as "other"; past that they are looked up each time
 
@@ -99,13 +112,25 @@ def _size(message: Any) -> int | None:
 class ServerCallInfo:
     """One incoming call, as observers see it."""
 
-    __slots__ = ("context", "method", "slots", "start")
+    __slots__ = ("context", "method", "request", "response", "slots", "start")
 
-    def __init__(self, method: str, context: Any, start: float) -> None:
+    def __init__(self, method: str, context: Any, start: float, request: Any = None) -> None:
         self.method = method  #: "/pkg.Service/Method"
         self.context = context  #: grpc's ServicerContext (peer(), invocation_metadata(), ...)
         self.start = start  #: time.perf_counter() when the wrapper began
+        self.request = request  #: the request message (an iterator for request streams)
+        self.response: Any = None  #: the response message, once a unary-response handler returned it
         self.slots: dict[object, Any] = {}
+
+    @property
+    def received_bytes(self) -> int | None:
+        """Serialized size of the request message (None for request streams)."""
+        return _size(self.request)
+
+    @property
+    def sent_bytes(self) -> int | None:
+        """Serialized size of the response, once the handler returned one (None for response streams)."""
+        return _size(self.response)
 
     @property
     def identity(self) -> Any:
@@ -121,8 +146,54 @@ class ServerCallInfo:
         return None if remaining is None or remaining > 1e9 else float(remaining)
 
 
+class EndpointState(NamedTuple):
+    """One endpoint of a channel, as a metrics observer reads it."""
+
+    address: str  #: "host:port"
+    #: READY, IDLE, CONNECTING, TRANSIENT_FAILURE, SHUTDOWN (grpc's connectivity),
+    #: NOT_SERVING (connected, health check says no) or EJECTED (outlier detection).
+    state: str
+    in_flight: int  #: calls started on it and not ended
+    ejections: int  #: times outlier detection ejected it
+
+
+class ObservedChannel(Protocol):
+    """What a client channel shows observers (:meth:`CallObserver.channel_opened`)."""
+
+    @property
+    def target(self) -> str:
+        """The channel's target."""
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel was closed (observers stop reporting it)."""
+
+    def counters(self) -> Mapping[str, int]:
+        """Totals so far: ``retries``, ``failovers``, ``hedges``, ``hedge_wins``, ``budget_refused``."""
+
+    def endpoint_states(self) -> list[EndpointState]:
+        """Every endpoint's state now."""
+
+
+class ObservedServer(Protocol):
+    """What a server shows observers (:meth:`CallObserver.server_opened`)."""
+
+    @property
+    def inflight(self) -> int:
+        """Calls whose handler is running."""
+
+    def auth_denials(self) -> Mapping[str, int]:
+        """Calls refused by authentication or policy so far, by reason (:data:`rpcframe.security.DENIAL_REASONS`)."""
+
+
 class CallObserver:
     """Receives call events; every method is a no-op until overridden."""
+
+    def channel_opened(self, channel: ObservedChannel) -> None:
+        """A client channel with this observer was created (keep a weak reference to read its state)."""
+
+    def server_opened(self, server: ObservedServer) -> None:
+        """A server with this observer was created (keep a weak reference to read its state)."""
 
     def call_started(self, call: CallInfo) -> None:
         """A client call is about to pick its first endpoint."""
@@ -150,6 +221,14 @@ class _Fanout(CallObserver):
 
     def __init__(self, observers: Sequence[CallObserver]) -> None:
         self._observers = tuple(observers)
+
+    def channel_opened(self, channel: ObservedChannel) -> None:
+        for observer in self._observers:
+            observer.channel_opened(channel)
+
+    def server_opened(self, server: ObservedServer) -> None:
+        for observer in self._observers:
+            observer.server_opened(server)
 
     def call_started(self, call: CallInfo) -> None:
         for observer in self._observers:
@@ -201,6 +280,84 @@ class MethodLabels:
             return "other"
         self._known[method] = name
         return name
+
+
+#: The states :attr:`EndpointState.state` takes (a metrics observer reports each, 1 for the current one).
+ENDPOINT_STATES = ("READY", "IDLE", "CONNECTING", "TRANSIENT_FAILURE", "SHUTDOWN", "NOT_SERVING", "EJECTED")
+
+
+class _Watched:
+    """One channel a reader reports, and its counters when last read."""
+
+    __slots__ = ("last", "ref", "target")
+
+    def __init__(self, channel: ObservedChannel) -> None:
+        self.ref = weakref.ref(channel)
+        self.target = channel.target
+        self.last: Mapping[str, int] = {}
+
+
+class StateReader:
+    """The channels and servers handed to a metrics observer, read when metrics are collected.
+
+    Holds them weakly. Channel counters stay monotonic: the totals of a
+    channel that was closed (or collected: then as last read) are folded
+    into its target's, so churned channels cost one entry per target.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: list[_Watched] = []
+        self._retired: dict[str, dict[str, int]] = {}  # target -> totals of channels gone
+        self._servers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add_channel(self, channel: ObservedChannel) -> None:
+        """Report ``channel`` from now on."""
+        with self._lock:
+            self._channels.append(_Watched(channel))
+
+    def add_server(self, server: ObservedServer) -> None:
+        """Report ``server`` from now on."""
+        with self._lock:
+            self._servers.add(server)
+
+    def _open_channels(self) -> list[tuple[_Watched, ObservedChannel]]:
+        """Read every channel's counters; fold the ones gone into their target's totals."""
+        live, kept = [], []
+        for watched in self._channels:
+            channel = watched.ref()
+            if channel is not None:
+                watched.last = channel.counters()
+            if channel is None or channel.closed:
+                retired = self._retired.setdefault(watched.target, {})
+                for name, count in watched.last.items():
+                    retired[name] = retired.get(name, 0) + count
+                continue
+            kept.append(watched)
+            live.append((watched, channel))
+        self._channels = kept
+        return live
+
+    def client_counters(self) -> dict[tuple[str, str], int]:
+        """(target, counter name) -> total over every channel to that target, open or gone."""
+        with self._lock:
+            live = self._open_channels()
+            totals = {(target, name): n for target, counts in self._retired.items() for name, n in counts.items()}
+            for watched, _ in live:
+                for name, count in watched.last.items():
+                    totals[watched.target, name] = totals.get((watched.target, name), 0) + count
+            return totals
+
+    def endpoints(self) -> list[tuple[str, EndpointState]]:
+        """(target, state) of every endpoint of every open channel."""
+        with self._lock:
+            channels = [channel for _, channel in self._open_channels()]
+        return [(channel.target, state) for channel in channels for state in channel.endpoint_states()]
+
+    def servers(self) -> list[ObservedServer]:
+        """The servers still alive."""
+        with self._lock:
+            return list(self._servers)
 
 
 def combine(observers: Sequence[CallObserver]) -> CallObserver | None:

@@ -39,7 +39,17 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from .observe import AttemptInfo, CallInfo, CallObserver, MethodLabels, ServerCallInfo
+from .observe import (
+    ENDPOINT_STATES,
+    AttemptInfo,
+    CallInfo,
+    CallObserver,
+    MethodLabels,
+    ObservedChannel,
+    ObservedServer,
+    ServerCallInfo,
+    StateReader,
+)  # fmt: skip
 
 __all__ = ["MetricsObserver", "TracingObserver", "telemetry"]
 
@@ -84,9 +94,31 @@ INSTRUMENTS: tuple[tuple[str, str, str, Sequence[float] | None, str], ...] = (
      "Attempts sent elsewhere because the previous one provably never ran (rpcframe failovers; A96)."),
     ("_hedges", "rpcframe.client.hedges", "{hedge}", None, "Hedged attempts sent."),
     ("_hedge_wins", "rpcframe.client.hedge_wins", "{hedge}", None, "Calls a hedge answered first."),
+    ("_retry_delay", "grpc.client.call.retry_delay", "s", LATENCY_BUCKETS,
+     "Time a retried call spent between attempts, waiting to send the next one (A96)."),
     ("_server_started", "grpc.server.call.started", "{call}", None, "Incoming calls that reached a handler."),
     ("_server_duration", "grpc.server.call.duration", "s", LATENCY_BUCKETS,
      "From the call's arrival in the server's wrapper to its handler's end."),
+    ("_server_sent", "grpc.server.call.sent_total_compressed_message_size", "By", SIZE_BUCKETS,
+     "Response bytes per call (rpcframe: the serialized unary response, before compression)."),
+    ("_server_rcvd", "grpc.server.call.rcvd_total_compressed_message_size", "By", SIZE_BUCKETS,
+     "Request bytes per call (rpcframe: the serialized unary request, after decompression)."),
+)  # fmt: skip
+
+#: rpcframe's state, read when metrics are collected (observable instruments):
+#: (name, unit, "counter" or "gauge", description).
+STATE_INSTRUMENTS: tuple[tuple[str, str, str, str], ...] = (
+    ("rpcframe.client.budget_refusals", "{attempt}", "counter",
+     "Retries and hedges the retry or hedging budget did not allow (attribute grpc.target)."),
+    ("rpcframe.client.endpoint.ejections", "{ejection}", "counter",
+     "Times outlier detection ejected an endpoint (grpc.target, rpcframe.endpoint)."),
+    ("rpcframe.client.endpoint.state", "1", "gauge",
+     "1 for an endpoint's current state, 0 for the others (grpc.target, rpcframe.endpoint, rpcframe.state)."),
+    ("rpcframe.client.endpoint.in_flight", "{call}", "gauge",
+     "Calls started on an endpoint and not ended (grpc.target, rpcframe.endpoint)."),
+    ("rpcframe.server.in_flight", "{call}", "gauge", "Calls whose handler is running, over the process's servers."),
+    ("rpcframe.server.auth.denials", "{call}", "counter",
+     "Calls refused by authentication or policy (rpcframe.reason: missing, malformed, invalid, expired, denied)."),
 )  # fmt: skip
 
 #: Attribute names per instrument family (A66).
@@ -333,8 +365,11 @@ class MetricsObserver(CallObserver):
     _transparent: metrics.Histogram
     _hedges: _Counts
     _hedge_wins: _Counts
+    _retry_delay: metrics.Histogram
     _server_started: _Counts
     _server_duration: metrics.Histogram
+    _server_sent: metrics.Histogram
+    _server_rcvd: metrics.Histogram
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
         meter = metrics.get_meter(_SCOPE, _version(), meter_provider)
@@ -347,9 +382,60 @@ class MetricsObserver(CallObserver):
                     name, unit, description, explicit_bucket_boundaries_advisory=buckets
                 )  # fmt: skip
             setattr(self, attribute, instrument)
+        self._state = StateReader()
+        readers = (self._read_budget, self._read_ejections, self._read_states, self._read_in_flight,
+                   self._read_server_in_flight, self._read_denials)  # STATE_INSTRUMENTS' order  # fmt: skip
+        for (name, unit, kind, description), read in zip(STATE_INSTRUMENTS, readers, strict=True):
+            create = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
+            create(name, [read], unit, description)
         self._label = MethodLabels()
         self._attrs: dict[tuple[Any, ...], dict[str, str]] = {}
-        self._retry_key, self._failover_key = object(), object()  # per-call counts in CallInfo.slots
+        # Per-call state in CallInfo.slots: retry and failover counts, the time waited between attempts.
+        self._retry_key, self._failover_key, self._delay_key = object(), object(), object()
+
+    # state, read at collection
+
+    def channel_opened(self, channel: ObservedChannel) -> None:
+        """Report the channel's budget refusals and endpoints from now on."""
+        self._state.add_channel(channel)
+
+    def server_opened(self, server: ObservedServer) -> None:
+        """Report the server's in-flight calls and auth denials from now on."""
+        self._state.add_server(server)
+
+    def _read_budget(self, options: CallbackOptions) -> list[Observation]:
+        counts = self._state.client_counters().items()
+        return [Observation(n, {"grpc.target": target}) for (target, name), n in counts if name == "budget_refused"]
+
+    def _read_ejections(self, options: CallbackOptions) -> list[Observation]:
+        return [
+            Observation(e.ejections, {"grpc.target": target, "rpcframe.endpoint": e.address})
+            for target, e in self._state.endpoints()
+        ]
+
+    def _read_states(self, options: CallbackOptions) -> list[Observation]:
+        return [
+            Observation(int(e.state == state), {"grpc.target": target, "rpcframe.endpoint": e.address,
+                                                "rpcframe.state": state})
+            for target, e in self._state.endpoints() for state in ENDPOINT_STATES
+        ]  # fmt: skip
+
+    def _read_in_flight(self, options: CallbackOptions) -> list[Observation]:
+        return [
+            Observation(e.in_flight, {"grpc.target": target, "rpcframe.endpoint": e.address})
+            for target, e in self._state.endpoints()
+        ]
+
+    def _read_server_in_flight(self, options: CallbackOptions) -> list[Observation]:
+        servers = self._state.servers()
+        return [Observation(sum(s.inflight for s in servers))] if servers else []
+
+    def _read_denials(self, options: CallbackOptions) -> list[Observation]:
+        totals: dict[str, int] = {}
+        for server in self._state.servers():
+            for reason, n in server.auth_denials().items():
+                totals[reason] = totals.get(reason, 0) + n
+        return [Observation(n, {"rpcframe.reason": reason}) for reason, n in totals.items()]
 
     def _attributes(self, names: tuple[str, ...], *values: str) -> dict[str, str]:
         """The attribute dict ``names`` -> ``values``; cached (labels are bounded).
@@ -375,8 +461,14 @@ class MetricsObserver(CallObserver):
         if reason == "hedge":
             self._hedges.add(1, attributes)
             return
-        key = self._failover_key if reason == "failover" else self._retry_key
-        call.slots[key] = call.slots.get(key, 0) + 1
+        slots = call.slots
+        if reason == "failover":
+            slots[self._failover_key] = slots.get(self._failover_key, 0) + 1
+            return
+        slots[self._retry_key] = slots.get(self._retry_key, 0) + 1
+        delay = slots.get(self._delay_key)  # [when the failed attempt ended, time waited so far]
+        if delay is not None:  # A96: the time with no attempt in flight, before this retry
+            delay[1] += max(0.0, attempt.start - delay[0])
 
     def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
         """Record the attempt's duration and message sizes."""
@@ -392,6 +484,9 @@ class MetricsObserver(CallObserver):
             self._attempt_rcvd.record(received, attributes)
         if status is _OK and attempt.reason == "hedge":
             self._hedge_wins.add(1, self._attributes(_CLIENT, self._label(call.method), call.target))
+        elif status is not _OK:  # a retry may follow: remember when this attempt ended
+            delay = call.slots.setdefault(self._delay_key, [0.0, 0.0])
+            delay[0] = attempt.start + latency
 
     def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
         """Record the call's duration and, when it was retried, its retry counts."""
@@ -402,7 +497,9 @@ class MetricsObserver(CallObserver):
         if slots:
             retries, failovers = slots.get(self._retry_key), slots.get(self._failover_key)
             if retries:
-                self._retries.record(retries, self._attributes(_CLIENT, label, call.target))
+                attributes = self._attributes(_CLIENT, label, call.target)
+                self._retries.record(retries, attributes)
+                self._retry_delay.record(slots.get(self._delay_key, (0.0, 0.0))[1], attributes)
             if failovers:
                 self._transparent.record(failovers, self._attributes(_CLIENT, label, call.target))
 
@@ -415,7 +512,16 @@ class MetricsObserver(CallObserver):
     def call_finished(self, call: ServerCallInfo, status: grpc.StatusCode, latency: float) -> None:
         """Record the incoming call's duration."""
         status = _cancelled_or(status, call.context)
-        self._server_duration.record(latency, self._attributes(_SERVER_STATUS, self._label(call.method), status.name))
+        attributes = self._attributes(_SERVER_STATUS, self._label(call.method), status.name)
+        self._server_duration.record(latency, attributes)
+        received = call.received_bytes
+        if received is not None:
+            self._server_rcvd.record(received, attributes)
+        sent = call.sent_bytes
+        if sent is None and received is not None and status is not _OK:
+            sent = 0  # a failed unary call sent no message
+        if sent is not None:
+            self._server_sent.record(sent, attributes)
 
 
 def telemetry(

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -117,24 +116,6 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 _SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
-def _add_trace_service(servicer: _TraceService, server: Any) -> None:
-    """Register Export by its method name, as grpcio-tools >= 1.63 code does.
-
-    opentelemetry-proto's own ``add_TraceServiceServicer_to_server`` (older
-    generated code) registers only a generic handler keyed by the full path;
-    rpcframe's ``Server.add`` reads those keys as method names and serves
-    ``/<service>//<service>/Export``, so Export would be UNIMPLEMENTED. The
-    strict xfail in tests/integration/test_otlp.py tracks that bug; once
-    fixed, pass the generated function instead.
-    """
-    export = grpc.unary_unary_rpc_method_handler(
-        servicer.Export,
-        request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
-        response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
-    )
-    server.add_registered_method_handlers(_SERVICE, {"Export": export})
-
-
 class OtlpReceiver:
     """Collects the spans OTLP/gRPC exporters send it (see the module's docstring)."""
 
@@ -143,7 +124,7 @@ class OtlpReceiver:
         self._spans: list[ReceivedSpan] = []
         self.exports = 0  #: Export requests received
         self._server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1))
-        self._server.add(_TraceService(self._receive), _add_trace_service)
+        self._server.add(_TraceService(self._receive), trace_service_pb2_grpc.add_TraceServiceServicer_to_server)
         self.address = f"127.0.0.1:{self._server.bind('127.0.0.1:0')}"
         self.endpoint = f"http://{self.address}"
 

@@ -43,14 +43,21 @@ class EndpointEntry:
     health_detail: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
-    def describe(self, now: float) -> str:
+    def state(self, now: float) -> str:
+        """grpc's connectivity name, or NOT_SERVING / EJECTED for a connected endpoint the picker skips."""
         if self.connectivity is not Connectivity.READY:
-            return f"{self.stats.address} {self.connectivity.value}"
+            return self.connectivity.name
         if not self.serving:
-            return f"{self.stats.address} {self.health_detail or 'NOT_SERVING'}"
-        if self.stats.ejected_until > now:
+            return "NOT_SERVING"
+        return "EJECTED" if self.stats.ejected_until > now else "READY"
+
+    def describe(self, now: float) -> str:
+        state = self.state(now)
+        if state == "NOT_SERVING":
+            return f"{self.stats.address} {self.health_detail or state}"
+        if state == "EJECTED":
             return f"{self.stats.address} ejected for {self.stats.ejected_until - now:.1f}s after repeated failures"
-        return f"{self.stats.address} READY"
+        return f"{self.stats.address} {state}"
 
 
 class BalancerCore:

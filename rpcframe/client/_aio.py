@@ -153,7 +153,6 @@ class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
         self._changed = asyncio.Event()
         self._core.add_listener(self._on_picker)
         self._retiring: set[asyncio.Task[None]] = set()
-        self._closed = False
         self._resolver.start(self._on_endpoints)
 
     def _on_endpoints(self, endpoints: Sequence[Endpoint]) -> None:

@@ -30,7 +30,7 @@ from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
 from ..config import ChannelConfig
 from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
-from ..observe import combine
+from ..observe import EndpointState, combine
 from ..security.tls import channel_credentials
 from ..security.tokens import check_token_transport, token_parts
 
@@ -229,6 +229,26 @@ class BalancedChannelBase:
         self.stats = CallStats()
         self.observer = combine(cfg.observers)
         self._method_state: dict[str, MethodState] = {}
+        self._closed = False
+        if self.observer is not None:
+            self.observer.channel_opened(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def counters(self) -> dict[str, int]:
+        """Extra attempts so far: retries, failovers, hedges, hedge_wins, budget_refused."""
+        return self.stats.as_dict()
+
+    def endpoint_states(self) -> list[EndpointState]:
+        """Every endpoint's state, in-flight calls and ejections now (for metrics)."""
+        now = time.monotonic()
+        return [
+            EndpointState(e.stats.address, e.state(now), e.stats.inflight, e.stats.ejections)
+            for e in self._core.entries()
+        ]
 
     def method_state(self, method: str, hedge: HedgePolicy) -> MethodState:
         """Latency window and hedge budget of one method (shared by its stubs)."""

@@ -228,7 +228,6 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
         self._changed = threading.Condition()
         self._subscribers: list[Callable[[grpc.ChannelConnectivity], None]] = []
         self._core.add_listener(self._on_picker)
-        self._closed = False
         self._resolver.start(self._on_endpoints)
 
     def _on_endpoints(self, endpoints: Sequence[Endpoint]) -> None:

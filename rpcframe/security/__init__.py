@@ -15,7 +15,7 @@ line); a failed TLS handshake never reaches the server's code and the
 client sees UNAVAILABLE.
 """
 
-from .auth import ApiKey, ApiKeys, AuthConfig, AuthError, JWTConfig, JWTKey, JWTVerifier, hash_api_key
+from .auth import DENIAL_REASONS, ApiKey, ApiKeys, AuthConfig, AuthError, JWTConfig, JWTKey, JWTVerifier, hash_api_key
 from .authz import Policy, Rule
 from .identity import ANONYMOUS, Identity, peer
 from .tls import TLSConfig
@@ -23,6 +23,7 @@ from .tokens import RefreshingToken, StaticToken, TokenSource
 
 __all__ = [
     "ANONYMOUS",
+    "DENIAL_REASONS",
     "ApiKey",
     "ApiKeys",
     "AuthConfig",

@@ -64,17 +64,27 @@ _LOG = logging.getLogger("rpcframe.security")
 SUPPORTED_ALGORITHMS = ("HS256", "RS256", "ES256")
 
 
-class AuthError(Exception):
-    """A call's credentials were refused: the status and message it ends with."""
+#: Why calls are refused, as metrics count them: no credentials, credentials
+#: of the wrong shape, credentials that do not verify, an expired token, and
+#: a verified caller the policy does not admit.
+DENIAL_REASONS = ("missing", "malformed", "invalid", "expired", "denied")
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+class AuthError(Exception):
+    """A call's credentials were refused: the status and message it ends with.
+
+    ``reason`` is one of :data:`DENIAL_REASONS` (a bounded metrics label).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "invalid") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
 
 
-def _unauthenticated(message: str) -> AuthError:
-    return AuthError(grpc.StatusCode.UNAUTHENTICATED, message)
+def _unauthenticated(message: str, reason: str = "invalid") -> AuthError:
+    return AuthError(grpc.StatusCode.UNAUTHENTICATED, message, reason)
 
 
 # -- API keys ---------------------------------------------------------------
@@ -450,10 +460,10 @@ class JWTVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise _unauthenticated("malformed JWT") from None
+            raise _unauthenticated("malformed JWT", "malformed") from None
         algorithm = header.get("alg")
         if not isinstance(algorithm, str):
-            raise _unauthenticated("malformed JWT: no algorithm")
+            raise _unauthenticated("malformed JWT: no algorithm", "malformed")
         if algorithm.lower() == "none":
             raise _unauthenticated("JWT algorithm 'none' is not accepted")
         if algorithm not in self._accepted:
@@ -480,6 +490,8 @@ class JWTVerifier:
             except jwt.InvalidSignatureError as exc:
                 error = exc  # maybe another key of the same algorithm
                 continue
+            except jwt.ExpiredSignatureError as exc:
+                raise _unauthenticated(_reason(exc), "expired") from None
             except jwt.PyJWTError as exc:
                 raise _unauthenticated(_reason(exc)) from None
             return self._identity(claims), float(claims["exp"]) + cfg.leeway

@@ -14,6 +14,7 @@ Without ``ServerConfig.auth`` no guard exists and the wrapper pays nothing.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,8 +33,8 @@ _LOG = logging.getLogger("rpcframe.security")
 Guard = Callable[[Any], tuple[grpc.StatusCode, str] | None]
 
 
-def _unauthenticated(message: str) -> AuthError:
-    return AuthError(grpc.StatusCode.UNAUTHENTICATED, message)
+def _unauthenticated(message: str, reason: str = "malformed") -> AuthError:
+    return AuthError(grpc.StatusCode.UNAUTHENTICATED, message, reason)
 
 
 class Authenticator:
@@ -46,6 +47,17 @@ class Authenticator:
         # Only an mTLS listener has verified client certificates to read.
         self.mtls = auth.mtls and tls is not None and tls.mutual
         self._missing = self._missing_message()
+        self._denials: dict[str, int] = {}
+        self._denials_lock = threading.Lock()
+
+    def denials(self) -> dict[str, int]:
+        """Calls refused so far, by reason (:data:`~rpcframe.security.auth.DENIAL_REASONS`)."""
+        with self._denials_lock:
+            return dict(self._denials)
+
+    def _denied(self, reason: str) -> None:
+        with self._denials_lock:
+            self._denials[reason] = self._denials.get(reason, 0) + 1
 
     def _missing_message(self) -> str:
         ways = []
@@ -87,7 +99,7 @@ class Authenticator:
             return cert
         if self.auth.allow_anonymous:
             return ANONYMOUS
-        raise _unauthenticated(self._missing)
+        raise _unauthenticated(self._missing, "missing")
 
     def _from_authorization(self, value: str) -> Identity:
         scheme, _, credential = value.strip().partition(" ")
@@ -106,17 +118,19 @@ class Authenticator:
         """The per-call check for ``method`` (its policy rules resolved now)."""
         policy = self.auth.policy
         rules = policy.rules_for(method) if policy is not None else None
-        authenticate = self.authenticate
+        authenticate, denied = self.authenticate, self._denied
 
         def guard(context: Any) -> tuple[grpc.StatusCode, str] | None:
             try:
                 identity = authenticate(context.invocation_metadata() or (), context)
             except AuthError as exc:
+                denied(exc.reason)
                 AUDIT.info("unauthenticated method=%s peer=%s reason=%s", method, context.peer(), exc.message)
                 return exc.code, exc.message
             if rules is not None and not any(rule.admits(identity) for rule in rules):
                 who = f"{identity.method}:{identity.principal}" if identity.authenticated else "anonymous caller"
                 why = "no rule covers the method" if not rules else "no rule admits the caller"
+                denied("denied")
                 audit_denied(method, identity, context.peer(), why)
                 return grpc.StatusCode.PERMISSION_DENIED, f"{who} may not call {method}"
             set_peer(context, identity)
@@ -125,8 +139,6 @@ class Authenticator:
         return guard
 
 
-def guard_factory(auth: AuthConfig | None, tls: TLSConfig | None) -> Callable[[str], Guard | None]:
-    """``method -> guard`` for a server; the guard is ``None`` when auth is off."""
-    if auth is None:
-        return lambda method: None
-    return Authenticator(auth, tls).guard
+def authenticator(auth: AuthConfig | None, tls: TLSConfig | None) -> Authenticator | None:
+    """A server's authenticator (``guard(method)`` per method, ``denials()``); None when auth is off."""
+    return None if auth is None else Authenticator(auth, tls)

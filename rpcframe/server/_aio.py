@@ -146,11 +146,6 @@ class Server(ServerBase):
         if self.health is not None:
             await self.health.set(service, _SERVING if serving else _NOT_SERVING)
 
-    @property
-    def inflight(self) -> int:
-        """Calls of added services being handled now."""
-        return self._inflight
-
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop (see :meth:`rpcframe.Server.stop`). Safe to call twice."""
         if self._stopping is None:
@@ -252,18 +247,18 @@ class Server(ServerBase):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:
                 request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
-            info = None if observer is None else await _received(observer, method, context)
+            info = None if observer is None else await _received(observer, method, context, request)
             self._inflight += 1
             # Each call runs in its own task, so the scope is this call's alone.
             scope = IncomingScope(context, cap)
             scope_var.set(scope)
             try:
                 result = behaviour(request, context)
-                if not is_async:
-                    return result
-                if cap is None:
-                    return await result
-                return await _capped(result, scope, cap)
+                if is_async:
+                    result = await result if cap is None else await _capped(result, scope, cap)
+                if info is not None:
+                    info.response = result
+                return result
             except asyncio.CancelledError:
                 scope.cancel_all()  # the caller cancelled or its deadline passed
                 raise
@@ -293,7 +288,7 @@ class Server(ServerBase):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:
                 request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
-            info = None if observer is None else await _received(observer, method, context)
+            info = None if observer is None else await _received(observer, method, context, request)
             self._inflight += 1
             scope = IncomingScope(context, cap)
             token = scope_var.set(scope)
@@ -323,9 +318,11 @@ class Server(ServerBase):
         return stream
 
 
-async def _received(observer: CallObserver, method: str, context: grpc.aio.ServicerContext) -> ServerCallInfo:
+async def _received(
+    observer: CallObserver, method: str, context: grpc.aio.ServicerContext, request: Any
+) -> ServerCallInfo:
     try:
-        return observe_received(observer, method, context)
+        return observe_received(observer, method, context, request)
     except RpcError as refused:  # the observer refused the call (admission control)
         await context.abort(refused.code(), refused.details())
         raise AssertionError("unreachable: abort() raises") from None  # pragma: no cover

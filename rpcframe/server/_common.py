@@ -25,7 +25,7 @@ from .._core.retry import NOT_RUN_KEY
 from ..config import ServerConfig
 from ..errors import ConfigError, RpcError
 from ..observe import CallObserver, ServerCallInfo, combine
-from ..security.guard import guard_factory
+from ..security.guard import Guard, authenticator
 from ..security.tls import server_credentials
 
 _LOG = logging.getLogger("rpcframe.server")
@@ -64,7 +64,8 @@ class _Recorder:
         for gh in self._generic:
             name, methods = getattr(gh, "_name", None), getattr(gh, "_method_handlers", None)
             if isinstance(name, str) and isinstance(methods, dict):
-                found.append(Service(name, dict(methods)))
+                # grpcio keys that table by full path ("/pkg.Service/Method"): keep the method's name.
+                found.append(Service(name, {path.rpartition("/")[2]: h for path, h in methods.items()}))
         return found
 
 
@@ -370,16 +371,31 @@ class ServerBase:
     """
 
     _grpc_server: Any
+    _inflight = 0  # calls of added services being handled (the fronts count them)
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._services: list[Service] = []
         self._ports: list[int] = []
         self._started = False
-        # method -> auth guard, or None without ServerConfig.auth (then the wrapper checks nothing).
-        self._guard_for = guard_factory(config.auth, config.tls)
+        self._auth = authenticator(config.auth, config.tls)
         self._observer = combine(config.observers)  # None: the wrapper observes nothing
         self._credentials: Any = None
+        if self._observer is not None:
+            self._observer.server_opened(self)
+
+    @property
+    def inflight(self) -> int:
+        """Calls of added services being handled now."""
+        return self._inflight
+
+    def _guard_for(self, method: str) -> Guard | None:
+        """The auth check of ``method``; None without ``ServerConfig.auth`` (then the wrapper checks nothing)."""
+        return None if self._auth is None else self._auth.guard(method)
+
+    def auth_denials(self) -> dict[str, int]:
+        """Calls refused by authentication or policy so far, by reason."""
+        return {} if self._auth is None else self._auth.denials()
 
     @property
     def service_names(self) -> tuple[str, ...]:
@@ -474,9 +490,12 @@ class Drain:
         return min(left, self.CLOSE) if self._idle else left
 
 
-def observe_received(observer: CallObserver, method: str, context: Any) -> ServerCallInfo:
-    """Tell the observer of an incoming call (it may raise an RpcError to refuse it)."""
-    info = ServerCallInfo(method, context, time.perf_counter())
+def observe_received(observer: CallObserver, method: str, context: Any, request: Any = None) -> ServerCallInfo:
+    """Tell the observer of an incoming call (it may raise an RpcError to refuse it).
+
+    ``request`` is the request message (an iterator for request streams).
+    """
+    info = ServerCallInfo(method, context, time.perf_counter(), request)
     observer.call_received(info)
     return info
 

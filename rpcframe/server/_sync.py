@@ -162,9 +162,9 @@ def _refusal(context: grpc.ServicerContext, drain: Drain | None) -> tuple[grpc.S
     return code, details
 
 
-def _received(observer: CallObserver, method: str, context: grpc.ServicerContext) -> ServerCallInfo:
+def _received(observer: CallObserver, method: str, context: grpc.ServicerContext, request: Any) -> ServerCallInfo:
     try:
-        return observe_received(observer, method, context)
+        return observe_received(observer, method, context, request)
     except RpcError as refused:  # the observer refused the call (admission control)
         context.abort(refused.code(), refused.details())
         raise AssertionError("unreachable: abort() raises") from None  # pragma: no cover
@@ -283,11 +283,6 @@ class Server(ServerBase):
         if self.health is not None:
             self.health.set(service, _SERVING if serving else _NOT_SERVING)
 
-    @property
-    def inflight(self) -> int:
-        """Calls of added services being handled now."""
-        return self._inflight
-
     def stop(self, grace: float | None = None) -> None:
         """Drain and stop; blocks until done. Safe to call more than once.
 
@@ -405,7 +400,7 @@ class Server(ServerBase):
                     request = _one_request(request, context)
                 if type(request) is BadRequest:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-                info = None if observer is None else _received(observer, method, context)
+                info = None if observer is None else _received(observer, method, context, request)
                 enter()
                 scope = _Scope(context, cap)
                 token = set_scope(scope)
@@ -441,12 +436,15 @@ class Server(ServerBase):
                 request = _one_request(request, context)
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-            info = None if observer is None else _received(observer, method, context)
+            info = None if observer is None else _received(observer, method, context, request)
             enter()
             scope = _Scope(context, cap)
             token = set_scope(scope)
             try:
-                return behaviour(request, context)
+                response = behaviour(request, context)
+                if info is not None:
+                    info.response = response
+                return response
             except Exception as exc:
                 fail(exc, context, method)
             finally:

@@ -229,6 +229,7 @@ async def test_aio_three_hops_exported_over_otlp(receiver: OtlpReceiver, hops: H
 
 
 # -- serving generated code that predates registered method handlers ------------------
+# (opentelemetry-proto's registers only a generic handler keyed by full paths)
 
 
 class _Accepting(trace_service_pb2_grpc.TraceServiceServicer):
@@ -238,12 +239,6 @@ class _Accepting(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=rpcframe.Unimplemented,
-    reason="rpcframe bug: for generated code that registers only a generic handler (grpcio-tools < 1.63, e.g. "
-    "opentelemetry-proto's), server/_common.py _Recorder.result() takes grpc's handler table keys, which are "
-    "full paths, as method names, so Server.add serves /svc//svc/Method and every method is UNIMPLEMENTED",
-)  # fmt: skip
 def test_generated_add_function_without_registered_handlers_is_served() -> None:
     server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1))
     server.add(_Accepting(), trace_service_pb2_grpc.add_TraceServiceServicer_to_server)

@@ -231,7 +231,7 @@ def test_a_steady_client_pays_the_signature_check_once(pki: Pki, signers: Signer
         with _connect(target, token=signers.token()) as channel:
             for _ in range(20):
                 assert _echo(channel) == "jwt:alice"
-        assert server._guard_for.__self__.jwt.verifications == 1  # type: ignore[attr-defined]
+        assert server._auth.jwt.verifications == 1  # type: ignore[attr-defined]
     finally:
         server.stop(0)
 
