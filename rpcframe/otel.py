@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -39,6 +40,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from .errors import ConfigError
 from .observe import (
     ENDPOINT_STATES,
     AttemptInfo,
@@ -51,7 +53,7 @@ from .observe import (
     StateReader,
 )  # fmt: skip
 
-__all__ = ["MetricsObserver", "TracingObserver", "telemetry"]
+__all__ = ["MetricsObserver", "Telemetry", "TracingObserver", "from_environment", "telemetry"]
 
 _SCOPE = "rpcframe"
 _OK = grpc.StatusCode.OK
@@ -529,3 +531,108 @@ def telemetry(
 ) -> tuple[CallObserver, ...]:
     """Tracing and metrics observers, for ``ChannelConfig(observers=...)`` and ``ServerConfig(observers=...)``."""
     return TracingObserver(tracer_provider), MetricsObserver(meter_provider)
+
+
+# -- configured by the environment ---------------------------------------------------
+
+#: Exporters :func:`from_environment` knows, per signal (OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER).
+_EXPORTERS = ("otlp", "console", "none")
+
+
+class Telemetry:
+    """SDK providers :func:`from_environment` set up: the observers to use, and a :meth:`shutdown` that flushes."""
+
+    def __init__(self, tracer_provider: Any | None, meter_provider: Any | None) -> None:
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        observers: list[CallObserver] = []
+        if tracer_provider is not None:
+            observers.append(TracingObserver(tracer_provider))
+        if meter_provider is not None:
+            observers.append(MetricsObserver(meter_provider))
+        self.observers: tuple[CallObserver, ...] = tuple(observers)
+
+    def shutdown(self) -> None:
+        """Export what is still buffered and stop the exporters (call once, at exit)."""
+        for provider in (self.tracer_provider, self.meter_provider):
+            if provider is not None:
+                provider.shutdown()
+
+
+def _wanted(environ: Mapping[str, str], signal: str) -> str:
+    """The exporter the environment asks for ``signal`` ("traces" or "metrics"): otlp, console or none.
+
+    As the OpenTelemetry SDKs do, an explicit ``OTEL_<SIGNAL>_EXPORTER``
+    decides; without it an OTLP endpoint (general or per signal) turns
+    OTLP export on, and nothing set means none.
+    """
+    upper = signal.upper()
+    name = environ.get(f"OTEL_{upper}_EXPORTER", "").strip().lower()
+    if name:
+        if name not in _EXPORTERS:
+            raise ConfigError(f"OTEL_{upper}_EXPORTER={name!r}: rpcframe supports {', '.join(_EXPORTERS)}")
+        return name
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT")
+    return "otlp" if endpoint else "none"
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> Telemetry | None:
+    """Providers and exporters as the standard ``OTEL_*`` variables say; None when they ask for none.
+
+    Reads ``OTEL_SDK_DISABLED``, ``OTEL_TRACES_EXPORTER``, ``OTEL_METRICS_EXPORTER``
+    and ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the per-signal endpoints) here;
+    the SDK itself reads the rest (``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, headers, timeouts,
+    ``OTEL_METRIC_EXPORT_INTERVAL``, ``OTEL_BSP_*``). OTLP goes over gRPC
+    (``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``, the only protocol installed by the
+    ``otel`` extra). The providers become the global ones, so a handler's own
+    spans join the call's trace. ``rpcframe serve`` calls this at start.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    traces, metrics_exporter = _wanted(env, "traces"), _wanted(env, "metrics")
+    if traces == "none" and metrics_exporter == "none":
+        return None
+    protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip().lower()
+    if "otlp" in (traces, metrics_exporter) and protocol != "grpc":
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: rpcframe exports OTLP over grpc only")
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create({} if env.get("OTEL_SERVICE_NAME") else {"service.name": "rpcframe"})
+    return Telemetry(_tracer_provider(traces, resource), _meter_provider(metrics_exporter, resource))
+
+
+def _tracer_provider(exporter: str, resource: Any) -> Any | None:
+    if exporter == "none":
+        return None
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    if exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        span_exporter: Any = OTLPSpanExporter()  # endpoint, headers, TLS, timeout: OTEL_EXPORTER_OTLP_*
+    else:
+        span_exporter = ConsoleSpanExporter()
+    provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER
+    provider.add_span_processor(BatchSpanProcessor(span_exporter))  # OTEL_BSP_*
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _meter_provider(exporter: str, resource: Any) -> Any | None:
+    if exporter == "none":
+        return None
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+    if exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        metric_exporter: Any = OTLPMetricExporter()
+    else:
+        metric_exporter = ConsoleMetricExporter()
+    provider = MeterProvider([PeriodicExportingMetricReader(metric_exporter)], resource=resource)  # interval: env
+    metrics.set_meter_provider(provider)
+    return provider

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -15,12 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 READY = r"serving on (\S+:\d+)\n"
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``rpcframe ARGS`` to completion (stdin empty unless given)."""
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``rpcframe ARGS`` to completion (stdin empty unless given; ``env`` added to this process's)."""
     return subprocess.run(
         [sys.executable, "-m", "rpcframe", *args], cwd=REPO, input=stdin,
         stdin=subprocess.DEVNULL if stdin is None else None, capture_output=True, text=True, timeout=timeout,
-        check=False,
+        check=False, env=None if env is None else {**os.environ, **env},
     )  # fmt: skip
 
 
@@ -40,10 +43,11 @@ class ServeProcess:
     ``ready`` matches the first stdout line and captures the target.
     """
 
-    def __init__(self, *args: str, ready: str = READY, within: float = 30) -> None:
+    def __init__(self, *args: str, ready: str = READY, within: float = 30, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rpcframe", "serve", *args],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=None if env is None else {**os.environ, **env},
         )  # fmt: skip
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]

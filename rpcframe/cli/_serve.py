@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -97,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
         split_host_port(address)
     tls, auth = server_tls(args), server_auth(args)
     try:
+        telemetry = _telemetry()
         observers, metrics_line = _observers(args)
+        observers = (*observers, *(telemetry.observers if telemetry is not None else ()))
         config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection, grace_period=args.grace,
                               drain_delay=args.drain_delay, tls=tls, auth=auth, observers=observers)  # fmt: skip
     except ConfigError as exc:
@@ -112,7 +115,28 @@ def run(args: argparse.Namespace) -> int:
             server.run(on_ready=lambda: _ready_line(server, binds, metrics_line))
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()  # export the spans and metrics of the last calls
     return 0
+
+
+def _telemetry() -> Any:
+    """OpenTelemetry as the ``OTEL_*`` environment asks (None when it asks for nothing)."""
+    if not any(key.startswith("OTEL_") for key in os.environ):
+        return None  # the common case: not even importing OpenTelemetry
+    try:
+        from ..otel import from_environment
+    except ImportError:
+        raise CliError("OTEL_* variables are set but OpenTelemetry is not installed: "
+                       "pip install 'rpcframe[otel]' (or unset them)", 2) from None  # fmt: skip
+    telemetry = from_environment()
+    if telemetry is not None:
+        logging.getLogger("rpcframe.serve").info(
+            "OpenTelemetry on: traces %s, metrics %s", "on" if telemetry.tracer_provider else "off",
+            "on" if telemetry.meter_provider else "off",
+        )  # fmt: skip
+    return telemetry
 
 
 def _setup(server: _sync.Server | _aio.Server, servicers: list[Any], binds: list[str]) -> None:

@@ -31,6 +31,7 @@ from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.observe import CallObserver
 from rpcframe.otel import TracingObserver
+from tests.cli import ServeProcess, assert_cli_error, run_cli
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.servicers import AioScriptedEcho, ScriptedEcho
 
@@ -251,3 +252,31 @@ def test_generated_add_function_without_registered_handlers_is_served() -> None:
     finally:
         server.stop(0)
     assert not answer.HasField("partial_success")
+
+
+# -- rpcframe serve, configured by OTEL_* alone -----------------------------------
+
+
+def test_rpcframe_serve_exports_its_spans_as_the_otel_environment_says(receiver: OtlpReceiver) -> None:
+    hops = Hops(receiver.endpoint)
+    env = {**receiver.environ, "OTEL_SERVICE_NAME": "served", "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    serve = ServeProcess("tests.servicers:tagged", "--bind", "127.0.0.1:0", env=env)
+    try:
+        with rpcframe.connect(serve.target, hops.channel_config("client")) as channel:
+            channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="hi"))
+        hops.flush()
+        spans = receiver.wait_for(lambda got: any(s.service == "served" for s in got), timeout=10)
+    finally:
+        serve.terminate()
+    served = [s for s in spans if s.service == "served"]
+    attempt = next(s for s in spans if s.service == "client" and s.parent_span_id is not None)
+    assert len(served) == 1
+    assert served[0].kind is SpanKind.SERVER
+    assert served[0].parent_span_id == attempt.span_id  # the caller's trace context crossed the process
+    assert served[0].trace_id == attempt.trace_id
+    assert served[0].attributes["rpc.method"] == "Echo"
+
+
+def test_rpcframe_serve_refuses_an_exporter_it_does_not_have() -> None:
+    result = run_cli("serve", "tests.servicers:tagged", "--bind", "127.0.0.1:0", env={"OTEL_TRACES_EXPORTER": "zipkin"})
+    assert_cli_error(result, 2, "OTEL_TRACES_EXPORTER='zipkin'")
