@@ -216,6 +216,11 @@ class TracingObserver(CallObserver):
         span = call.slots.get(self)
         if span is None:
             return
+        if not span.is_recording():
+            # Not sampled: its attempts would not be either; pass the call's
+            # context on (with its "not sampled" flag) and skip their spans.
+            _inject(attempt, span)
+            return
         name, attributes = self._name(call.method)
         host, port = _split_address(attempt.endpoint)
         attributes = {
@@ -227,11 +232,7 @@ class TracingObserver(CallObserver):
         attempt_span = self._tracer.start_span(name, trace.set_span_in_context(span), SpanKind.CLIENT, attributes)
         attempt.slots[self] = attempt_span
         call.slots[self._open].append(attempt_span)
-        # The attempt's trace context goes with it: the server span becomes its child.
-        headers: dict[str, str] = {}
-        propagate.inject(headers, trace.set_span_in_context(attempt_span))
-        for key, value in headers.items():
-            attempt.add_metadata(key, value)
+        _inject(attempt, attempt_span)  # the server span becomes the attempt's child
 
     def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
         """End the attempt's span with its status."""
@@ -243,7 +244,7 @@ class TracingObserver(CallObserver):
     def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
         """End the call's span with its status and attempt count (and any attempt span left open)."""
         span = call.slots.pop(self, None)
-        if span is None:
+        if span is None or not span.is_recording():
             return
         status = _cancelled_or(status, None)  # a stream its caller cancelled or dropped
         for left in call.slots.pop(self._open):
@@ -272,9 +273,18 @@ class TracingObserver(CallObserver):
         if entry is None:
             return
         span, token = entry
-        status = _cancelled_or(status, call.context)
-        _end(span, status, status in _SERVER_ERRORS)
+        if span.is_recording():
+            status = _cancelled_or(status, call.context)
+            _end(span, status, status in _SERVER_ERRORS)
         _detach(token)
+
+
+def _inject(attempt: AttemptInfo, span: Span) -> None:
+    """Send ``span``'s trace context with the attempt (through the global propagator)."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers, trace.set_span_in_context(span))
+    for key, value in headers.items():
+        attempt.add_metadata(key, value)
 
 
 def _cancelled_or(status: grpc.StatusCode, context: Any) -> grpc.StatusCode:

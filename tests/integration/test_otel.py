@@ -376,3 +376,31 @@ def test_importing_rpcframe_does_not_import_opentelemetry() -> None:
     code = "import sys, rpcframe, rpcframe.aio; print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_unsampled_call_records_no_span_but_still_passes_its_context_on() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    client, server_side = Telemetry(), Telemetry()
+    client.tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    client.tracer_provider.add_span_processor(SimpleSpanProcessor(client.spans))
+    client.observers = telemetry(client.tracer_provider, client.meter_provider)
+    seen: list[str] = []
+
+    class Headers(CallObserver):
+        def call_received(self, call: ServerCallInfo) -> None:
+            seen.extend(v for k, v in call.context.invocation_metadata() if k == "traceparent")
+
+    server, address = _server(ScriptedEcho("u"), (*server_side.observers, Headers()))
+    try:
+        with rpcframe.connect(address, rpcframe.ChannelConfig(observers=client.observers)) as channel:
+            assert channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="whoami")).message == "u"
+    finally:
+        server.stop(0)
+        for made in (client, server_side):
+            made.tracer_provider.shutdown()
+            made.meter_provider.shutdown()
+    assert client.finished() == []
+    assert server_side.finished() == []  # the server follows the caller's decision
+    (traceparent,) = seen
+    assert int(traceparent.rsplit("-", 1)[1], 16) & 1 == 0  # W3C flags: not sampled
