@@ -1,0 +1,296 @@
+"""Overload protection, decided without I/O: who gets in when a server is full.
+
+A server that queues everything under overload makes every call late: its
+CPU goes to work whose caller has given up, and goodput collapses. The
+:class:`Admission` here refuses calls at once instead, before their
+handler runs (so a client may send them elsewhere), from three signals:
+
+- **An adaptive concurrency limit** (:class:`GradientLimiter`), Envoy's
+  gradient form: every ``update_interval`` the limit becomes
+  ``limit * (min_rtt * (1 + buffer)) / sample_rtt + sqrt(limit)``, where
+  ``sample_rtt`` is the interval's median handler latency and ``min_rtt``
+  the latency of calls that ran alone (measured with the limit pinned to
+  ``min_limit`` when a busy server has had none for ``min_rtt_interval``). When calls slow down because
+  too many run at once (a CPU-bound Python server shares one GIL), the
+  limit falls until they do not; ``sqrt(limit)`` keeps room to grow.
+- **Queueing delay** (``queue_delay``), which the front measures (the event
+  loop's lag on asyncio, where a CPU-bound handler never yields and so the
+  concurrency never rises above one): over ``queue_target`` the server is
+  behind, and calls are refused until it catches up.
+- **Deadlines**: a call with less time left than its method's recent median
+  latency (:class:`LatencyMedian`) cannot finish in time and is refused.
+
+**Criticality** decides who is refused first: each class is admitted up to
+its share of the limit and of the queue target (SHEDDABLE half of it,
+CRITICAL all of it, CRITICAL_PLUS twice), so under overload the least
+critical work goes first. A call carries its class in the
+``rpcframe-criticality`` header (:data:`CRITICALITY_KEY`), inherited by the
+calls its handler makes, like its deadline; without one it is CRITICAL
+(as at Google). Health and reflection calls are never refused.
+
+:class:`TokenBucket` holds the rate limits. Everything is pure: time comes
+in as ``now`` (monotonic seconds), so the tests drive a fake clock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .errors import ConfigError
+
+__all__ = [
+    "CRITICALITIES", "CRITICALITY_KEY", "Admission", "GradientLimiter", "LatencyMedian", "OverloadConfig",
+    "Rejection", "TokenBucket", "criticality_share",
+]  # fmt: skip
+
+#: Metadata key carrying a call's criticality across hops.
+CRITICALITY_KEY = "rpcframe-criticality"
+
+#: Criticality classes, most critical first, and the share of the limit each may fill.
+_SHARES = {"CRITICAL_PLUS": 2.0, "CRITICAL": 1.0, "SHEDDABLE_PLUS": 0.5, "SHEDDABLE": 0.25}
+CRITICALITIES = tuple(_SHARES)
+
+
+def criticality_share(value: str | None) -> float:
+    """The share of the limit a call of criticality ``value`` may fill (unknown or None: CRITICAL's)."""
+    if value is None:
+        return 1.0
+    return _SHARES.get(value.upper(), 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class OverloadConfig:
+    """Server admission control (``ServerConfig.overload``; None turns it off).
+
+    Attributes:
+        initial_limit: calls admitted at once before the first measurement.
+        min_limit: the limit never goes below this; it is also the limit
+            while the no-load latency is measured (see :class:`GradientLimiter`).
+        max_limit: the limit never goes above this.
+        buffer: latency above the no-load latency that counts as no queueing
+            (0.25: 25 %).
+        update_interval: seconds between limit updates.
+        min_rtt_interval: seconds between no-load latency measurements.
+        min_rtt_samples: calls measured at ``min_limit`` each time.
+        queue_target: seconds of queueing delay (asyncio: event-loop lag)
+            above which CRITICAL calls are refused (SHEDDABLE at half of it,
+            CRITICAL_PLUS at twice).
+        deadline_shedding: refuse calls whose deadline is nearer than their
+            method's recent median latency.
+        per_method: one limiter per method instead of one per server (for
+            servers whose methods differ by orders of magnitude in latency).
+    """
+
+    initial_limit: int = 16
+    min_limit: int = 1
+    max_limit: int = 1000
+    buffer: float = 0.25
+    update_interval: float = 0.1
+    min_rtt_interval: float = 10.0
+    min_rtt_samples: int = 20
+    queue_target: float = 0.005
+    deadline_shedding: bool = True
+    per_method: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ConfigError("overload: need 1 <= min_limit <= initial_limit <= max_limit")
+        if self.buffer < 0 or self.update_interval <= 0 or self.min_rtt_interval <= 0 or self.queue_target <= 0:
+            raise ConfigError("overload: buffer must be >= 0 and the intervals and queue_target > 0")
+        if self.min_rtt_samples < 1:
+            raise ConfigError("overload: min_rtt_samples must be >= 1")
+
+
+class Rejection(NamedTuple):
+    """Why a call was refused, and after how many seconds the client may try this server again."""
+
+    reason: str  #: "concurrency", "queue", "priority", "deadline" or "rate_limit"
+    retry_after: float
+
+
+class LatencyMedian:
+    """A method's recent median latency: the median of its last 64 calls, recomputed every 64."""
+
+    __slots__ = ("_next", "_ring", "median")
+
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self._ring = [0.0] * self.SIZE
+        self._next = 0
+        self.median = 0.0  #: 0 until 64 calls were seen
+
+    def add(self, latency: float) -> None:
+        """Record one call's latency (seconds)."""
+        ring, index = self._ring, self._next
+        ring[index] = latency
+        index += 1
+        if index == self.SIZE:
+            index = 0
+            self.median = sorted(ring)[self.SIZE // 2]
+        self._next = index
+
+
+class GradientLimiter:
+    """An adaptive concurrency limit (see the module docstring); thread-safe.
+
+    ``sample(rtt, alone, now)`` feeds one admitted call's handler latency
+    and whether it ran alone; :attr:`limit` is read on every admission.
+
+    The no-load latency is the median of recent calls that ran alone. A
+    server that stays busy has no such calls: after ``min_rtt_interval``
+    seconds without one (or an interval, before the first), the limit is pinned to
+    ``min_limit`` until ``min_rtt_samples`` calls have run alone, then
+    restored (Envoy's periodic min-RTT measurement, only when needed).
+    """
+
+    _ALONE = 16  # no-load samples kept
+
+    def __init__(self, config: OverloadConfig, now: float) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self.limit = float(config.initial_limit)
+        self.min_rtt = 0.0  #: no-load latency; 0 until first measured
+        self._alone: list[float] = []
+        self._last_alone = now
+        self._pinned_from: float | None = None  # the limit to restore after a pinned measurement
+        self._pinned_samples = 0
+        self._window: list[float] = []
+        self._window_end = now + config.update_interval
+        self.peak = 0  #: most calls running at once this interval (the admission sets it)
+
+    def sample(self, rtt: float, alone: bool, now: float) -> None:
+        """Record an admitted call's latency (``alone``: no other call ran with it); update the limit."""
+        with self._lock:
+            if alone:
+                self._add_alone(rtt, now)
+            if self._pinned_from is not None:
+                return
+            self._window.append(rtt)
+            if now < self._window_end:
+                return
+            window, self._window = self._window, []
+            self._window_end = now + self._config.update_interval
+            peak, self.peak = self.peak, 0
+            if now - self._last_alone > self._config.min_rtt_interval or self.min_rtt == 0:
+                self._pin()  # busy for long (or from the start): measure the no-load latency
+            elif self.min_rtt > 0:
+                self._update(sorted(window)[len(window) // 2], peak)
+
+    def _add_alone(self, rtt: float, now: float) -> None:
+        alone = self._alone
+        alone.append(rtt)
+        if len(alone) > self._ALONE:
+            del alone[0]
+        self.min_rtt = sorted(alone)[len(alone) // 2]
+        self._last_alone = now
+        if self._pinned_from is not None:
+            self._pinned_samples += 1
+            if self._pinned_samples >= self._config.min_rtt_samples:
+                self.limit, self._pinned_from = self._pinned_from, None
+                self._window, self._window_end = [], now + self._config.update_interval
+
+    def _pin(self) -> None:
+        self._pinned_from, self._pinned_samples = self.limit, 0
+        self.limit = float(self._config.min_limit)
+
+    def _update(self, sample_rtt: float, peak: int) -> None:
+        cfg = self._config
+        gradient = min(2.0, max(0.5, self.min_rtt * (1 + cfg.buffer) / sample_rtt)) if sample_rtt > 0 else 1.0
+        limit = self.limit * gradient + math.sqrt(self.limit)
+        if limit > self.limit and peak < self.limit / 2:
+            return  # not using the limit it has: no evidence it could take more
+        self.limit = min(float(cfg.max_limit), max(float(cfg.min_limit), limit))
+
+
+class Admission:
+    """The admission decision for one server (or method), from the limiter and the front's signals.
+
+    ``admit`` is called before a handler with the call's criticality share,
+    the calls running now, the front's queueing delay and the seconds left
+    before the call's deadline; it returns None (admitted) or a
+    :class:`Rejection`. The front counts running calls itself and reports
+    each admitted call's latency to :meth:`done`.
+    """
+
+    YIELD = 0.5  # seconds less critical classes yield after a more critical call was refused
+
+    def __init__(self, config: OverloadConfig, now: float) -> None:
+        self.config = config
+        self.limiter = GradientLimiter(config, now)
+        self.latency = LatencyMedian()
+        self._yield_below = 0.0  # classes with a smaller share are refused until _yield_until
+        self._yield_until = 0.0
+
+    def admit(
+        self, share: float, running: int, queue_delay: float, remaining: float | None, now: float
+    ) -> Rejection | None:
+        """None to run the call, or why not (see the class docstring)."""
+        if share < self._yield_below:
+            if now < self._yield_until:
+                return Rejection("priority", self._retry_after())
+            self._yield_below = 0.0
+        limiter = self.limiter
+        if running >= limiter.limit * share and running >= 1:
+            return self._refused(Rejection("concurrency", self._retry_after()), share, now)
+        if running >= limiter.peak:
+            limiter.peak = running + 1  # racy by design: a hint for the limiter, not a count
+        if queue_delay > self.config.queue_target * share:
+            return self._refused(Rejection("queue", max(queue_delay, self._retry_after())), share, now)
+        if remaining is not None and self.config.deadline_shedding and remaining < self.latency.median:
+            return Rejection("deadline", 0.0)
+        return None
+
+    def _refused(self, rejection: Rejection, share: float, now: float) -> Rejection:
+        """Refusing a call makes every less critical class yield for a while.
+
+        The limit alone leaves each class a fixed part of it, so sheddable
+        work would keep taking capacity critical calls are being refused
+        for; instead, once a class is refused, the classes below it are
+        refused outright until none of it has been for ``YIELD`` seconds.
+        """
+        if share >= self._yield_below:
+            self._yield_below = share
+            self._yield_until = now + self.YIELD
+        return rejection
+
+    def done(self, latency: float, running_before: int, running_after: int, now: float) -> None:
+        """An admitted call's handler ended after ``latency`` seconds.
+
+        ``running_before``: calls running when it was admitted (itself not
+        counted); ``running_after``: calls running as it ended (itself counted).
+        """
+        self.latency.add(latency)
+        self.limiter.sample(latency, running_before == 0 and running_after <= 1, now)
+
+    def _retry_after(self) -> float:
+        """A hint for clients: about one median call, at least a millisecond."""
+        return max(0.001, self.latency.median)
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved; thread-safe."""
+
+    __slots__ = ("_lock", "_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ConfigError("rate limit: rate must be > 0 and burst >= 1")
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._stamp = now
+        self._lock = threading.Lock()
+
+    def take(self, now: float) -> float:
+        """Take a token: 0.0 when there was one, else the seconds until there is."""
+        with self._lock:
+            tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if tokens >= 1:
+                self._tokens = tokens - 1
+                return 0.0
+            self._tokens = tokens
+            return (1 - tokens) / self.rate
