@@ -7,12 +7,15 @@ handler runs (so a client may send them elsewhere), from three signals:
 
 - **An adaptive concurrency limit** (:class:`GradientLimiter`), Envoy's
   gradient form: every ``update_interval`` the limit becomes
-  ``limit * (min_rtt * (1 + buffer)) / sample_rtt + sqrt(limit)``, where
-  ``sample_rtt`` is the interval's median handler latency and ``min_rtt``
-  the latency of calls that ran alone (measured with the limit pinned to
-  ``min_limit`` when a busy server has had none for ``min_rtt_interval``). When calls slow down because
-  too many run at once (a CPU-bound Python server shares one GIL), the
-  limit falls until they do not; ``sqrt(limit)`` keeps room to grow.
+  ``limit * target / sample_rtt + sqrt(limit)``: ``sample_rtt`` is the
+  interval's median handler latency, ``target`` the no-load latency
+  ``min_rtt`` plus 25 % (``buffer``) or 5 ms (``tolerance``), whichever is
+  more, and ``min_rtt`` the median latency of recent calls that ran alone
+  (a server busy for ``min_rtt_interval`` without one pins its limit to
+  ``min_limit`` for a few calls to measure it). When calls slow down
+  because too many run at once (a CPU-bound Python server shares one GIL),
+  the limit falls until they do not; ``sqrt(limit)`` keeps room to grow.
+  It starts high and only falls on evidence of queueing.
 - **Queueing delay** (``queue_delay``), which the front measures (the event
   loop's lag on asyncio, where a CPU-bound handler never yields and so the
   concurrency never rises above one): over ``queue_target`` the server is
@@ -21,9 +24,10 @@ handler runs (so a client may send them elsewhere), from three signals:
   latency (:class:`LatencyMedian`) cannot finish in time and is refused.
 
 **Criticality** decides who is refused first: each class is admitted up to
-its share of the limit and of the queue target (SHEDDABLE half of it,
-CRITICAL all of it, CRITICAL_PLUS twice), so under overload the least
-critical work goes first. A call carries its class in the
+its share of the limit and of the queue target (SHEDDABLE a quarter,
+SHEDDABLE_PLUS half, CRITICAL all, CRITICAL_PLUS twice), and once a class
+is refused the classes below it yield for half a second, so under
+overload the least critical work goes first. A call carries its class in the
 ``rpcframe-criticality`` header (:data:`CRITICALITY_KEY`), inherited by the
 calls its handler makes, like its deadline; without one it is CRITICAL
 (as at Google). Health and reflection calls are never refused.
@@ -66,12 +70,16 @@ class OverloadConfig:
     """Server admission control (``ServerConfig.overload``; None turns it off).
 
     Attributes:
-        initial_limit: calls admitted at once before the first measurement.
+        initial_limit: calls admitted at once until latency says otherwise
+            (high: the limit only falls on evidence of queueing).
         min_limit: the limit never goes below this; it is also the limit
             while the no-load latency is measured (see :class:`GradientLimiter`).
         max_limit: the limit never goes above this.
         buffer: latency above the no-load latency that counts as no queueing
-            (0.25: 25 %).
+            (0.25: 25 %) ...
+        tolerance: ... or this many seconds, when that is more: a few
+            milliseconds of queueing are not worth refusing calls for (fast
+            handlers' latency is mostly scheduling noise).
         update_interval: seconds between limit updates.
         min_rtt_interval: seconds between no-load latency measurements.
         min_rtt_samples: calls measured at ``min_limit`` each time.
@@ -84,11 +92,12 @@ class OverloadConfig:
             servers whose methods differ by orders of magnitude in latency).
     """
 
-    initial_limit: int = 16
+    initial_limit: int = 1000
     min_limit: int = 1
     max_limit: int = 1000
     buffer: float = 0.25
-    update_interval: float = 0.1
+    tolerance: float = 0.005
+    update_interval: float = 0.05
     min_rtt_interval: float = 10.0
     min_rtt_samples: int = 20
     queue_target: float = 0.005
@@ -98,8 +107,8 @@ class OverloadConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_limit <= self.initial_limit <= self.max_limit:
             raise ConfigError("overload: need 1 <= min_limit <= initial_limit <= max_limit")
-        if self.buffer < 0 or self.update_interval <= 0 or self.min_rtt_interval <= 0 or self.queue_target <= 0:
-            raise ConfigError("overload: buffer must be >= 0 and the intervals and queue_target > 0")
+        if min(self.buffer, self.tolerance) < 0 or min(self.update_interval, self.min_rtt_interval, self.queue_target) <= 0:
+            raise ConfigError("overload: buffer and tolerance must be >= 0, the intervals and queue_target > 0")
         if self.min_rtt_samples < 1:
             raise ConfigError("overload: min_rtt_samples must be >= 1")
 
@@ -170,15 +179,31 @@ class GradientLimiter:
             if self._pinned_from is not None:
                 return
             self._window.append(rtt)
-            if now < self._window_end:
-                return
-            window, self._window = self._window, []
-            self._window_end = now + self._config.update_interval
-            peak, self.peak = self.peak, 0
-            if now - self._last_alone > self._config.min_rtt_interval or self.min_rtt == 0:
-                self._pin()  # busy for long (or from the start): measure the no-load latency
-            elif self.min_rtt > 0:
-                self._update(sorted(window)[len(window) // 2], peak)
+            if now >= self._window_end:
+                self._end_window(now, 0.0)
+
+    def tick(self, now: float, running: int) -> None:
+        """An admission at ``now``: end an interval in which no call completed although ``running`` ran.
+
+        A server flooded with calls that share its CPU completes none for a
+        while; waiting for completions to lower the limit would admit a
+        whole interval's flood more. No completion for an interval means
+        calls take longer than it: that is the sample.
+        """
+        if now < self._window_end + self._config.update_interval or running == 0:
+            return
+        with self._lock:
+            if self._pinned_from is None and now >= self._window_end + self._config.update_interval:
+                self._end_window(now, now - (self._window_end - self._config.update_interval))
+
+    def _end_window(self, now: float, stalled: float) -> None:
+        window, self._window = self._window, []
+        self._window_end = now + self._config.update_interval
+        peak, self.peak = self.peak, 0
+        if now - self._last_alone > self._config.min_rtt_interval:
+            self._pin()  # busy for long: measure the no-load latency again
+        elif self.min_rtt > 0 and (window or stalled):
+            self._update(max(stalled, sorted(window)[len(window) // 2] if window else 0.0), peak)
 
     def _add_alone(self, rtt: float, now: float) -> None:
         alone = self._alone
@@ -199,10 +224,17 @@ class GradientLimiter:
 
     def _update(self, sample_rtt: float, peak: int) -> None:
         cfg = self._config
-        gradient = min(2.0, max(0.5, self.min_rtt * (1 + cfg.buffer) / sample_rtt)) if sample_rtt > 0 else 1.0
-        limit = self.limit * gradient + math.sqrt(self.limit)
-        if limit > self.limit and peak < self.limit / 2:
-            return  # not using the limit it has: no evidence it could take more
+        target = max(self.min_rtt * (1 + cfg.buffer), self.min_rtt + cfg.tolerance)
+        gradient = min(2.0, max(0.1, target / sample_rtt)) if sample_rtt > 0 else 1.0
+        if gradient < 1:
+            # Queueing: shrink from the concurrency that caused it, not from a
+            # limit far above it (a high limit never reached says nothing).
+            base = min(self.limit, float(max(peak, 1)))
+            limit = base * gradient + math.sqrt(base)
+        else:
+            limit = self.limit * gradient + math.sqrt(self.limit)
+            if peak < self.limit / 2:
+                return  # not using the limit it has: no evidence it could take more
         self.limit = min(float(cfg.max_limit), max(float(cfg.min_limit), limit))
 
 
@@ -229,11 +261,13 @@ class Admission:
         self, share: float, running: int, queue_delay: float, remaining: float | None, now: float
     ) -> Rejection | None:
         """None to run the call, or why not (see the class docstring)."""
+        limiter = self.limiter
+        if now >= limiter._window_end:
+            limiter.tick(now, running)
         if share < self._yield_below:
             if now < self._yield_until:
                 return Rejection("priority", self._retry_after())
             self._yield_below = 0.0
-        limiter = self.limiter
         if running >= limiter.limit * share and running >= 1:
             return self._refused(Rejection("concurrency", self._retry_after()), share, now)
         if running >= limiter.peak:

@@ -59,19 +59,19 @@ def test_the_limit_converges_under_5x_overload_and_keeps_latency_near_the_unload
     admission = Admission(OverloadConfig(), now=0.0)
     unloaded = _simulate(admission, rate=250, seconds=2, work=0.002)  # half of capacity (500/s)
     overloaded = _simulate(admission, rate=2500, seconds=4, work=0.002, start=2.0)
-    late = [lat for lat in overloaded["ok"]][-500:]  # after convergence
-    assert admission.limiter.limit < 8  # from 16, adapted to a one-core server
-    assert _p99(late) <= 2 * _p99(unloaded["ok"])
+    assert admission.limiter.limit < 8  # from 1000, adapted to a one-core server
+    assert _p99(overloaded["ok"]) <= 2 * _p99(unloaded["ok"])  # from the first second of overload
     assert len(overloaded["ok"]) / 4 >= 0.9 * 500  # goodput near capacity: refusals are free here
     assert overloaded["refused"]  # the rest was refused at once
 
 
 def test_the_limit_grows_back_when_calls_get_cheaper() -> None:
     admission = Admission(OverloadConfig(), now=0.0)
-    _simulate(admission, rate=2500, seconds=2, work=0.002)  # overloaded from the start: measures first
+    _simulate(admission, rate=250, seconds=1, work=0.002)
+    _simulate(admission, rate=2500, seconds=2, work=0.002, start=1.0)
     tight = admission.limiter.limit
     assert tight < 8
-    _simulate(admission, rate=2500, seconds=3, work=0.0002, start=2.0)  # 10x cheaper calls, same load
+    _simulate(admission, rate=2500, seconds=3, work=0.0002, start=3.0)  # 10x cheaper calls, same load
     assert admission.limiter.limit >= tight
     assert admission.limiter.min_rtt < 0.001  # re-measured from calls that ran alone
 
