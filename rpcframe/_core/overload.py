@@ -107,7 +107,8 @@ class OverloadConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_limit <= self.initial_limit <= self.max_limit:
             raise ConfigError("overload: need 1 <= min_limit <= initial_limit <= max_limit")
-        if min(self.buffer, self.tolerance) < 0 or min(self.update_interval, self.min_rtt_interval, self.queue_target) <= 0:
+        intervals = (self.update_interval, self.min_rtt_interval, self.queue_target)
+        if min(self.buffer, self.tolerance) < 0 or min(intervals) <= 0:
             raise ConfigError("overload: buffer and tolerance must be >= 0, the intervals and queue_target > 0")
         if self.min_rtt_samples < 1:
             raise ConfigError("overload: min_rtt_samples must be >= 1")
