@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
@@ -56,6 +57,7 @@ CRITICALITY_KEY = "rpcframe-criticality"
 #: Criticality classes, most critical first, and the share of the limit each may fill.
 _SHARES = {"CRITICAL_PLUS": 2.0, "CRITICAL": 1.0, "SHEDDABLE_PLUS": 0.5, "SHEDDABLE": 0.25}
 CRITICALITIES = tuple(_SHARES)
+_LEAST = min(_SHARES.values())
 
 
 def criticality_share(value: str | None) -> float:
@@ -259,22 +261,35 @@ class Admission:
         self._yield_until = 0.0
 
     def admit(
-        self, share: float, running: int, queue_delay: float, remaining: float | None, now: float
-    ) -> Rejection | None:
-        """None to run the call, or why not (see the class docstring)."""
+        self, running: int, queue_delay: float, remaining: float | None, now: float,
+        share: Callable[[Any], float] = lambda carrier: 1.0, carrier: Any = None,
+    ) -> Rejection | None:  # fmt: skip
+        """None to run the call, or why not (see the class docstring).
+
+        ``share(carrier)`` gives the call's criticality share; it is asked
+        only when the server is busy enough for the answer to matter (it
+        reads the call's metadata).
+        """
         limiter = self.limiter
         if now >= limiter._window_end:
             limiter.tick(now, running)
-        if share < self._yield_below:
-            if now < self._yield_until:
-                return Rejection("priority", self._retry_after())
-            self._yield_below = 0.0
-        if running >= limiter.limit * share and running >= 1:
-            return self._refused(Rejection("concurrency", self._retry_after()), share, now)
         if running >= limiter.peak:
             limiter.peak = running + 1  # racy by design: a hint for the limiter, not a count
-        if queue_delay > self.config.queue_target * share:
-            return self._refused(Rejection("queue", max(queue_delay, self._retry_after())), share, now)
+        if (
+            self._yield_below == 0.0 and running < limiter.limit * _LEAST
+            and queue_delay <= self.config.queue_target * _LEAST
+        ):  # fmt: skip
+            part = 1.0  # room even for the least critical: no need to know this call's class
+        else:
+            part = share(carrier)
+            if part < self._yield_below:
+                if now < self._yield_until:
+                    return Rejection("priority", self._retry_after())
+                self._yield_below = 0.0
+            if running >= limiter.limit * part and running >= 1:
+                return self._refused(Rejection("concurrency", self._retry_after()), part, now)
+            if queue_delay > self.config.queue_target * part:
+                return self._refused(Rejection("queue", max(queue_delay, self._retry_after())), part, now)
         if remaining is not None and self.config.deadline_shedding and remaining < self.latency.median:
             return Rejection("deadline", 0.0)
         return None

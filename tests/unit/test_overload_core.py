@@ -33,8 +33,9 @@ def _simulate(admission: Admission, rate: float, seconds: float, work: float, st
     while now < end:
         while next_arrival <= now:
             critical = rng.random() < critical_share
-            share = criticality_share("CRITICAL" if critical else "SHEDDABLE" if critical_share else None)
-            if admission.admit(share, len(running), 0.0, None, now) is None:
+            criticality = "CRITICAL" if critical else "SHEDDABLE" if critical_share else None
+            share = criticality_share(criticality)
+            if admission.admit(len(running), 0.0, None, now, criticality_share, criticality) is None:
                 running.append([work, now, len(running), share])
             else:
                 out["critical_refused" if critical else "refused"].append(now)
@@ -112,10 +113,13 @@ def test_mixed_criticality_sheds_the_sheddable_first() -> None:
 
 def test_queue_delay_refuses_by_criticality() -> None:
     admission = Admission(OverloadConfig(queue_target=0.01), now=0.0)
-    assert admission.admit(criticality_share("SHEDDABLE"), 0, 0.006, None, 0.0) == ("queue", 0.006)
-    assert admission.admit(criticality_share("CRITICAL"), 0, 0.006, None, 0.0) is None
-    assert admission.admit(criticality_share("CRITICAL"), 0, 0.011, None, 0.0) is not None
-    assert admission.admit(criticality_share("CRITICAL_PLUS"), 0, 0.011, None, 0.0) is None
+    def admit(criticality: str, delay: float) -> object:
+        return admission.admit(0, delay, None, 0.0, criticality_share, criticality)
+
+    assert admit("SHEDDABLE", 0.006) == ("queue", 0.006)
+    assert admit("CRITICAL_PLUS", 0.011) is None
+    assert admit("CRITICAL", 0.011) is not None
+    assert admit("SHEDDABLE_PLUS", 0.001) == ("priority", 0.001)  # yields after a CRITICAL was refused
 
 
 def test_a_call_that_cannot_meet_its_deadline_is_refused() -> None:
@@ -123,9 +127,9 @@ def test_a_call_that_cannot_meet_its_deadline_is_refused() -> None:
     for i in range(LatencyMedian.SIZE):
         admission.done(0.02, 0, 1, i * 0.03)
     assert admission.latency.median == pytest.approx(0.02)
-    assert admission.admit(1.0, 0, 0.0, 0.01, 0.0) == ("deadline", 0.0)
-    assert admission.admit(1.0, 0, 0.0, 0.05, 0.0) is None
-    assert Admission(OverloadConfig(deadline_shedding=False), 0.0).admit(1.0, 0, 0.0, 0.0, 0.0) is None
+    assert admission.admit(0, 0.0, 0.01, 0.0) == ("deadline", 0.0)
+    assert admission.admit(0, 0.0, 0.05, 0.0) is None
+    assert Admission(OverloadConfig(deadline_shedding=False), 0.0).admit(0, 0.0, 0.0, 0.0) is None
 
 
 def test_unknown_criticality_counts_as_critical() -> None:
