@@ -16,16 +16,19 @@ asyncio) and stack (``raw`` grpcio, ``rpcframe-off`` = rpcframe with
    calls/s; the reference stack's figure (raw if run, else rpcframe-off)
    sets the offered rates of every stack, so all see the same load;
 2. an open-loop load (:mod:`benchmarks.overload_load`, its own process, the
-   same raw grpc.aio client for every stack) offers 0.5×, 1×, 2×, 3×, 5× of
-   that capacity, then drops back to 0.5× (recovery), then 3× with half the
-   calls ``rpcframe-criticality: CRITICAL`` and half ``SHEDDABLE``; steps
-   follow each other without a pause, every call has a 500 ms deadline.
+   same raw grpc.aio client for every stack, Poisson arrivals over 64
+   connections) offers, after an unreported warmup at 0.5×, 0.5×, 1×, 2×,
+   3×, 5× of that capacity, then drops back to 0.5× (recovery), then, after
+   a 1 s pause, 3× with half the calls ``rpcframe-criticality: CRITICAL``
+   and half ``SHEDDABLE``. Every call has a 500 ms deadline.
 
 Per step: offered rate, goodput (OK within the deadline, per second), p50/p99
 of admitted calls (answered OK), the share rejected fast (RESOURCE_EXHAUSTED
 or UNAVAILABLE within 10 ms), the share that hit the deadline, server CPU
-(``/proc/PID/stat``) and the handler CPU spent on calls that finished past
-their deadline (counted by the server per call). Recovery: seconds from the
+(``/proc/PID/stat``), the handler CPU spent on calls that finished past
+their deadline (counted by the server per call), and how busy the whole
+machine was and how late the generator sent (noisy neighbours show in
+both; the machine has 2 cores and is shared). Recovery: seconds from the
 drop to 0.5× until a 250 ms window of sends is again ≥ 95 % OK within the
 deadline. Results: ``overload.md``, ``overload.json`` and ``overload.png``
 (goodput vs offered load, and goodput over time) in ``benchmarks/results``.
@@ -71,9 +74,11 @@ FAST_REJECT_S = 0.010
 WINDOW_S, WINDOW_SLIDE_S, GOOD_SHARE = 0.25, 0.05, 0.95
 TIMELINE_BUCKET_S = 0.25
 PROBE_CONCURRENCY = 8
-PROBE_TAG = MAX_STEPS - 1  # the server's ledger slot for probe calls, apart from every step's
+PROBE_TAG = MAX_STEPS - 1  # the server's ledger slots for probe and warmup calls, apart from every step's
+WARMUP_TAG = MAX_STEPS - 2
 CONNECTIONS = 64
 MAX_OUTSTANDING = 5000
+LAG_WARN_MS = 50
 SERVER_START_WITHIN, SERVER_STOP_WITHIN = 30.0, 15.0
 LOADGEN_STARTUP_S = 30.0  # on top of the plan's own length, before the load generator is killed
 # Acceptance (issue 12), for rpcframe with default settings.
@@ -110,6 +115,7 @@ class Settings:
     quick: bool
     step_s: float
     probe_s: float
+    warmup_s: float  # unreported load at the first step's rate before it
     fronts: tuple[str, ...]
     stacks: tuple[str, ...]
     connections: int
@@ -167,13 +173,40 @@ class ServerProcess:
         return ledger
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy (``/proc/stat``), so noisy neighbours show."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy.
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Series:
+    """Cumulative CPU seconds sampled over time (``time.monotonic()`` stamps)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+
+    def at(self, when: float) -> float:
+        """CPU seconds at ``when``, interpolated between samples."""
+        i = bisect.bisect_left(self.times, when)
+        if i <= 0 or i >= len(self.times):
+            return self.cpu[min(max(i, 0), len(self.cpu) - 1)] if self.cpu else 0.0
+        t0, t1, c0, c1 = self.times[i - 1], self.times[i], self.cpu[i - 1], self.cpu[i]
+        return c0 + (c1 - c0) * (when - t0) / (t1 - t0)
+
+    def cores(self, begin: float, seconds: float) -> float:
+        """Cores used on average from ``begin`` for ``seconds``."""
+        return (self.at(begin + seconds) - self.at(begin)) / seconds
+
+
 class CpuSampler:
-    """A process's CPU seconds every 0.1 s on a thread, with ``time.monotonic()`` stamps."""
+    """The server's and the whole machine's CPU seconds every 0.1 s, on a thread."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid = pid
-        self.times: list[float] = []
-        self.cpu: list[float] = []
+        self.server, self.machine = Series(), Series()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
@@ -184,8 +217,10 @@ class CpuSampler:
                 cpu = process_cpu_seconds(self.pid)
             except OSError:
                 return
-            self.times.append(time.monotonic())
-            self.cpu.append(cpu)
+            now = time.monotonic()
+            for series, value in ((self.server, cpu), (self.machine, machine_busy_seconds())):
+                series.times.append(now)
+                series.cpu.append(value)
             if self._stop.wait(interval):
                 return
 
@@ -193,14 +228,6 @@ class CpuSampler:
         """Stop sampling."""
         self._stop.set()
         self._thread.join()
-
-    def at(self, when: float) -> float:
-        """CPU seconds at ``when``, interpolated between samples."""
-        i = bisect.bisect_left(self.times, when)
-        if i <= 0 or i >= len(self.times):
-            return self.cpu[min(max(i, 0), len(self.cpu) - 1)] if self.cpu else 0.0
-        t0, t1, c0, c1 = self.times[i - 1], self.times[i], self.cpu[i - 1], self.cpu[i]
-        return float(c0 + (c1 - c0) * (when - t0) / (t1 - t0))
 
 
 def run_loadgen(plan: dict[str, Any], within: float) -> dict[str, Any]:
@@ -288,16 +315,22 @@ def recovery_seconds(records: Records, rows: list[int], drop: float, end: float)
 
 
 def timeline(records: Records, begin: float, end: float) -> list[dict[str, float]]:
-    """Goodput and offered rate per 250 ms of send time, from ``begin``."""
-    buckets = int((end - begin) / TIMELINE_BUCKET_S) + 1
+    """Per 250 ms from ``begin``: arrivals (by send time) and goodput (by answer time), per second."""
+    buckets = int((end + DEADLINE_S - begin) / TIMELINE_BUCKET_S) + 1
     sent, good = [0] * buckets, [0] * buckets
     for i in range(len(records.code)):
         b = int((records.sent_at[i] - begin) / TIMELINE_BUCKET_S)
         if 0 <= b < buckets:
             sent[b] += 1
-            good[b] += _good(records.code[i], records.latency[i])
-    return [{"t": round(b * TIMELINE_BUCKET_S, 2), "offered_per_s": sent[b] / TIMELINE_BUCKET_S,
-             "goodput_per_s": good[b] / TIMELINE_BUCKET_S} for b in range(buckets)]  # fmt: skip
+        if _good(records.code[i], records.latency[i]):
+            b = int((records.sent_at[i] + records.latency[i] - begin) / TIMELINE_BUCKET_S)
+            if 0 <= b < buckets:
+                good[b] += 1
+    return [
+        {"t": round(b * TIMELINE_BUCKET_S, 2), "offered_per_s": sent[b] / TIMELINE_BUCKET_S,
+         "goodput_per_s": good[b] / TIMELINE_BUCKET_S}
+        for b in range(buckets)
+    ]  # fmt: skip
 
 
 def server_metrics(ledger: dict[str, Any], index: int, sampler: CpuSampler, begin: float, seconds: float,
@@ -307,7 +340,8 @@ def server_metrics(ledger: dict[str, Any], index: int, sampler: CpuSampler, begi
     handler = row.get("cpu_s", 0.0)
     missed = row.get("missed_cpu_s", 0.0)
     return {
-        "server_cores": (sampler.at(begin + seconds) - sampler.at(begin)) / seconds,
+        "server_cores": sampler.server.cores(begin, seconds),
+        "machine_cores": sampler.machine.cores(begin, seconds),
         "handled": row.get("calls", 0),
         "handler_cpu_s": handler,
         "missed_calls": row.get("missed_calls", 0),
@@ -329,6 +363,7 @@ def analyse(load: dict[str, Any], ledger: dict[str, Any], sampler: CpuSampler, s
     for index, (spec, begin) in enumerate(zip(STEPS, starts, strict=True)):
         rows = by_step.get(index, [])
         steps.append({"label": spec.label, "load": spec.load, "mixed": spec.mixed,
+                      "generator_lag_ms": load["step_lag_s"][index] * 1000,
                       **step_metrics(records, rows, step_s),
                       **server_metrics(ledger, index, sampler, begin, step_s)})  # fmt: skip
     drop = starts[RECOVERY_STEP]
@@ -385,6 +420,7 @@ def load_plan(target: str, capacity: float, settings: Settings) -> dict[str, Any
         "deadline": DEADLINE_S,
         "max_outstanding": MAX_OUTSTANDING,
         "seed": 12,
+        "warmup": {"rate": LOAD_STEPS[0] * capacity, "seconds": settings.warmup_s, "tag": WARMUP_TAG},
         "steps": [
             {"rate": s.load * capacity, "seconds": settings.step_s, "mixed": s.mixed, "gap_before": s.gap_before}
             for s in STEPS
@@ -406,7 +442,8 @@ def run_stack(stack: str, front: str, capacity: float | None, settings: Settings
                   flush=True)  # fmt: skip
             sampler = CpuSampler(server.pid)
             plan = load_plan(server.target, rate, settings)
-            load = run_loadgen(plan, settings.step_s * len(STEPS) + DEADLINE_S + 5 + LOADGEN_STARTUP_S)
+            length = settings.warmup_s + sum(settings.step_s + s.gap_before for s in STEPS) + DEADLINE_S + 5
+            load = run_loadgen(plan, length + LOADGEN_STARTUP_S)
         finally:
             if sampler is not None:
                 sampler.stop()
@@ -512,22 +549,30 @@ def _front_section(front: str, fr: dict[str, Any]) -> list[str]:
         f"{fr['capacity_per_s']:.0f}/s ({fr['reference']}).",
         "",
         "| stack | step | offered/s | goodput/s | p50 | p99 | fast-rejected | deadline exceeded | server cores "
-        "| missed CPU (s, share) | handler ms/call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| missed CPU (s, share) | handler ms/call | machine busy cores | generator lag |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stack, r in fr["stacks"].items():
         for st in r["steps"]:
+            lag = st["generator_lag_ms"]
             lines.append(
                 f"| {stack} | {st['label']} | {st['offered_per_s']:.0f} | {st['goodput_per_s']:.0f} "
                 f"| {_ms(st['p50_ms'])} | {_ms(st['p99_ms'])} | {st['rejected_fast_share']:.1%} "
                 f"| {st['deadline_share']:.1%} | {st['server_cores']:.2f} "
                 f"| {st['missed_cpu_s']:.2f} s, {st['missed_cpu_share']:.0%} "
-                f"| {_ms(st['handler_ms_per_call'])} |")  # fmt: skip
+                f"| {_ms(st['handler_ms_per_call'])} | {st['machine_cores']:.2f} "
+                f"| {lag:.0f} ms{' †' if lag > LAG_WARN_MS else ''} |")  # fmt: skip
     lines += ["", *_checks_table(fr), ""]
-    notes = [f"{stack}: {r['client']['capped']} arrivals not sent (outstanding cap)"
+    notes = [f"{stack}: {r['client']['capped']} arrivals not sent (outstanding cap {MAX_OUTSTANDING} hit)"
              for stack, r in fr["stacks"].items() if r["client"]["capped"]]  # fmt: skip
-    lags = ", ".join(f"{k} {v['client']['max_lag_s'] * 1000:.0f} ms" for k, v in fr["stacks"].items())
-    lines += [f"Load generator: longest send lag behind schedule {lags}. " + "; ".join(notes), ""]
+    peaks = ", ".join(f"{k} {v['client']['peak_outstanding']}" for k, v in fr["stacks"].items())
+    lines += [
+        f"Machine busy cores: all processes, from /proc/stat (the server and load generator use up to about 2 of "
+        f"them; more means neighbours took CPU). Generator lag: the longest a send came after its scheduled time "
+        f"in the step; † marks steps over {LAG_WARN_MS} ms, where the load generator itself was short of CPU and "
+        f"the step's figures are suspect. Peak outstanding calls: {peaks}. " + "; ".join(notes),
+        "",
+    ]
     return lines
 
 
@@ -577,8 +622,9 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
                        linewidth=1)  # fmt: skip
         left.set(title=f"{front}: goodput vs offered load", xlabel="offered calls/s",
                  ylabel="OK within 500 ms deadline, /s")  # fmt: skip
-        right.set(title=f"{front}: goodput over time (steps: {', '.join(s.label for s in STEPS)})",
-                  xlabel="s since start", ylabel="goodput /s (250 ms buckets)")  # fmt: skip
+        right.set(title=f"{front}: over time (steps: {', '.join(s.label for s in STEPS)})",
+                  xlabel="s since the first step",
+                  ylabel="answered OK within deadline /s (250 ms buckets)")  # fmt: skip
         for offset in next(iter(fr["stacks"].values()))["step_offsets_s"][1:]:
             right.axvline(offset, color="grey", linewidth=0.5)
         for ax in (left, right):
@@ -619,8 +665,9 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
         parser.error("--step-seconds in [1, 120], --connections in [1, 256], --capacity > 0")
     fronts = FRONTS if args.front == "both" else (args.front,)
     iterations = calibrate(WORK_S)
-    settings = Settings(args.quick, step_s, 3.0 if args.quick else 5.0, fronts, stacks, args.connections,
-                        args.capacity, iterations)  # fmt: skip
+    probe_s, warmup_s = (3.0, 1.0) if args.quick else (5.0, 3.0)
+    settings = Settings(args.quick, step_s, probe_s, warmup_s, fronts, stacks, args.connections, args.capacity,
+                        iterations)  # fmt: skip
     return settings, args.out, args.strict
 
 
