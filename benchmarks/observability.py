@@ -3,7 +3,7 @@
 ::
 
     python -m benchmarks.observability            # full: 5 rounds of 1 + 4 s per stack and front (~12 min)
-    python -m benchmarks.observability --quick    # 3 rounds of 0.5 + 1 s, 2,000 cancelled streams (~3 min)
+    python -m benchmarks.observability --quick    # 3 rounds of 0.5 + 1 s (~3 min)
     python -m benchmarks.observability --out /tmp/obs
 
 Unary 64 B, 64 calls in flight, on both fronts (sync: 64 caller threads on
@@ -29,14 +29,15 @@ measured phase only. Ratios are the median [min–max] over rounds of the
 per-round ratio (the two runs of a round are seconds apart, so drift cancels).
 
 Then the **cancelled streams** check, per front in this process: an rpcframe
-server and client, both with telemetry() on their own SDK providers; N
-server-streaming calls (1,000 messages of 64 B, 1 ms apart) each cancelled
+server and client, both with telemetry() on their own SDK providers; 10,000
+(``--streams``) server-streaming calls (1,000 messages of 64 B, 1 ms apart) each cancelled
 by the client after its first message (half then read on to the CANCELLED
 error, half drop the stream); after the calls, wait (bounded) until every
 span started has ended, on both sides, while the server still runs; report
 spans started minus ended (expected: 0).
 
 Results: ``benchmarks/results/observability.{md,json}`` (``--out DIR``).
+Exits 1 when the check leaves spans open (a leak is a bug, not a cost).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import gc
 import itertools
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -298,10 +300,11 @@ def goals(summary: dict[str, Any]) -> dict[str, dict[str, str]]:
             continue
         noop, on, peer = c["noop_off"]["cpu_ratio"], c["on_off"]["qps_ratio"], c["on_vs_peer"]["qps_ratio"]
         within = noop["min"] <= 1.0 <= noop["max"]
-        seam = "not measurable: min–max straddles 1.00" if within else "measurable: min–max excludes 1.00"
+        seam = "within noise: min–max straddles 1.00" if within else "measurable: min–max excludes 1.00"
         out[front] = {
-            "off_costs_nothing": f"off: no observer, the seam is not called. A no-op observer on both sides costs "
-                                 f"{_r(noop)} CPU/call ({seam})",
+            "off_costs_nothing": f"off = no observers: per call nothing is called or allocated, only `is None` "
+                                 f"tests. Upper bound, one no-op observer on both sides: {_r(noop)} CPU/call "
+                                 f"({seam})",
             "on_within_10pct": f"{_r(on)} QPS: {'met' if on['median'] >= 0.90 else 'NOT met'}",
             "faster_than_peer": f"{_r(peer)} QPS: {'met' if peer['median'] > 1.0 else 'NOT met'}"
                                 + (" (every round)" if peer["min"] > 1.0 else ""),
@@ -366,9 +369,11 @@ async def _cancel_one_aio(stub: Any, i: int) -> str:
     return "completed (not cancelled)"
 
 
-def _settled(client: Side, server: Side, waited: float, outcomes: Counter[str]) -> dict[str, Any]:
+def _settled(client: Side, server: Side, at_last_call: tuple[int, int], waited: float, outcomes: Counter[str]
+             ) -> dict[str, Any]:  # fmt: skip
     """The check's figures; spans left open are counted again after a full garbage collection."""
     report = {"streams": outcomes.total(), "outcomes": dict(outcomes), "settle_wait_s": round(waited, 3),
+              "open_at_last_call": {"client": at_last_call[0], "server": at_last_call[1]},
               "client": client.report(), "server": server.report()}  # fmt: skip
     if client.spans.open or server.spans.open:
         gc.collect()
@@ -405,10 +410,10 @@ def cancelled_sync(streams: int) -> dict[str, Any]:
     try:
         with rpcframe.connect(f"127.0.0.1:{port}", rpcframe.ChannelConfig(observers=client.observers())) as channel:
             outcomes = _sync_callers(channel.stub(bench_pb2_grpc.BenchServiceStub), streams)
-            t0 = time.monotonic()
+            t0, at_last_call = time.monotonic(), (client.spans.open, server_side.spans.open)
             client.spans.wait_settled(SETTLE_TIMEOUT)
             server_side.spans.wait_settled(max(0.0, SETTLE_TIMEOUT - (time.monotonic() - t0)))
-            return _settled(client, server_side, time.monotonic() - t0, outcomes)
+            return _settled(client, server_side, at_last_call, time.monotonic() - t0, outcomes)
     finally:
         server.stop(0)
         client.sdk.shutdown()
@@ -439,12 +444,12 @@ async def cancelled_aio(streams: int) -> dict[str, Any]:
         config = rpcframe.ChannelConfig(observers=client.observers())
         async with rpcframe.aio.connect(f"127.0.0.1:{port}", config) as channel:
             outcomes = await _aio_callers(channel.stub(bench_pb2_grpc.BenchServiceStub), streams)
-            t0 = time.monotonic()
+            t0, at_last_call = time.monotonic(), (client.spans.open, server_side.spans.open)
             # Waited for on a thread: the spans end on this loop, which must keep running.
             await asyncio.to_thread(client.spans.wait_settled, SETTLE_TIMEOUT)
             left = max(0.0, SETTLE_TIMEOUT - (time.monotonic() - t0))
             await asyncio.to_thread(server_side.spans.wait_settled, left)
-            return _settled(client, server_side, time.monotonic() - t0, outcomes)
+            return _settled(client, server_side, at_last_call, time.monotonic() - t0, outcomes)
     finally:
         await server.stop(0)
         client.sdk.shutdown()
@@ -545,14 +550,18 @@ def _cost_rows(doc: dict[str, Any]) -> list[str]:
 
 
 def _cancel_rows(doc: dict[str, Any]) -> list[str]:
-    lines = ["| front | streams | outcomes | client spans started / ended / open | server spans started / ended / open "
-             "| waited | server spans by status |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| front | streams | outcomes | open at the last call's end (client, server) | client spans started / "
+             "ended / open | server spans started / ended / open | waited | spans ended by kind, status code |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for front, c in doc["cancelled"].items():
         cl, sv = c["client"], c["server"]
         outcomes = ", ".join(f"{k}: {v:,}" for k, v in sorted(c["outcomes"].items()))
-        statuses = ", ".join(f"{k}: {v:,}" for k, v in sv["ended_by_kind_status"].items())
+        ended = cl["ended_by_kind_status"] | sv["ended_by_kind_status"]
+        statuses = ", ".join(f"{k}: {v:,}" for k, v in ended.items())
+        first = c["open_at_last_call"]
         gc_note = f" (after gc.collect(): {c['open_after_gc']})" if "open_after_gc" in c else ""
-        lines.append(f"| {front} | {c['streams']:,} | {outcomes} | {cl['started']:,} / {cl['ended']:,} / "
+        lines.append(f"| {front} | {c['streams']:,} | {outcomes} | {first['client']}, {first['server']} "
+                     f"| {cl['started']:,} / {cl['ended']:,} / "
                      f"**{cl['open']}** | {sv['started']:,} / {sv['ended']:,} / **{sv['open']}**{gc_note} "
                      f"| {c['settle_wait_s']:.2f} s | {statuses} |")  # fmt: skip
     return lines
@@ -569,7 +578,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{s['warmup_s']:g} s warmup + {s['measure_s']:g} s measured per stack and front, order of stacks and "
         f"fronts reversed every other round. {m['cpus']} CPUs (shared, noisy), Python {m['python']}, grpcio "
         f"{m['grpcio']}, opentelemetry-sdk {doc['otel']['sdk']}, opentelemetry-instrumentation-grpc "
-        f"{doc['otel']['instrumentation']}.",
+        f"{doc['otel']['instrumentation']}. Load average (1, 5, 15 min) before: "
+        f"{', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15_before'])}; after: "
+        f"{', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15_after'])}.",
         "",
         "Every traced stack: always-on sampling (except the 1 % row), a BatchSpanProcessor to an exporter that "
         "counts and discards, a MeterProvider with an in-memory reader (read once, after the run); the same on "
@@ -609,7 +620,8 @@ CANCEL_TEXT = (
     "(always-on, a span counter on on_start/on_end). Each server-streaming call asks for 1,000 messages of 64 B, "
     "1 ms apart, and is cancelled by the client after its first message; even-numbered calls then read on to "
     "the error, odd ones drop the stream. After the last call: wait (at most 10 s) until spans ended = spans "
-    "started on both sides, with the server still running; open = started − ended at that point."
+    "started on both sides, with the server still running; open = started − ended at that point. Status code 1 "
+    "is CANCELLED; the client makes a call span and an attempt span per stream, the server one span."
 )
 
 
@@ -636,21 +648,21 @@ def _otel_versions() -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and the cancelled-streams check; write the results."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.observability", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 0.5 + 1 s, 2,000 cancelled streams")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 0.5 + 1 s (about 3 minutes)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, quick 3)")
     parser.add_argument("--measure", type=float, default=None, help="measured seconds per run (default 4, quick 1)")
     parser.add_argument("--warmup", type=float, default=None, help="warmup seconds per run (default 1, quick 0.5)")
-    parser.add_argument("--streams", type=int, default=None, help=f"cancelled streams per front (default "
-                        f"{CANCEL_STREAMS:,}, quick 2,000; 0 skips the check)")  # fmt: skip
+    parser.add_argument("--streams", type=int, default=CANCEL_STREAMS, help="cancelled streams per front "
+                        f"(default {CANCEL_STREAMS:,}; 0 skips the check)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="where observability.{md,json} go")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 5)
     measure = args.measure or (1.0 if args.quick else 4.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
-    streams = args.streams if args.streams is not None else (2000 if args.quick else CANCEL_STREAMS)
+    streams = args.streams
     if rounds < 1 or measure <= 0 or warmup < 0 or streams < 0:
         parser.error("--rounds must be >= 1, --measure > 0, --warmup and --streams >= 0")
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     runs = run_rounds(rounds, warmup, measure)
     cancelled = cancelled_streams(streams) if streams else {}
     summary = summarize(runs)
@@ -661,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": round(time.time() - started, 1),
         "commit": _commit(),
         "settings": settings,
-        "machine": _machine(),
+        "machine": {**_machine(), "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "otel": _otel_versions(),
         "stacks": {s.name: s.title for s in STACKS},
         "goals": goals(summary),
@@ -676,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report)
     print(f"wrote {args.out / 'observability.json'} and {args.out / 'observability.md'} in {doc['duration_s']:.0f} s")
-    return 0
+    leaked = sum(c["client"]["open"] + c["server"]["open"] for c in cancelled.values())
+    return 1 if leaked else 0
 
 
 if __name__ == "__main__":

@@ -261,6 +261,8 @@ def serve(stack: Stack, front: str, bind: str, workers: int, grace: float) -> No
     finally:
         if sdk is not None:
             sdk.shutdown()
+            # For a look by hand (the harness does not read it): were this server's calls traced?
+            print(f"{stack.name} {front} server: {sdk.exporter.exported} spans exported", file=sys.stderr)
 
 
 def _serve_rpcframe_sync(bind: str, workers: int, grace: float, observers: tuple[CallObserver, ...]) -> None:
