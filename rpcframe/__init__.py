@@ -22,8 +22,17 @@ if TYPE_CHECKING:
     from .balancing.pickers import register_policy
     from .balancing.resolver import DNSResolver, ManualResolver, Resolver, StaticResolver, register_resolver
     from .client._sync import Channel, ResponseStream, connect
-    from .config import BudgetConfig, ChannelConfig, HedgePolicy, MethodConfig, RetryPolicy, ServerConfig
-    from .deadline import deadline_after, time_remaining
+    from .config import (
+        BudgetConfig,
+        ChannelConfig,
+        HedgePolicy,
+        MethodConfig,
+        OverloadConfig,
+        RateLimit,
+        RetryPolicy,
+        ServerConfig,
+    )  # fmt: skip
+    from .deadline import criticality, deadline_after, time_remaining
     from .discovery.etcd_registration import EtcdRegistration
     from .discovery.etcd_resolver import EtcdResolver
     from .errors import (
@@ -70,8 +79,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".balancing.pickers": ("register_policy",),
     ".balancing.resolver": ("DNSResolver", "ManualResolver", "Resolver", "StaticResolver", "register_resolver"),
     ".client._sync": ("Channel", "ResponseStream", "connect"),
-    ".config": ("BudgetConfig", "ChannelConfig", "HedgePolicy", "MethodConfig", "RetryPolicy", "ServerConfig"),
-    ".deadline": ("deadline_after", "time_remaining"),
+    ".config": (
+        "BudgetConfig", "ChannelConfig", "HedgePolicy", "MethodConfig", "OverloadConfig", "RateLimit", "RetryPolicy",
+        "ServerConfig",
+    ),  # fmt: skip
+    ".deadline": ("criticality", "deadline_after", "time_remaining"),
     ".discovery.etcd_registration": ("EtcdRegistration",),
     ".discovery.etcd_resolver": ("EtcdResolver",),
     ".errors": (
@@ -116,12 +128,14 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "OutlierConfig",
+    "OverloadConfig",
     "PermissionDenied",
     "Policy",
     "RefreshingToken",
     "Resolver",
     "ResourceExhausted",
     "ResponseStream",
+    "RateLimit",
     "RetryPolicy",
     "RpcError",
     "RpcframeError",
@@ -136,6 +150,7 @@ __all__ = [
     "Unimplemented",
     "Unknown",
     "connect",
+    "criticality",
     "deadline_after",
     "peer",
     "register_policy",

@@ -15,6 +15,7 @@ import grpc
 
 from ._core.budget import BudgetConfig
 from ._core.hedge import HedgePolicy
+from ._core.overload import OverloadConfig, RateLimit, check_criticality
 from ._core.retry import RetryPolicy
 from .balancing.outlier import OutlierConfig
 from .balancing.pickers import available_policies
@@ -26,6 +27,8 @@ from .security.tokens import TokenSource
 
 __all__ = [
     "BudgetConfig",
+    "OverloadConfig",
+    "RateLimit",
     "ChannelConfig",
     "GrpcOptions",
     "HedgePolicy",
@@ -90,14 +93,22 @@ class MethodConfig:
         retry: retry policy; ``RetryPolicy(max_attempts=1)`` turns retries off.
         hedge: hedging policy; only applies to unary methods the contract
             marks ``NO_SIDE_EFFECTS`` or ``IDEMPOTENT``.
+        criticality: sent with the method's calls (``rpcframe-criticality``)
+            when neither the caller (``with rpcframe.criticality(...)``) nor
+            the incoming call being handled set one: ``CRITICAL_PLUS``,
+            ``CRITICAL``, ``SHEDDABLE_PLUS`` or ``SHEDDABLE``. An overloaded
+            rpcframe server refuses the least critical first.
     """
 
     timeout: float | None = None
     retry: RetryPolicy | None = None
     hedge: HedgePolicy | None = None
+    criticality: str | None = None
 
     def __post_init__(self) -> None:
         _check_positive("timeout", self.timeout)
+        if self.criticality is not None:
+            object.__setattr__(self, "criticality", check_criticality(self.criticality))
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +227,7 @@ class ChannelConfig:
             timeout=specific.timeout or general.timeout or self.default_timeout,
             retry=specific.retry or general.retry or self.retry,
             hedge=specific.hedge or general.hedge or self.hedge,
+            criticality=specific.criticality or general.criticality,
         )
 
     def channel_options(self) -> GrpcOptions:
@@ -310,6 +322,13 @@ class ServerConfig:
             (:class:`~rpcframe.security.AuthConfig`); ``None`` checks nothing.
         observers: :class:`~rpcframe.observe.CallObserver` objects told of
             every incoming call of added services; none costs nothing.
+        overload: admission control (:class:`~rpcframe.OverloadConfig`):
+            calls over an adaptive concurrency limit, behind a growing
+            queue or unable to meet their deadline are refused at once,
+            unrun, least critical first; ``None`` turns it off.
+        rate_limits: token buckets per method and optionally per caller
+            (:class:`~rpcframe.RateLimit`); a call over one is refused
+            unrun with RESOURCE_EXHAUSTED and a retry hint.
     """
 
     max_workers: int = 64
@@ -338,6 +357,8 @@ class ServerConfig:
     tls: TLSConfig | None = None
     auth: AuthConfig | None = None
     observers: tuple[CallObserver, ...] = ()
+    overload: OverloadConfig | None = field(default_factory=OverloadConfig)
+    rate_limits: tuple[RateLimit, ...] = ()
 
     def __post_init__(self) -> None:
         _check_positive("max_deadline", self.max_deadline)

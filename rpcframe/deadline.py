@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ._core.deadline import CallScope, deadline_scope, scope_var
+from ._core.overload import check_criticality, criticality_var
 from .errors import ConfigError
 
-__all__ = ["deadline_after", "time_remaining"]
+__all__ = ["criticality", "deadline_after", "time_remaining"]
 
 
 @contextmanager
@@ -41,3 +42,20 @@ def time_remaining() -> float | None:
     if scope is None or scope.deadline is None:
         return None
     return max(0.0, scope.deadline - time.monotonic())
+
+
+@contextmanager
+def criticality(value: str) -> Iterator[str]:
+    """Calls made in the ``with`` block (sync or asyncio) carry criticality ``value``.
+
+    One of ``CRITICAL_PLUS``, ``CRITICAL`` (what calls without one count
+    as), ``SHEDDABLE_PLUS`` or ``SHEDDABLE``: an overloaded rpcframe server
+    refuses the least critical first. It overrides the incoming call's
+    criticality, which a handler's calls otherwise inherit, and
+    ``MethodConfig.criticality``.
+    """
+    token = criticality_var.set(check_criticality(value))
+    try:
+        yield criticality_var.get() or value
+    finally:
+        criticality_var.reset(token)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import grpc
@@ -181,6 +181,10 @@ class ObservedServer(Protocol):
     @property
     def inflight(self) -> int:
         """Calls whose handler is running."""
+
+    def shed(self) -> Mapping[str, int]:
+        """Calls refused unrun by overload protection or rate limits so far, by reason
+        ("concurrency", "queue", "priority", "deadline", "rate_limit")."""
 
     def auth_denials(self) -> Mapping[str, int]:
         """Calls refused by authentication or policy so far, by reason (:data:`rpcframe.security.DENIAL_REASONS`)."""
@@ -358,6 +362,14 @@ class StateReader:
         """The servers still alive."""
         with self._lock:
             return list(self._servers)
+
+    def server_totals(self, counts: Callable[[ObservedServer], Mapping[str, int]]) -> dict[str, int]:
+        """``counts(server)`` summed over the servers, by key (e.g. auth denials by reason)."""
+        totals: dict[str, int] = {}
+        for server in self.servers():
+            for key, n in counts(server).items():
+                totals[key] = totals.get(key, 0) + n
+        return totals
 
 
 def combine(observers: Sequence[CallObserver]) -> CallObserver | None:

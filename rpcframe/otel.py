@@ -121,6 +121,9 @@ STATE_INSTRUMENTS: tuple[tuple[str, str, str, str], ...] = (
     ("rpcframe.server.in_flight", "{call}", "gauge", "Calls whose handler is running, over the process's servers."),
     ("rpcframe.server.auth.denials", "{call}", "counter",
      "Calls refused by authentication or policy (rpcframe.reason: missing, malformed, invalid, expired, denied)."),
+    ("rpcframe.server.shed", "{call}", "counter",
+     "Calls refused unrun by overload protection or rate limits (rpcframe.reason: concurrency, queue, priority, "
+     "deadline, rate_limit)."),
 )  # fmt: skip
 
 #: Attribute names per instrument family (A66).
@@ -395,8 +398,9 @@ class MetricsObserver(CallObserver):
                 )  # fmt: skip
             setattr(self, attribute, instrument)
         self._state = StateReader()
+        # In STATE_INSTRUMENTS' order:
         readers = (self._read_budget, self._read_ejections, self._read_states, self._read_in_flight,
-                   self._read_server_in_flight, self._read_denials)  # STATE_INSTRUMENTS' order  # fmt: skip
+                   self._read_server_in_flight, self._read_denials, self._read_shed)  # fmt: skip
         for (name, unit, kind, description), read in zip(STATE_INSTRUMENTS, readers, strict=True):
             create = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
             create(name, [read], unit, description)
@@ -443,10 +447,11 @@ class MetricsObserver(CallObserver):
         return [Observation(sum(s.inflight for s in servers))] if servers else []
 
     def _read_denials(self, options: CallbackOptions) -> list[Observation]:
-        totals: dict[str, int] = {}
-        for server in self._state.servers():
-            for reason, n in server.auth_denials().items():
-                totals[reason] = totals.get(reason, 0) + n
+        totals = self._state.server_totals(lambda server: server.auth_denials())
+        return [Observation(n, {"rpcframe.reason": reason}) for reason, n in totals.items()]
+
+    def _read_shed(self, options: CallbackOptions) -> list[Observation]:
+        totals = self._state.server_totals(lambda server: server.shed())
         return [Observation(n, {"rpcframe.reason": reason}) for reason, n in totals.items()]
 
     def _attributes(self, names: tuple[str, ...], *values: str) -> dict[str, str]:

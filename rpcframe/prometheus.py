@@ -77,15 +77,14 @@ class _State(Collector):
         if servers:
             yield GaugeMetricFamily("rpcframe_server_in_flight", "Calls whose handler is running",
                                     value=sum(s.inflight for s in servers))  # fmt: skip
-        denials = CounterMetricFamily("rpcframe_server_auth_denials", "Calls refused by auth or policy",
-                                      labels=("rpcframe_reason",))  # fmt: skip
-        totals: dict[str, int] = {}
-        for server in servers:
-            for reason, count in server.auth_denials().items():
-                totals[reason] = totals.get(reason, 0) + count
-        for reason, count in totals.items():
-            denials.add_metric((reason,), count)
-        yield denials
+        for name, doc, counts in (
+            ("rpcframe_server_auth_denials", "Calls refused by auth or policy", lambda s: s.auth_denials()),
+            ("rpcframe_server_shed", "Calls refused unrun by overload protection or rate limits", lambda s: s.shed()),
+        ):
+            family = CounterMetricFamily(name, doc, labels=("rpcframe_reason",))
+            for reason, count in self._state.server_totals(counts).items():
+                family.add_metric((reason,), count)
+            yield family
 
 
 class PrometheusObserver(CallObserver):

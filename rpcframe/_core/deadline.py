@@ -49,11 +49,12 @@ class CallScope:
             is the normal end of the call, not a reason to cancel anything.
     """
 
-    __slots__ = ("_deadline", "_is_retry", "_pending", "calls", "cancelled", "ended", "root")
+    __slots__ = ("_criticality", "_deadline", "_is_retry", "_pending", "calls", "cancelled", "ended", "root")
 
     def __init__(self, deadline: float | None, is_retry: bool = False, parent: CallScope | None = None) -> None:
         self._deadline = deadline
         self._is_retry = is_retry
+        self._criticality: str | None = None if parent is None else parent.criticality
         self._pending = False  # a subclass sets it to fill the two fields in on first use
         self.root: CallScope = self if parent is None else parent.root
         self.calls: set[Any] | None = None
@@ -74,8 +75,15 @@ class CallScope:
             self._resolve()
         return self._is_retry
 
+    @property
+    def criticality(self) -> str | None:
+        """The incoming call's criticality (``rpcframe-criticality``), inherited by the calls it makes."""
+        if self._pending:
+            self._resolve()
+        return self._criticality
+
     def _resolve(self) -> None:
-        """Fill in ``_deadline`` and ``_is_retry`` (lazy subclasses override)."""
+        """Fill in ``_deadline``, ``_is_retry`` and ``_criticality`` (lazy subclasses override)."""
         self._pending = False
 
     def remaining(self, now: float) -> float | None:

@@ -38,6 +38,7 @@ in as ``now`` (monotonic seconds), so the tests drive a fake clock.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from .errors import ConfigError
 
 __all__ = [
     "CRITICALITIES", "CRITICALITY_KEY", "Admission", "GradientLimiter", "LatencyMedian", "OverloadConfig",
-    "Rejection", "TokenBucket", "criticality_share",
+    "RateLimit", "RateLimiter", "Rejection", "TokenBucket", "check_criticality", "criticality_share", "criticality_var",
 ]  # fmt: skip
 
 #: Metadata key carrying a call's criticality across hops.
@@ -58,6 +59,18 @@ CRITICALITY_KEY = "rpcframe-criticality"
 _SHARES = {"CRITICAL_PLUS": 2.0, "CRITICAL": 1.0, "SHEDDABLE_PLUS": 0.5, "SHEDDABLE": 0.25}
 CRITICALITIES = tuple(_SHARES)
 _LEAST = min(_SHARES.values())
+
+
+#: The criticality set by ``with rpcframe.criticality(...)`` for calls made in the block.
+criticality_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("rpcframe_criticality", default=None)
+
+
+def check_criticality(value: str) -> str:
+    """``value`` as a criticality name (upper case); ConfigError when it is not one."""
+    name = value.upper() if isinstance(value, str) else value
+    if name not in _SHARES:
+        raise ConfigError(f"criticality must be one of {', '.join(CRITICALITIES)}, got {value!r}")
+    return name
 
 
 def criticality_share(value: str | None) -> float:
@@ -244,11 +257,10 @@ class GradientLimiter:
 class Admission:
     """The admission decision for one server (or method), from the limiter and the front's signals.
 
-    ``admit`` is called before a handler with the call's criticality share,
-    the calls running now, the front's queueing delay and the seconds left
-    before the call's deadline; it returns None (admitted) or a
-    :class:`Rejection`. The front counts running calls itself and reports
-    each admitted call's latency to :meth:`done`.
+    Per call: :meth:`admit` (None, or the :class:`Rejection` to end the call
+    with, unrun), then for an admitted call :meth:`enter` before its
+    handler and :meth:`leave` after it. ``running`` counts the admitted
+    calls whose handler runs.
     """
 
     YIELD = 0.5  # seconds less critical classes yield after a more critical call was refused
@@ -257,11 +269,30 @@ class Admission:
         self.config = config
         self.limiter = GradientLimiter(config, now)
         self.latency = LatencyMedian()
+        self.running = 0
+        self._admitted = 0  # admissions so far: a call that saw none after its own ran alone
+        self._lock = threading.Lock()
         self._yield_below = 0.0  # classes with a smaller share are refused until _yield_until
         self._yield_until = 0.0
 
+    def enter(self) -> int:
+        """An admitted call's handler starts; returns the stamp :meth:`leave` wants."""
+        with self._lock:
+            alone = self.running == 0
+            self.running += 1
+            self._admitted += 1
+            return self._admitted if alone else -1
+
+    def leave(self, stamp: int, latency: float, now: float) -> None:
+        """The handler of the call :meth:`enter` stamped ended after ``latency`` seconds."""
+        with self._lock:
+            self.running -= 1
+            alone = stamp == self._admitted  # it started with none running and none started since
+        self.latency.add(latency)
+        self.limiter.sample(latency, alone, now)
+
     def admit(
-        self, running: int, queue_delay: float, remaining: float | None, now: float,
+        self, queue_delay: float, remaining: float | None, now: float,
         share: Callable[[Any], float] = lambda carrier: 1.0, carrier: Any = None,
     ) -> Rejection | None:  # fmt: skip
         """None to run the call, or why not (see the class docstring).
@@ -270,7 +301,7 @@ class Admission:
         only when the server is busy enough for the answer to matter (it
         reads the call's metadata).
         """
-        limiter = self.limiter
+        limiter, running = self.limiter, self.running
         if now >= limiter._window_end:
             limiter.tick(now, running)
         if running >= limiter.peak:
@@ -307,15 +338,6 @@ class Admission:
             self._yield_until = now + self.YIELD
         return rejection
 
-    def done(self, latency: float, running_before: int, running_after: int, now: float) -> None:
-        """An admitted call's handler ended after ``latency`` seconds.
-
-        ``running_before``: calls running when it was admitted (itself not
-        counted); ``running_after``: calls running as it ended (itself counted).
-        """
-        self.latency.add(latency)
-        self.limiter.sample(latency, running_before == 0 and running_after <= 1, now)
-
     def _retry_after(self) -> float:
         """A hint for clients: about one median call, at least a millisecond."""
         return max(0.001, self.latency.median)
@@ -344,3 +366,65 @@ class TokenBucket:
                 return 0.0
             self._tokens = tokens
             return (1 - tokens) / self.rate
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket on a server's calls (``ServerConfig.rate_limits``).
+
+    Attributes:
+        rate: calls per second.
+        burst: calls allowed at once after a quiet time (default: one
+            second's worth, at least 1).
+        method: ``"pkg.Service/Method"``, ``"pkg.Service"`` (each of its
+            methods has its own bucket) or ``"*"`` (every method, each its own).
+        per_caller: one bucket per caller (the authenticated principal, API
+            key name or certificate name; "anonymous" for the rest) instead
+            of one for all.
+    """
+
+    rate: float
+    burst: float | None = None
+    method: str = "*"
+    per_caller: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0:
+            raise ConfigError(f"rate limit: rate must be > 0, got {self.rate!r}")
+        if self.burst is not None and self.burst < 1:
+            raise ConfigError(f"rate limit: burst must be >= 1, got {self.burst!r}")
+        if not self.method or (self.method != "*" and self.method.startswith("/")):
+            raise ConfigError(
+                f"rate limit: method must be 'pkg.Service/Method', 'pkg.Service' or '*', got {self.method!r}"
+            )
+
+    def applies_to(self, method: str) -> bool:
+        """Whether this limit covers ``method`` ("/pkg.Service/Method")."""
+        name = method.lstrip("/")
+        return self.method == "*" or name == self.method or name.rpartition("/")[0] == self.method
+
+
+class RateLimiter:
+    """The buckets of one rate limit on one method; per caller ones are bounded (least recently used go)."""
+
+    MAX_CALLERS = 10_000
+
+    def __init__(self, limit: RateLimit, now: float) -> None:
+        self.limit = limit
+        self._burst = limit.burst if limit.burst is not None else max(1.0, limit.rate)
+        self._shared = None if limit.per_caller else TokenBucket(limit.rate, self._burst, now)
+        self._callers: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, caller: str, now: float) -> float:
+        """0.0 when the call may run, else the seconds until it may."""
+        bucket = self._shared
+        if bucket is None:
+            with self._lock:
+                bucket = self._callers.pop(caller, None)
+                if bucket is None:
+                    bucket = TokenBucket(self.limit.rate, self._burst, now)
+                    if len(self._callers) >= self.MAX_CALLERS:
+                        del self._callers[next(iter(self._callers))]
+                self._callers[caller] = bucket  # most recent last
+        return bucket.take(now)

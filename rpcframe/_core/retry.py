@@ -32,13 +32,16 @@ from typing import NamedTuple
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_RETRYABLE", "NOT_RUN_KEY", "RetryPolicy", "Verdict", "decide", "parse_pushback"]
+__all__ = ["DEFAULT_RETRYABLE", "NOT_RUN_KEY", "PUSHBACK_KEY", "RetryPolicy", "Verdict", "decide", "parse_pushback"]
 
 #: Trailing metadata rpcframe's server sets on a call it ended before the
 #: handler started (shutting down, or over its limits): the client may send
 #: it elsewhere whatever the method. The server removes it from anything a
 #: handler returns, so a relay cannot pass on a downstream's marker.
 NOT_RUN_KEY = "rpcframe-not-run"
+
+#: Trailing metadata with the milliseconds a server asks a client to wait before retrying (gRFC A6).
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 DEFAULT_RETRYABLE = frozenset({"UNAVAILABLE"})
 

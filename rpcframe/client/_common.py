@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2
 from .._core.budget import BudgetConfig, RateBudget
 from .._core.deadline import CallScope, DeadlinePassed, bounded_timeout, scope_var
 from .._core.hedge import HedgePolicy, LatencyWindow
-from .._core.retry import NOT_RUN_KEY, parse_pushback
+from .._core.overload import CRITICALITY_KEY, criticality_var
+from .._core.retry import NOT_RUN_KEY, PUSHBACK_KEY, parse_pushback
 from ..balancing.balancer import BalancerCore, Connectivity
 from ..balancing.endpoint import EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
@@ -54,7 +55,6 @@ _ENDPOINT_FAILURES = frozenset(
 _AVOID_TRIES = 4  # re-picks to find another endpoint than the one that failed
 _READY_TRIES = 8  # re-picks after grpc says a picked endpoint lost its connection
 
-_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 #: Sent with every attempt after the first (retries and hedges), so servers
@@ -124,7 +124,7 @@ def trailer_facts(exc: grpc.RpcError) -> tuple[bool, float | None]:
     for key, value in exc.trailing_metadata() or ():
         if key == NOT_RUN_KEY:
             not_run = True
-        elif key == _PUSHBACK_KEY:
+        elif key == PUSHBACK_KEY:
             pushback = parse_pushback(value)
     return not_run, pushback
 
@@ -373,8 +373,8 @@ class MethodBase:
     """One stub method's wrapper: its identity and the channel's call policy."""
 
     __slots__ = (
-        "_budget", "_channel", "_failovers", "_hedge_state", "_margin", "_metadata", "_observer", "_retry",
-        "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
+        "_budget", "_channel", "_criticality", "_failovers", "_hedge_state", "_margin", "_metadata", "_observer",
+        "_retry", "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
     )  # fmt: skip
 
     kind = ""
@@ -395,6 +395,7 @@ class MethodBase:
         policy = cfg.method_config(method)
         self._timeout = policy.timeout
         self._retry = policy.retry or cfg.retry
+        self._criticality = policy.criticality
         self._failovers = cfg.failover_attempts
         self._margin = cfg.deadline_margin
         self._metadata = cfg.metadata
@@ -439,6 +440,10 @@ class MethodBase:
         if self._token is not None:
             header = self._token()
             metadata = (*metadata, header) if metadata else (header,)
+        # Criticality: the caller's block, else the incoming call's (like its deadline), else the method's.
+        criticality = criticality_var.get() or (scope.criticality if scope is not None else None) or self._criticality
+        if criticality is not None:
+            metadata = (*metadata, (CRITICALITY_KEY, criticality)) if metadata else ((CRITICALITY_KEY, criticality),)
         deadline = None if timeout is None else now + timeout
         return CallPlan(deadline, timeout, metadata, credentials, wait_for_ready, compression, scope, metadata, request)
 

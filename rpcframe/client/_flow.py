@@ -78,13 +78,17 @@ class Attempts:
             return None
         stats = method._channel.stats
         not_run, pushback = trailer_facts(exc)
-        if not_run:
+        if not_run and (pushback is None or len(method._channel._core.current().endpoints) > 1):
+            # Never ran: another endpoint takes it at once, whatever the method
+            # (a server shedding load, with a pushback, is not sent it again).
             if self.moved >= method._failovers:
                 return None
             self.moved += 1
             stats.failovers += 1
             self.why = "failover"
             return 0.0
+        if not_run:
+            return self._after_pushback(pushback, remaining, now)
         verdict = decide(
             method._retry, attempt=self.sent, code=exc.code().name, idempotent=method.idempotent,
             chain_stop=self._scope is not None and self._scope.is_retry, pushback=pushback,
@@ -99,6 +103,26 @@ class Attempts:
         self.sent += 1
         self.why = "retry"
         return verdict.delay
+
+    def _after_pushback(self, pushback: float | None, remaining: float | None, now: float) -> float | None:
+        """The only endpoint refused the call unrun and asked for ``pushback`` seconds: wait and retry.
+
+        Safe for any method (it never ran), but still an extra attempt: it
+        counts against the retry policy's attempts and the retry budget,
+        and is skipped when the deadline would pass first.
+        """
+        method = self._method
+        if pushback is None or pushback < 0 or self.sent >= method._retry.max_attempts:
+            return None
+        if remaining is not None and remaining <= pushback:
+            return None
+        if not method._budget.try_withdraw(now):
+            method._channel.stats.budget_refused += 1
+            return None
+        method._channel.stats.retries += 1
+        self.sent += 1
+        self.why = "retry"
+        return pushback
 
 
 # -- observing ----------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
+from .._core.overload import Admission
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded, RpcError
 from ..observe import CallObserver, ServerCallInfo
@@ -121,6 +123,24 @@ class Server(ServerBase):
         self._refusing = False
         self._drainer: Drain | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._lag_watch: asyncio.Future[None] | None = None
+
+    async def _watch_lag(self, period: float) -> None:
+        """Keep the governor's queueing delay: how late the event loop runs a timer.
+
+        A CPU-bound handler never yields, so under overload calls wait in the
+        loop's queue, not in the handler: the loop's lag is that wait. Like
+        CoDel's standing queue, the delay is the least of the last few
+        readings, so one long handler, a GC pause or a moment without the
+        CPU does not count as a queue; a queue that stays does.
+        """
+        loop, governor = asyncio.get_running_loop(), self.governor
+        readings = [0.0] * 4
+        for index in itertools.cycle(range(len(readings))):
+            start = loop.time()
+            await asyncio.sleep(period)
+            readings[index] = max(0.0, loop.time() - start - period)
+            governor.queue_delay = min(readings)
 
     async def start(self) -> None:
         """Register health and reflection, then accept calls."""
@@ -139,6 +159,8 @@ class Server(ServerBase):
             reflection.enable_server_reflection(names, self._grpc_server)
         await self._grpc_server.start()
         self._started = True
+        if self.config.overload is not None:
+            self._lag_watch = asyncio.ensure_future(self._watch_lag(self.config.overload.queue_target))
         _heap.hold()  # freed connection memory goes back to the OS
 
     async def set_serving(self, service: str, serving: bool) -> None:
@@ -164,6 +186,8 @@ class Server(ServerBase):
         self._refusing = True
         while not drain.over(time.monotonic(), self._inflight > 0):  # noqa: ASYNC110 - waits for a quiet period, which no event marks
             await asyncio.sleep(Drain.POLL)
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         graceful = asyncio.ensure_future(self._grpc_server.stop(drain.grace_left(time.monotonic())))
         if self.health is not None:
             await self.health.close()
@@ -228,27 +252,38 @@ class Server(ServerBase):
         if inspect.isasyncgenfunction(behaviour) or inspect.isgeneratorfunction(behaviour):
             wrapped: Callable[..., Any] = self._wrap_generator(method, behaviour, handler.request_streaming)
         else:
-            wrapped = self._wrap_function(method, behaviour, handler.request_streaming)
+            streaming = handler.response_streaming or handler.request_streaming
+            admission = self.governor.admission(method, streaming)  # None: streams, or protection off
+            wrapped = self._wrap_function(method, behaviour, handler.request_streaming, admission)
         return handler._replace(**{key: wrapped})
 
-    def _wrap_function(self, method: str, behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
+    def _wrap_function(
+        self, method: str, behaviour: Callable[..., Any], streamed: bool, admission: Admission | None
+    ) -> Callable[..., Any]:
         # Plain functions are the generated base's "not implemented" stubs
         # (or handlers that write with context.write); they run inline.
         is_async = inspect.iscoroutinefunction(behaviour)
         cap, observer = self.config.max_deadline, self._observer
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
+        governor, now = self.governor, time.monotonic
+        limiters = governor.rate_limiters(method)  # () without ServerConfig.rate_limits
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if self._refusing:
                 await self._refuse(context)
             if guard is not None and (denied := guard(context)) is not None:
                 await context.abort(*denied)
+            if limiters and (refused := governor.limit(limiters, context)) is not None:
+                await context.abort(*refused)
+            if admission is not None and (refused := governor.admit(admission, context)) is not None:
+                await context.abort(*refused)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:
                 request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
             info = None if observer is None else await _received(observer, method, context, request)
             self._inflight += 1
+            stamp, started = (0, 0.0) if admission is None else (admission.enter(), now())
             # Each call runs in its own task, so the scope is this call's alone.
             scope = IncomingScope(context, cap)
             scope_var.set(scope)
@@ -270,6 +305,9 @@ class Server(ServerBase):
             finally:
                 scope.ended = True
                 self._leave()
+                if admission is not None:
+                    ended = now()
+                    admission.leave(stamp, ended - started, ended)
                 if info is not None:
                     observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
@@ -278,12 +316,16 @@ class Server(ServerBase):
     def _wrap_generator(self, method: str, behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
         cap, observer = self.config.max_deadline, self._observer
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
+        governor = self.governor
+        limiters = governor.rate_limiters(method)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self._refusing:
                 await self._refuse(context)
             if guard is not None and (denied := guard(context)) is not None:
                 await context.abort(*denied)
+            if limiters and (refused := governor.limit(limiters, context)) is not None:
+                await context.abort(*refused)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:

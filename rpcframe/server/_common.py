@@ -21,7 +21,8 @@ from typing import Any
 import grpc
 
 from .._core.deadline import CallScope
-from .._core.retry import NOT_RUN_KEY
+from .._core.overload import CRITICALITIES, CRITICALITY_KEY, Admission, RateLimiter, Rejection, criticality_share
+from .._core.retry import NOT_RUN_KEY, PUSHBACK_KEY
 from ..config import ServerConfig
 from ..errors import ConfigError, RpcError
 from ..observe import CallObserver, ServerCallInfo, combine
@@ -205,10 +206,12 @@ class IncomingScope(CallScope):
         if cap_at is not None and (deadline is None or deadline > cap_at):
             deadline = cap_at
         self._deadline = deadline
-        for key, _ in context.invocation_metadata() or ():
+        for key, value in context.invocation_metadata() or ():
             if key in RETRY_KEYS:
                 self._is_retry = True
-                break
+            elif key == CRITICALITY_KEY and self._criticality is None and isinstance(value, str):
+                if value.upper() in CRITICALITIES:  # the caller's text: only a known class is passed on
+                    self._criticality = value.upper()
 
 
 def _parse_safely(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -379,6 +382,7 @@ class ServerBase:
         self._ports: list[int] = []
         self._started = False
         self._auth = authenticator(config.auth, config.tls)
+        self.governor = Governor(config)
         self._observer = combine(config.observers)  # None: the wrapper observes nothing
         self._credentials: Any = None
         if self._observer is not None:
@@ -396,6 +400,10 @@ class ServerBase:
     def auth_denials(self) -> dict[str, int]:
         """Calls refused by authentication or policy so far, by reason."""
         return {} if self._auth is None else self._auth.denials()
+
+    def shed(self) -> dict[str, int]:
+        """Calls refused unrun by overload protection or rate limits so far, by reason."""
+        return self.governor.shed()
 
     @property
     def service_names(self) -> tuple[str, ...]:
@@ -516,3 +524,100 @@ def final_status(context: Any, exc: BaseException | None) -> grpc.StatusCode:
         return code
     cancelled = isinstance(exc, GeneratorExit) or type(exc).__name__ == "CancelledError"
     return grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+
+
+# -- overload protection and rate limits -----------------------------------------
+
+
+#: How a call refused before its handler ends: status, details, trailing metadata.
+Refusal = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]
+
+
+def _share_of(context: Any) -> float:
+    """The criticality share of an incoming call, from its ``rpcframe-criticality`` header."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CRITICALITY_KEY:
+            return criticality_share(value if isinstance(value, str) else None)
+    return criticality_share(None)
+
+
+class Governor:
+    """A server's admission control and rate limits, as both fronts use them.
+
+    Per method, the wrapper asks once for its :meth:`admission` and
+    :meth:`rate_limiters`; per call, :meth:`limit` and :meth:`admit` return
+    None to run it or the :data:`Refusal` to end it with, unrun (the client
+    may send it elsewhere). The asyncio front keeps :attr:`queue_delay`
+    current.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._overload = config.overload
+        self._limits = config.rate_limits
+        self._server_admission: Admission | None = None
+        self._shed: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.queue_delay = 0.0  #: the front's current queueing delay (asyncio: event-loop lag), seconds
+
+    def shed(self) -> dict[str, int]:
+        """Calls refused so far, by reason ("concurrency", "queue", "priority", "deadline", "rate_limit")."""
+        with self._lock:
+            return dict(self._shed)
+
+    def admission(self, method: str, streaming: bool) -> Admission | None:
+        """The admission control of ``method`` (shared by the server's methods unless per_method).
+
+        Only unary methods are admitted this way: a stream's duration is its
+        peer's pace as much as the server's load.
+        """
+        cfg = self._overload
+        if cfg is None or streaming:
+            return None
+        if cfg.per_method:
+            return Admission(cfg, time.monotonic())
+        if self._server_admission is None:
+            self._server_admission = Admission(cfg, time.monotonic())
+        return self._server_admission
+
+    def rate_limiters(self, method: str) -> tuple[RateLimiter, ...]:
+        """The rate limits on ``method``, each with its own buckets."""
+        now = time.monotonic()
+        return tuple(RateLimiter(limit, now) for limit in self._limits if limit.applies_to(method))
+
+    def admit(self, admission: Admission, context: Any) -> Refusal | None:
+        """None to run the call (then ``admission.enter()``); else how to end it (unrun)."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining > _NO_DEADLINE:
+            remaining = None
+        rejection = admission.admit(self.queue_delay, remaining, time.monotonic(), _share_of, context)
+        return None if rejection is None else self._refuse(rejection)
+
+    def limit(self, limiters: tuple[RateLimiter, ...], context: Any) -> Refusal | None:
+        """None when every rate limit on the call has a token for it; else how to end it (unrun)."""
+        now = time.monotonic()
+        for limiter in limiters:
+            caller = _caller(context) if limiter.limit.per_caller else ""
+            wait = limiter.take(caller, now)
+            if wait > 0:
+                return self._refuse(Rejection("rate_limit", wait))
+        return None
+
+    def _refuse(self, rejection: Rejection) -> Refusal:
+        reason = rejection.reason
+        with self._lock:
+            self._shed[reason] = self._shed.get(reason, 0) + 1
+        trailers: tuple[tuple[str, str], ...] = ((NOT_RUN_KEY, "1"),)
+        if reason == "deadline":
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "the call cannot finish before its deadline: not run", trailers
+        pushback = str(max(1, round(rejection.retry_after * 1000)))
+        what = "rate limit exceeded" if reason == "rate_limit" else f"server overloaded ({reason})"
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: not run; retry after {pushback} ms",
+                (*trailers, (PUSHBACK_KEY, pushback)))  # fmt: skip
+
+
+def _caller(context: Any) -> str:
+    """Who a rate limit per caller counts: the authenticated name, else "anonymous"."""
+    from ..security.identity import peer
+
+    identity = peer(context)
+    return identity.principal if identity.principal else "anonymous"

@@ -26,6 +26,7 @@ from ._common import (
     BadRequest,
     Drain,
     IncomingScope,
+    Refusal,
     ServerBase,
     StallWatch,
     is_grpc_abort,
@@ -160,6 +161,14 @@ def _refusal(context: grpc.ServicerContext, drain: Drain | None) -> tuple[grpc.S
     code, details, trailing = NOT_RUN
     context.set_trailing_metadata(trailing)
     return code, details
+
+
+def _end_unrun(context: grpc.ServicerContext, refusal: Refusal) -> NoReturn:
+    """End a call its handler never saw (overload, rate limit), marked so clients may send it elsewhere."""
+    code, details, trailing = refusal
+    context.set_trailing_metadata(trailing)
+    context.abort(code, details)
+    raise AssertionError("unreachable: abort() raises")  # pragma: no cover
 
 
 def _received(observer: CallObserver, method: str, context: grpc.ServicerContext, request: Any) -> ServerCallInfo:
@@ -385,6 +394,9 @@ class Server(ServerBase):
         set_scope = scope_var.set
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
         watch, reads, now = self._stalls, handler.request_streaming, time.monotonic
+        governor = self.governor
+        limiters = governor.rate_limiters(method)  # () without ServerConfig.rate_limits
+        admission = governor.admission(method, handler.response_streaming or reads)  # None: streams, or off
         # A unary request is registered as a request stream of which the
         # wrapper reads the one message itself (see _one_request).
         one = not reads
@@ -396,6 +408,8 @@ class Server(ServerBase):
                     context.abort(*_refusal(context, server._drain))
                 if guard is not None and (denied := guard(context)) is not None:
                     context.abort(*denied)
+                if limiters and (refused := governor.limit(limiters, context)) is not None:
+                    _end_unrun(context, refused)
                 if one:
                     request = _one_request(request, context)
                 if type(request) is BadRequest:
@@ -432,12 +446,17 @@ class Server(ServerBase):
                 context.abort(*_refusal(context, server._drain))
             if guard is not None and (denied := guard(context)) is not None:
                 context.abort(*denied)
+            if limiters and (refused := governor.limit(limiters, context)) is not None:
+                _end_unrun(context, refused)
+            if admission is not None and (refused := governor.admit(admission, context)) is not None:
+                _end_unrun(context, refused)
             if one:
                 request = _one_request(request, context)
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             info = None if observer is None else _received(observer, method, context, request)
             enter()
+            stamp, started = (0, 0.0) if admission is None else (admission.enter(), now())
             scope = _Scope(context, cap)
             token = set_scope(scope)
             try:
@@ -450,6 +469,9 @@ class Server(ServerBase):
             finally:
                 _end_scope(scope, token)
                 leave()
+                if admission is not None:
+                    ended = now()
+                    admission.leave(stamp, ended - started, ended)
                 if info is not None:
                     observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 

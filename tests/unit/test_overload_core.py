@@ -35,8 +35,8 @@ def _simulate(admission: Admission, rate: float, seconds: float, work: float, st
             critical = rng.random() < critical_share
             criticality = "CRITICAL" if critical else "SHEDDABLE" if critical_share else None
             share = criticality_share(criticality)
-            if admission.admit(len(running), 0.0, None, now, criticality_share, criticality) is None:
-                running.append([work, now, len(running), share])
+            if admission.admit(0.0, None, now, criticality_share, criticality) is None:
+                running.append([work, now, admission.enter(), share])
             else:
                 out["critical_refused" if critical else "refused"].append(now)
             next_arrival += rng.expovariate(rate)
@@ -46,9 +46,11 @@ def _simulate(admission: Admission, rate: float, seconds: float, work: float, st
             for call in running:
                 call[0] -= slice_
             for call in [c for c in running if c[0] <= 0]:
-                admission.done(now - call[1], call[2], len(running), now)
+                admission.leave(int(call[2]), now - call[1], now)
                 running.remove(call)
                 out["critical_ok" if call[3] == 1.0 and critical_share else "ok"].append(now - call[1])
+    for call in running:  # the next phase starts with an empty server
+        admission.leave(int(call[2]), now - call[1], now)
     return out
 
 
@@ -114,7 +116,7 @@ def test_mixed_criticality_sheds_the_sheddable_first() -> None:
 def test_queue_delay_refuses_by_criticality() -> None:
     admission = Admission(OverloadConfig(queue_target=0.01), now=0.0)
     def admit(criticality: str, delay: float) -> object:
-        return admission.admit(0, delay, None, 0.0, criticality_share, criticality)
+        return admission.admit(delay, None, 0.0, criticality_share, criticality)
 
     assert admit("SHEDDABLE", 0.006) == ("queue", 0.006)
     assert admit("CRITICAL_PLUS", 0.011) is None
@@ -125,11 +127,11 @@ def test_queue_delay_refuses_by_criticality() -> None:
 def test_a_call_that_cannot_meet_its_deadline_is_refused() -> None:
     admission = Admission(OverloadConfig(), now=0.0)
     for i in range(LatencyMedian.SIZE):
-        admission.done(0.02, 0, 1, i * 0.03)
+        admission.leave(admission.enter(), 0.02, i * 0.03)
     assert admission.latency.median == pytest.approx(0.02)
-    assert admission.admit(0, 0.0, 0.01, 0.0) == ("deadline", 0.0)
-    assert admission.admit(0, 0.0, 0.05, 0.0) is None
-    assert Admission(OverloadConfig(deadline_shedding=False), 0.0).admit(0, 0.0, 0.0, 0.0) is None
+    assert admission.admit(0.0, 0.01, 0.0) == ("deadline", 0.0)
+    assert admission.admit(0.0, 0.05, 0.0) is None
+    assert Admission(OverloadConfig(deadline_shedding=False), 0.0).admit(0.0, 0.0, 0.0) is None
 
 
 def test_unknown_criticality_counts_as_critical() -> None:

@@ -1,0 +1,200 @@
+"""Overload protection and rate limits on real servers, both fronts.
+
+A limit held at one call (``OverloadConfig(initial_limit=1, max_limit=1)``)
+makes refusals deterministic: while a "block" call holds the slot, the next
+call is refused before its handler runs, marked never-run, with a pushback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+import rpcframe
+import rpcframe.aio
+from examples.echo import EchoServicer
+from generated.rpcframe.echo.v1 import echo_pb2 as pb
+from generated.rpcframe.echo.v1 import echo_pb2_grpc
+from rpcframe.prometheus import PrometheusObserver
+from rpcframe.security import ApiKeys, AuthConfig, StaticToken
+from tests.conftest import wait_until
+from tests.servicers import AioScriptedEcho, ScriptedEcho
+
+ONE_AT_A_TIME = rpcframe.OverloadConfig(initial_limit=1, max_limit=1, queue_target=10.0)
+ECHO = "rpcframe.echo.v1.EchoService/Echo"
+
+
+def _sync_server(servicer: object, **config: Any) -> tuple[rpcframe.Server, str]:
+    server = rpcframe.Server(rpcframe.ServerConfig(grace_period=1, **config))
+    server.add(servicer)
+    address = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
+    server.start()
+    return server, address
+
+
+def test_a_refused_call_is_not_run_and_another_endpoint_takes_it() -> None:
+    registry = CollectorRegistry()
+    first, second = ScriptedEcho("a"), ScriptedEcho("b")
+    busy, busy_address = _sync_server(first, overload=ONE_AT_A_TIME, observers=(PrometheusObserver(registry),))
+    spare, spare_address = _sync_server(second, overload=ONE_AT_A_TIME)
+    config = rpcframe.ChannelConfig(policy="pick_first", default_timeout=10)
+    try:
+        with rpcframe.connect([busy_address, spare_address], config) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            wait_until(lambda: all(state == "READY" for _, state in channel.endpoints()))
+            blocked = stub.Echo.future(pb.EchoRequest(message="block"))
+            assert first.started.wait(10)
+            assert stub.Echo(pb.EchoRequest(message="whoami")).message == "b"  # refused by a, run by b
+            first.release.set()
+            assert blocked.result().message == "block"
+            assert channel.counters()["failovers"] == 1
+    finally:
+        busy.stop(0)
+        spare.stop(0)
+    assert first.calls == 1  # only the blocking call ran there
+    assert second.calls == 1
+    assert busy.shed() == {"concurrency": 1}
+    assert 'rpcframe_server_shed_total{rpcframe_reason="concurrency"} 1.0' in generate_latest(registry).decode()
+
+
+def test_the_only_endpoint_is_retried_after_its_pushback() -> None:
+    servicer = ScriptedEcho("a")
+    server, address = _sync_server(servicer, overload=ONE_AT_A_TIME)
+    retry = rpcframe.RetryPolicy(max_attempts=5)
+    try:
+        with rpcframe.connect(address, rpcframe.ChannelConfig(default_timeout=10, retry=retry)) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for _ in range(64):  # the method's median latency, which the pushback is based on
+                stub.Echo(pb.EchoRequest(message="sleep:0.01"))
+            blocked = stub.Echo.future(pb.EchoRequest(message="block"))
+            assert servicer.started.wait(10)
+
+            def release_after_a_refusal() -> None:
+                wait_until(lambda: server.shed().get("concurrency", 0) >= 1)
+                servicer.release.set()
+
+            releaser = threading.Thread(target=release_after_a_refusal)
+            releaser.start()
+            start = time.monotonic()
+            assert stub.Echo(pb.EchoRequest(message="whoami")).message == "a"
+            elapsed = time.monotonic() - start
+            releaser.join(10)
+            blocked.result()
+            retried = channel.counters()["retries"]
+    finally:
+        server.stop(0)
+    refused = server.shed()["concurrency"]
+    assert refused >= 1
+    assert retried == refused  # each refusal was retried once, after its pushback
+    assert elapsed >= 0.009 * refused  # waited the ~10 ms pushback before each retry
+    assert servicer.calls == 64 + 2  # the refused attempts never ran
+
+
+def test_a_call_that_cannot_meet_its_deadline_is_refused_unrun() -> None:
+    servicer = ScriptedEcho("a")
+    server, address = _sync_server(servicer)  # default protection
+    try:
+        with rpcframe.connect(address, rpcframe.ChannelConfig(default_timeout=10)) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for _ in range(64):
+                stub.Echo(pb.EchoRequest(message="sleep:0.02"))
+            with pytest.raises(rpcframe.DeadlineExceeded):
+                stub.Echo(pb.EchoRequest(message="sleep:0.02"), timeout=0.005)
+    finally:
+        server.stop(0)
+    assert server.shed().get("deadline", 0) >= 1
+    assert servicer.calls == 64  # refused before the handler, however many attempts
+
+
+def test_rate_limits_apply_per_caller() -> None:
+    keys = {"alice": "k-alice-0123456789", "bob": "k-bob-0123456789ab"}
+    auth = AuthConfig(api_keys=ApiKeys.from_plain(keys))
+    limit = rpcframe.RateLimit(rate=0.5, burst=2, method=ECHO, per_caller=True)
+    servicer = ScriptedEcho("a")
+    server, address = _sync_server(servicer, auth=auth, rate_limits=(limit,))
+    no_retry = rpcframe.RetryPolicy(max_attempts=1)
+
+    def calls(caller: str, count: int) -> list[str]:
+        token = StaticToken(keys[caller], scheme=None, key_name="x-api-key")
+        config = rpcframe.ChannelConfig(default_timeout=10, token=token, retry=no_retry)
+        answers = []
+        with rpcframe.connect(address, config) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for _ in range(count):
+                try:
+                    answers.append(stub.Echo(pb.EchoRequest(message="whoami")).message)
+                except rpcframe.ResourceExhausted as exc:
+                    answers.append(exc.details())
+        return answers
+
+    try:
+        alice, bob = calls("alice", 3), calls("bob", 2)
+    finally:
+        server.stop(0)
+    assert alice[:2] == ["a", "a"]
+    assert alice[2].startswith("rate limit exceeded: not run; retry after ")
+    assert bob == ["a", "a"]  # another caller's bucket
+    assert servicer.calls == 4
+    assert server.shed() == {"rate_limit": 1}
+
+
+class _Criticality(EchoServicer):
+    """Answers with the criticality the call carried; "relay:ADDRESS" asks ADDRESS instead."""
+
+    def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
+        if request.message.startswith("relay:"):
+            with rpcframe.connect(request.message[6:], rpcframe.ChannelConfig(default_timeout=5)) as channel:
+                return channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="who"))
+        found = [v for k, v in context.invocation_metadata() if k == "rpcframe-criticality"]
+        return pb.EchoResponse(message=",".join(found) or "none")
+
+
+def test_criticality_is_sent_and_inherited_across_a_hop() -> None:
+    leaf, leaf_address = _sync_server(_Criticality())
+    relay, relay_address = _sync_server(_Criticality())
+    methods = {ECHO: rpcframe.MethodConfig(criticality="sheddable_plus")}
+    try:
+        with rpcframe.connect(relay_address, rpcframe.ChannelConfig(default_timeout=5)) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            assert stub.Echo(pb.EchoRequest(message="who")).message == "none"
+            with rpcframe.criticality("SHEDDABLE"):
+                assert stub.Echo(pb.EchoRequest(message="who")).message == "SHEDDABLE"
+                assert stub.Echo(pb.EchoRequest(message=f"relay:{leaf_address}")).message == "SHEDDABLE"
+        with rpcframe.connect(relay_address, rpcframe.ChannelConfig(default_timeout=5, methods=methods)) as channel:
+            assert channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="who")).message == (
+                "SHEDDABLE_PLUS"
+            )
+    finally:
+        leaf.stop(0)
+        relay.stop(0)
+    with pytest.raises(rpcframe.ConfigError, match="criticality must be one of"):
+        rpcframe.MethodConfig(criticality="urgent")
+
+
+async def test_aio_sheds_the_least_critical_first() -> None:
+    servicer = AioScriptedEcho("a")
+    server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=1, overload=ONE_AT_A_TIME))
+    server.add(servicer)
+    address = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
+    await server.start()
+    no_retry = rpcframe.RetryPolicy(max_attempts=1)
+    try:
+        async with rpcframe.aio.connect(address, rpcframe.ChannelConfig(default_timeout=10, retry=no_retry)) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            blocked = asyncio.ensure_future(stub.Echo(pb.EchoRequest(message="block")))
+            await asyncio.wait_for(servicer.started.wait(), 10)
+            with rpcframe.criticality("SHEDDABLE"), pytest.raises(rpcframe.ResourceExhausted):
+                await stub.Echo(pb.EchoRequest(message="whoami"))
+            with rpcframe.criticality("CRITICAL_PLUS"):  # twice the limit: still room
+                assert (await stub.Echo(pb.EchoRequest(message="whoami"))).message == "a"
+            servicer.release.set()
+            assert (await blocked).message == "block"
+    finally:
+        await server.stop(0)
+    assert server.shed() == {"concurrency": 1}
+    assert servicer.calls == 2  # the sheddable call never ran
