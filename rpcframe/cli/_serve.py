@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import os
@@ -12,7 +13,7 @@ from typing import Any
 
 from .. import _loop
 from ..accesslog import AccessLog
-from ..config import ServerConfig
+from ..config import RateLimit, ServerConfig
 from ..errors import ConfigError
 from ..server import _aio, _sync
 from ._common import CliError, add_server_security_flags, load_object, server_auth, server_tls, split_host_port
@@ -46,6 +47,11 @@ def register(sub: Any) -> None:
                    help="serve Prometheus /metrics on 127.0.0.1:PORT (0: a free one; needs rpcframe[prometheus])")
     p.add_argument("--access-log", action="store_true",
                    help="log one JSON line per call on the rpcframe.access logger (never credentials)")
+    p.add_argument("--rate-limit", action="append", default=[], metavar="METHOD=RATE[/BURST][:per-caller]",
+                   help="token bucket on METHOD ('pkg.Service/Method', 'pkg.Service' or '*'): RATE calls/s, BURST "
+                        "at once (default: RATE); ':per-caller' gives each authenticated caller its own (repeatable)")
+    p.add_argument("--no-overload-protection", action="store_true",
+                   help="admit every call, however overloaded the server (default: adaptive admission control)")
     add_server_security_flags(p)
     p.set_defaults(run=run)
 
@@ -102,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         observers, metrics_line = _observers(args)
         observers = (*observers, *(telemetry.observers if telemetry is not None else ()))
         config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection, grace_period=args.grace,
-                              drain_delay=args.drain_delay, tls=tls, auth=auth, observers=observers)  # fmt: skip
+                              drain_delay=args.drain_delay, tls=tls, auth=auth, observers=observers,
+                              rate_limits=tuple(parse_rate_limit(spec) for spec in args.rate_limit))  # fmt: skip
+        if args.no_overload_protection:
+            config = dataclasses.replace(config, overload=None)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
     use_aio = _is_async(servicers) if args.aio is None else args.aio
@@ -166,3 +175,17 @@ def _observers(args: argparse.Namespace) -> tuple[tuple[Any, ...], str]:
     except OSError as exc:
         raise CliError(f"cannot serve metrics on 127.0.0.1:{args.metrics_port}: {exc.strerror}", 2) from None
     return (*observers, PrometheusObserver()), f"metrics on 127.0.0.1:{port}\n"
+
+
+def parse_rate_limit(spec: str) -> RateLimit:
+    """``METHOD=RATE[/BURST][:per-caller]`` as a :class:`~rpcframe.RateLimit` (ConfigError when malformed)."""
+    method, sep, rest = spec.partition("=")
+    rest, _, scope = rest.partition(":")
+    rate_text, _, burst_text = rest.partition("/")
+    if not sep or scope not in ("", "per-caller"):
+        raise ConfigError(f"--rate-limit {spec!r}: expected METHOD=RATE[/BURST][:per-caller]")
+    try:
+        rate, burst = float(rate_text), float(burst_text) if burst_text else None
+    except ValueError:
+        raise ConfigError(f"--rate-limit {spec!r}: RATE and BURST must be numbers") from None
+    return RateLimit(rate=rate, burst=burst, method=method.strip(), per_caller=scope == "per-caller")

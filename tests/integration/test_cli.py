@@ -58,6 +58,10 @@ def test_health_command(served: ServeProcess) -> None:
         (["serve", "examples.echo:servicer", "--bind", "127.0.0.1:99999"], "port must be in 0..65535", 2),
         (["serve", "examples.echo:_echo_metadata_sync"], "cannot create servicers: TypeError", 1),
         (["serve", "examples.echo:__doc__"], "must be a servicer", 2),
+        (["serve", "examples.echo:servicer", "--rate-limit", "x"], "expected METHOD=RATE[/BURST][:per-caller]", 2),
+        (["serve", "examples.echo:servicer", "--rate-limit", "*=fast"], "RATE and BURST must be numbers", 2),
+        (["serve", "examples.echo:servicer", "--rate-limit", "*=0"], "rate must be > 0", 2),
+        (["serve", "examples.echo:servicer", "--rate-limit", "/a/b=1"], "method must be", 2),
     ],
 )
 def test_serve_bad_input(args: list[str], message: str, code: int) -> None:

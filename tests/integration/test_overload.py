@@ -22,6 +22,7 @@ from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe.prometheus import PrometheusObserver
 from rpcframe.security import ApiKeys, AuthConfig, StaticToken
+from tests.cli import ServeProcess
 from tests.conftest import wait_until
 from tests.servicers import AioScriptedEcho, ScriptedEcho
 
@@ -198,3 +199,17 @@ async def test_aio_sheds_the_least_critical_first() -> None:
         await server.stop(0)
     assert server.shed() == {"concurrency": 1}
     assert servicer.calls == 2  # the sheddable call never ran
+
+
+def test_rpcframe_serve_rate_limit_flag() -> None:
+    serve = ServeProcess("tests.servicers:tagged", "--bind", "127.0.0.1:0", "--rate-limit", f"{ECHO}=0.1/2")
+    try:
+        config = rpcframe.ChannelConfig(default_timeout=10, retry=rpcframe.RetryPolicy(max_attempts=1))
+        with rpcframe.connect(serve.target, config) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for _ in range(2):
+                stub.Echo(pb.EchoRequest(message="x"))
+            with pytest.raises(rpcframe.ResourceExhausted, match="rate limit exceeded"):
+                stub.Echo(pb.EchoRequest(message="x"))
+    finally:
+        serve.terminate()
