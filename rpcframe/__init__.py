@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         RateLimit,
         RetryPolicy,
         ServerConfig,
+        ThrottleConfig,
     )  # fmt: skip
     from .deadline import criticality, deadline_after, time_remaining
     from .discovery.etcd_registration import EtcdRegistration
@@ -81,7 +82,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".client._sync": ("Channel", "ResponseStream", "connect"),
     ".config": (
         "BudgetConfig", "ChannelConfig", "HedgePolicy", "MethodConfig", "OverloadConfig", "RateLimit", "RetryPolicy",
-        "ServerConfig",
+        "ServerConfig", "ThrottleConfig",
     ),  # fmt: skip
     ".deadline": ("criticality", "deadline_after", "time_remaining"),
     ".discovery.etcd_registration": ("EtcdRegistration",),
@@ -143,6 +144,7 @@ __all__ = [
     "Server",
     "ServerConfig",
     "StaticResolver",
+    "ThrottleConfig",
     "StaticToken",
     "TLSConfig",
     "Unauthenticated",

@@ -17,6 +17,7 @@ from ._core.budget import BudgetConfig
 from ._core.hedge import HedgePolicy
 from ._core.overload import OverloadConfig, RateLimit, check_criticality
 from ._core.retry import RetryPolicy
+from ._core.throttle import ThrottleConfig
 from .balancing.outlier import OutlierConfig
 from .balancing.pickers import available_policies
 from .errors import DEFAULT_EXCEPTION_STATUS, ConfigError
@@ -29,6 +30,7 @@ __all__ = [
     "BudgetConfig",
     "OverloadConfig",
     "RateLimit",
+    "ThrottleConfig",
     "ChannelConfig",
     "GrpcOptions",
     "HedgePolicy",
@@ -134,6 +136,11 @@ class ChannelConfig:
             NOT_SERVING / SERVICE_UNKNOWN endpoints out of picks.
         health_service: service name to watch ("" = the whole server).
         outlier: passive outlier detection (consecutive failures -> ejection).
+        throttle: client-side adaptive throttling per endpoint
+            (:class:`~rpcframe.ThrottleConfig`, the SRE book's formula): an
+            endpoint that refuses most calls as overloaded gets a matching
+            share of them refused locally instead (sent elsewhere when
+            possible); ``None`` turns it off.
         slow_start: seconds over which an endpoint that joins or returns
             ramps up to its full share (0 turns it off).
         panic_threshold: when fewer than this share of connected endpoints
@@ -178,6 +185,7 @@ class ChannelConfig:
     health_check: bool = True
     health_service: str = ""
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    throttle: ThrottleConfig | None = field(default_factory=ThrottleConfig)
     slow_start: float = 10.0
     panic_threshold: float = 0.5
     ewma_decay: float = 10.0

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .._core.throttle import AdaptiveThrottle, ThrottleConfig
 from .endpoint import Endpoint, EndpointStats
 from .outlier import OutlierConfig, update_ejections
 from .pickers import Picker, PickerContext, build_picker
@@ -72,6 +73,7 @@ class BalancerCore:
         outlier: OutlierConfig | None = None,
         panic_threshold: float = 0.5,
         ewma_decay: float = 10.0,
+        throttle: ThrottleConfig | None = None,
     ) -> None:
         self.target = target
         self.policy = policy
@@ -79,6 +81,7 @@ class BalancerCore:
         self.outlier = outlier or OutlierConfig()
         self.panic_threshold = panic_threshold
         self._ewma_decay = ewma_decay
+        self._throttle = throttle
         self._lock = threading.RLock()
         self._entries: dict[str, EndpointEntry] = {}
         self._resolved = False
@@ -113,6 +116,8 @@ class BalancerCore:
                         endpoint, self.context.clock, decay=self._ewma_decay,
                         failure_threshold=self.outlier.consecutive_failures,
                     )  # fmt: skip
+                    if self._throttle is not None:
+                        stats.throttle = AdaptiveThrottle(self._throttle, self.context.clock())
                     entry = EndpointEntry(stats)
                     added.append(entry)
                 elif entry.stats.endpoint != endpoint:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._core.ewma import PeakEWMA
+from .._core.throttle import AdaptiveThrottle
 
 __all__ = ["Endpoint", "EndpointStats", "Outcome"]
 
@@ -46,6 +47,7 @@ class Outcome(enum.IntEnum):
     SUCCESS = 0  # includes application errors (NOT_FOUND, INVALID_ARGUMENT, ...)
     FAILURE = 1  # the endpoint failed (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS, timeouts)
     IGNORED = 2  # cancelled by the caller: says nothing about the endpoint
+    REJECTED = 3  # refused unrun as overloaded: a failure, and what client throttling counts
 
 
 class EndpointStats:
@@ -59,7 +61,7 @@ class EndpointStats:
 
     __slots__ = (
         "_clock", "_lock", "_start_sum", "consecutive_failures", "ejected_until", "ejections", "endpoint",
-        "ewma", "failure_threshold", "handle", "inflight", "ready_since", "streams",
+        "ewma", "failure_threshold", "handle", "inflight", "ready_since", "streams", "throttle",
     )  # fmt: skip
 
     def __init__(
@@ -84,6 +86,7 @@ class EndpointStats:
         self.ejected_until = -math.inf
         self.ready_since = -math.inf
         self.handle: Any = None
+        self.throttle: AdaptiveThrottle | None = None  #: client-side throttling, when the channel has it
 
     @property
     def address(self) -> str:
@@ -119,7 +122,12 @@ class EndpointStats:
                 self._start_sum = 0.0  # nothing aged in flight: drop rounding drift
             else:
                 self._start_sum -= now - latency
-            if outcome is Outcome.IGNORED or latency < 0:
+            if outcome is Outcome.IGNORED:
+                return False
+            throttle = self.throttle
+            if throttle is not None:
+                throttle.record(outcome is not Outcome.REJECTED, now)
+            if latency < 0:
                 return False
             if outcome is Outcome.SUCCESS:
                 self.ewma.observe(latency, now)

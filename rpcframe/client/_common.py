@@ -12,6 +12,7 @@ contract and the budget allow (:class:`Attempts`, policy in
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -30,7 +31,7 @@ from ..balancing.endpoint import EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
 from ..config import ChannelConfig
-from ..errors import DeadlineExceeded, RpcError, Unavailable, from_grpc
+from ..errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable, from_grpc
 from ..observe import EndpointState, combine
 from ..security.tls import channel_credentials
 from ..security.tokens import check_token_transport, token_parts
@@ -109,6 +110,21 @@ def outcome_of(code: grpc.StatusCode) -> Outcome:
     if code is grpc.StatusCode.CANCELLED:
         return Outcome.IGNORED
     return Outcome.FAILURE if code in _ENDPOINT_FAILURES else Outcome.SUCCESS
+
+
+def outcome_of_error(error: grpc.RpcError) -> Outcome:
+    """How a failed attempt counts: REJECTED when the server refused it unrun as overloaded.
+
+    A shedding server answers at once; counted as a success (or by its
+    latency) it would look like the fastest endpoint and draw more calls.
+    """
+    code = error.code()
+    if code in _SHED_CODES and trailer_facts(error)[0]:
+        return Outcome.REJECTED
+    return outcome_of(code)
+
+
+_SHED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def trailer_facts(exc: grpc.RpcError) -> tuple[bool, float | None]:
@@ -221,6 +237,7 @@ class BalancedChannelBase:
             outlier=cfg.outlier,
             panic_threshold=cfg.panic_threshold,
             ewma_decay=cfg.ewma_decay,
+            throttle=cfg.throttle,
         )
         if cfg.token is not None:  # refuse to leak a token over plaintext
             check_token_transport(target, cfg.tls is not None, cfg.allow_insecure_token)
@@ -320,7 +337,25 @@ class BalancedChannelBase:
                 break
             done(Outcome.IGNORED, 0.0)
             core.set_connectivity(stats.address, stats.handle.connectivity())
+        throttle = stats.throttle
+        if throttle is not None and throttle.p > 0.0 and random.random() < throttle.p:
+            return self._throttled(picker, stats, done)
         return stats, done
+
+    def _throttled(self, picker: Any, stats: EndpointStats, done: Callable[..., Any]) -> Pick:
+        """Client throttling refused ``stats`` locally: another endpoint that does not, or ResourceExhausted."""
+        done(Outcome.IGNORED, 0.0)
+        if stats.throttle is not None:  # a request the endpoint did not accept (SRE: counted, though not sent)
+            stats.throttle.record(False, time.monotonic())
+        self.stats.throttled += 1
+        other, other_done = _pick_other(picker, stats)
+        throttle = other.throttle
+        if other is not stats and (throttle is None or random.random() >= throttle.p) and other.handle.ready():
+            return other, other_done
+        other_done(Outcome.IGNORED, 0.0)
+        raise ResourceExhausted(
+            f"not sent: {stats.address} refused most recent calls as overloaded (client-side throttling)"
+        )
 
 
 def _pick_other(picker: Any, avoid: EndpointStats | None) -> Pick:
@@ -344,7 +379,7 @@ def _pick_other(picker: Any, avoid: EndpointStats | None) -> Pick:
 class CallStats:
     """Counters of a channel's extra attempts (for benchmarks and status pages)."""
 
-    __slots__ = ("budget_refused", "failovers", "hedge_wins", "hedges", "retries")
+    __slots__ = ("budget_refused", "failovers", "hedge_wins", "hedges", "retries", "throttled")
 
     def __init__(self) -> None:
         self.retries = 0  # sent attempts after a failure
@@ -352,6 +387,7 @@ class CallStats:
         self.hedges = 0  # backup requests sent
         self.hedge_wins = 0  # calls answered by a backup
         self.budget_refused = 0  # retries or hedges the budget refused
+        self.throttled = 0  # attempts client-side throttling refused locally
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
@@ -486,6 +522,7 @@ __all__ = [
     "connectivity_of",
     "is_idempotent",
     "outcome_of",
+    "outcome_of_error",
     "remaining_timeout",
     "trailer_facts",
     "with_attempt",

@@ -38,7 +38,7 @@ from .._core.retry import decide
 from ..balancing.endpoint import Outcome
 from ..errors import Cancelled, DeadlineExceeded
 from ..observe import AttemptInfo, CallInfo
-from ._common import CallPlan, MethodBase, outcome_of, trailer_facts
+from ._common import CallPlan, MethodBase, outcome_of_error, trailer_facts
 
 __all__ = [
     "CALL", "CANCEL", "DELIVER", "OPEN", "PICK", "SLEEP", "START", "WAIT",
@@ -238,7 +238,7 @@ def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
                 if method._hedge_state is not None:
                     method._hedge_state.latencies.add(latency)
                 return value
-            if done(outcome_of(value.code()), latency):
+            if done(outcome_of_error(value), latency):
                 channel.balancer.refresh()
             if info is not None:
                 _attempt_ended(method, info, attempt, value, latency)
@@ -314,7 +314,7 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
                         channel.stats.hedge_wins += 1
                     return value
                 if isinstance(value, grpc.RpcError) and value.code() is not grpc.StatusCode.CANCELLED:
-                    if copy.done(outcome_of(value.code()), latency):
+                    if copy.done(outcome_of_error(value), latency):
                         channel.balancer.refresh()
                 else:
                     copy.done(Outcome.IGNORED, latency)

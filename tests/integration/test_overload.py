@@ -213,3 +213,27 @@ def test_rpcframe_serve_rate_limit_flag() -> None:
                 stub.Echo(pb.EchoRequest(message="x"))
     finally:
         serve.terminate()
+
+
+def test_client_throttling_stops_sending_to_a_backend_that_sheds_everything() -> None:
+    servicer = ScriptedEcho("a")
+    server, address = _sync_server(servicer, overload=ONE_AT_A_TIME)
+    config = rpcframe.ChannelConfig(default_timeout=10, retry=rpcframe.RetryPolicy(max_attempts=1))
+    calls = 40
+    try:
+        with rpcframe.connect(address, config) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            blocked = stub.Echo.future(pb.EchoRequest(message="block"))
+            assert servicer.started.wait(10)
+            for _ in range(calls):
+                with pytest.raises(rpcframe.ResourceExhausted):
+                    stub.Echo(pb.EchoRequest(message="whoami"))
+            throttled = channel.counters()["throttled"]
+            servicer.release.set()
+            blocked.result()
+    finally:
+        server.stop(0)
+    shed = server.shed()["concurrency"]
+    assert shed + throttled == calls  # each call was refused once: by the server or, unsent, by the client
+    assert throttled >= calls // 2  # once most calls were refused, most were no longer sent
+    assert servicer.calls == 1

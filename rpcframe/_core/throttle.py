@@ -1,0 +1,83 @@
+"""Client-side adaptive throttling (Google SRE book, "Handling Overload").
+
+Each endpoint keeps, over the last ``window`` seconds, the requests the
+client meant to send it and the ones it accepted (did not refuse as
+overloaded). A request is refused locally, without being sent, with
+probability ``max(0, (requests - k * accepts) / (requests + 1))``: nothing
+while the endpoint accepts more than 1/k of the calls, then a growing share,
+so a backend that sheds most calls is not sent the calls it would shed
+anyway. ``k = 2`` lets through twice what it accepts, so it can show it has
+recovered.
+
+Pure and clock-driven; the counters take no lock (a lost increment under a
+race only nudges an estimate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+__all__ = ["AdaptiveThrottle", "ThrottleConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleConfig:
+    """Client-side throttling (``ChannelConfig.throttle``; None turns it off).
+
+    Attributes:
+        k: requests sent per request accepted before the client starts
+            refusing locally (the SRE book's K; 2 by default).
+        window: seconds of history.
+    """
+
+    k: float = 2.0
+    window: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"throttle.k must be >= 1, got {self.k!r}")
+        if self.window <= 0:
+            raise ConfigError(f"throttle.window must be > 0, got {self.window!r}")
+
+
+class AdaptiveThrottle:
+    """Requests and accepts of one endpoint over a sliding window of 10 buckets."""
+
+    __slots__ = ("_accepts", "_k", "_requests", "_slot", "_span", "accepted", "p", "requested")
+
+    BUCKETS = 10
+
+    def __init__(self, config: ThrottleConfig, now: float) -> None:
+        self._k = config.k
+        self._span = config.window / self.BUCKETS
+        self._requests = [0] * self.BUCKETS
+        self._accepts = [0] * self.BUCKETS
+        self._slot = int(now / self._span)
+        self.requested = 0  #: requests in the window
+        self.accepted = 0  #: accepts in the window
+        self.p = 0.0  #: the probability of refusing the next request locally
+
+    def record(self, accepted: bool, now: float) -> None:
+        """One request, accepted by the endpoint or not (refused as overloaded, or locally)."""
+        slot = int(now / self._span)
+        if slot != self._slot:
+            self._roll(slot)
+        index = slot % self.BUCKETS
+        self._requests[index] += 1
+        self.requested += 1
+        if accepted:
+            self._accepts[index] += 1
+            self.accepted += 1
+        self.p = max(0.0, (self.requested - self._k * self.accepted) / (self.requested + 1))
+
+    def _roll(self, slot: int) -> None:
+        """Drop the buckets older than the window."""
+        for gone in range(max(self._slot + 1, slot - self.BUCKETS + 1), slot + 1):
+            index = gone % self.BUCKETS
+            self.requested -= self._requests[index]
+            self.accepted -= self._accepts[index]
+            self._requests[index] = self._accepts[index] = 0
+        self._slot = slot
+        self.p = max(0.0, (self.requested - self._k * self.accepted) / (self.requested + 1))
