@@ -557,7 +557,11 @@ class Governor:
         self._server_admission: Admission | None = None
         self._shed: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.queue_delay = 0.0  #: the front's current queueing delay (asyncio: event-loop lag), seconds
+        self.queue_delay = 0.0  #: the asyncio front's queueing delay (its event loop's lag), seconds
+        # The thread-pool front's waiting calls: with W workers each taking the
+        # method's median time m, a call behind q others waits about q * m / W.
+        self.queued: Callable[[], int] | None = None
+        self._workers = config.max_workers
 
     def shed(self) -> dict[str, int]:
         """Calls refused so far, by reason ("concurrency", "queue", "priority", "deadline", "rate_limit")."""
@@ -589,7 +593,9 @@ class Governor:
         remaining = context.time_remaining()
         if remaining is not None and remaining > _NO_DEADLINE:
             remaining = None
-        rejection = admission.admit(self.queue_delay, remaining, time.monotonic(), _share_of, context)
+        queued = self.queued
+        delay = self.queue_delay if queued is None else queued() * admission.latency.median / self._workers
+        rejection = admission.admit(delay, remaining, time.monotonic(), _share_of, context)
         return None if rejection is None else self._refuse(rejection)
 
     def limit(self, limiters: tuple[RateLimiter, ...], context: Any) -> Refusal | None:

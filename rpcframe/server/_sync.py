@@ -252,6 +252,7 @@ class Server(ServerBase):
         super().__init__(config or ServerConfig())
         cfg = self.config
         self._executor = _Executor(max_workers=cfg.max_workers, thread_name_prefix="rpcframe-handler")
+        self.governor.queued = self._executor.queued
         self._refusing = False
         self._drain: Drain | None = None
         self._grpc_server = grpc.server(
