@@ -30,27 +30,31 @@ class ThrottleConfig:
         k: requests sent per request accepted before the client starts
             refusing locally (the SRE book's K; 2 by default).
         window: seconds of history.
+        min_requests: no local refusal before this many requests in the
+            window (the formula refuses half the calls after one refusal).
     """
 
     k: float = 2.0
     window: float = 30.0
+    min_requests: int = 10
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"throttle.k must be >= 1, got {self.k!r}")
-        if self.window <= 0:
-            raise ConfigError(f"throttle.window must be > 0, got {self.window!r}")
+        if self.window <= 0 or self.min_requests < 0:
+            raise ConfigError("throttle: window must be > 0 and min_requests >= 0")
 
 
 class AdaptiveThrottle:
     """Requests and accepts of one endpoint over a sliding window of 10 buckets."""
 
-    __slots__ = ("_accepts", "_k", "_requests", "_slot", "_span", "accepted", "p", "requested")
+    __slots__ = ("_accepts", "_k", "_min", "_requests", "_slot", "_span", "accepted", "p", "requested")
 
     BUCKETS = 10
 
     def __init__(self, config: ThrottleConfig, now: float) -> None:
         self._k = config.k
+        self._min = config.min_requests
         self._span = config.window / self.BUCKETS
         self._requests = [0] * self.BUCKETS
         self._accepts = [0] * self.BUCKETS
@@ -70,7 +74,11 @@ class AdaptiveThrottle:
         if accepted:
             self._accepts[index] += 1
             self.accepted += 1
-        self.p = max(0.0, (self.requested - self._k * self.accepted) / (self.requested + 1))
+        self._update()
+
+    def _update(self) -> None:
+        requested = self.requested
+        self.p = 0.0 if requested < self._min else max(0.0, (requested - self._k * self.accepted) / (requested + 1))
 
     def _roll(self, slot: int) -> None:
         """Drop the buckets older than the window."""
@@ -80,4 +88,4 @@ class AdaptiveThrottle:
             self.accepted -= self._accepts[index]
             self._requests[index] = self._accepts[index] = 0
         self._slot = slot
-        self.p = max(0.0, (self.requested - self._k * self.accepted) / (self.requested + 1))
+        self._update()

@@ -32,7 +32,16 @@ def test_old_history_leaves_the_window() -> None:
     assert throttle.p == 0.0
 
 
-@pytest.mark.parametrize("kwargs", [{"k": 0.5}, {"window": 0}])
+def test_a_few_refusals_refuse_nothing_locally() -> None:
+    throttle = AdaptiveThrottle(ThrottleConfig(min_requests=10), now=0.0)
+    for i in range(9):
+        throttle.record(False, now=i * 0.01)
+    assert throttle.p == 0.0
+    throttle.record(False, now=0.1)
+    assert throttle.p == pytest.approx(10 / 11)
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 0.5}, {"window": 0}, {"min_requests": -1}])
 def test_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ThrottleConfig(**kwargs)
