@@ -112,6 +112,8 @@ INSTRUMENTS: tuple[tuple[str, str, str, Sequence[float] | None, str], ...] = (
 STATE_INSTRUMENTS: tuple[tuple[str, str, str, str], ...] = (
     ("rpcframe.client.budget_refusals", "{attempt}", "counter",
      "Retries and hedges the retry or hedging budget did not allow (attribute grpc.target)."),
+    ("rpcframe.client.throttled", "{attempt}", "counter",
+     "Attempts client-side throttling refused locally, unsent (attribute grpc.target)."),
     ("rpcframe.client.endpoint.ejections", "{ejection}", "counter",
      "Times outlier detection ejected an endpoint (grpc.target, rpcframe.endpoint)."),
     ("rpcframe.client.endpoint.state", "1", "gauge",
@@ -399,8 +401,8 @@ class MetricsObserver(CallObserver):
             setattr(self, attribute, instrument)
         self._state = StateReader()
         # In STATE_INSTRUMENTS' order:
-        readers = (self._read_budget, self._read_ejections, self._read_states, self._read_in_flight,
-                   self._read_server_in_flight, self._read_denials, self._read_shed)  # fmt: skip
+        readers = (self._read_budget, self._read_throttled, self._read_ejections, self._read_states,
+                   self._read_in_flight, self._read_server_in_flight, self._read_denials, self._read_shed)  # fmt: skip
         for (name, unit, kind, description), read in zip(STATE_INSTRUMENTS, readers, strict=True):
             create = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
             create(name, [read], unit, description)
@@ -420,8 +422,14 @@ class MetricsObserver(CallObserver):
         self._state.add_server(server)
 
     def _read_budget(self, options: CallbackOptions) -> list[Observation]:
+        return self._client_counter("budget_refused")
+
+    def _read_throttled(self, options: CallbackOptions) -> list[Observation]:
+        return self._client_counter("throttled")
+
+    def _client_counter(self, counter: str) -> list[Observation]:
         counts = self._state.client_counters().items()
-        return [Observation(n, {"grpc.target": target}) for (target, name), n in counts if name == "budget_refused"]
+        return [Observation(n, {"grpc.target": target}) for (target, name), n in counts if name == counter]
 
     def _read_ejections(self, options: CallbackOptions) -> list[Observation]:
         return [

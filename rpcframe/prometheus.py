@@ -59,9 +59,13 @@ class _State(Collector):
     def collect(self) -> Iterator[Metric]:
         budget = CounterMetricFamily("rpcframe_client_budget_refusals", "Retries and hedges the budget refused",
                                      labels=("grpc_target",))  # fmt: skip
+        throttled = CounterMetricFamily("rpcframe_client_throttled", "Attempts client throttling refused locally",
+                                        labels=("grpc_target",))  # fmt: skip
         for (target, name), count in self._state.client_counters().items():
             if name == "budget_refused":
                 budget.add_metric((target,), count)
+            elif name == "throttled":
+                throttled.add_metric((target,), count)
         endpoint = ("grpc_target", "rpcframe_endpoint")
         ejections = CounterMetricFamily("rpcframe_client_endpoint_ejections", "Outlier ejections", labels=endpoint)
         states = GaugeMetricFamily("rpcframe_client_endpoint_state", "1 for the endpoint's current state",
@@ -72,7 +76,7 @@ class _State(Collector):
             in_flight.add_metric((target, e.address), e.in_flight)
             for state in ENDPOINT_STATES:
                 states.add_metric((target, e.address, state), int(e.state == state))
-        yield from (budget, ejections, states, in_flight)
+        yield from (budget, throttled, ejections, states, in_flight)
         servers = self._state.servers()
         if servers:
             yield GaugeMetricFamily("rpcframe_server_in_flight", "Calls whose handler is running",
