@@ -174,12 +174,13 @@ class GradientLimiter:
 
     _ALONE = 16  # no-load samples kept
 
-    def __init__(self, config: OverloadConfig, now: float) -> None:
+    def __init__(self, config: OverloadConfig, now: float, lock: threading.Lock | None = None) -> None:
         self._config = config
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if lock is None else lock
         self.limit = float(config.initial_limit)
         self.min_rtt = 0.0  #: no-load latency; 0 until first measured
-        self._alone: list[float] = []
+        self._alone: list[float] = []  # a ring once full; its median is min_rtt, taken at each update
+        self._alone_next = 0
         self._last_alone = now
         self._pinned_from: float | None = None  # the limit to restore after a pinned measurement
         self._pinned_samples = 0
@@ -190,13 +191,17 @@ class GradientLimiter:
     def sample(self, rtt: float, alone: bool, now: float) -> None:
         """Record an admitted call's latency (``alone``: no other call ran with it); update the limit."""
         with self._lock:
-            if alone:
-                self._add_alone(rtt, now)
-            if self._pinned_from is not None:
-                return
-            self._window.append(rtt)
-            if now >= self._window_end:
-                self._end_window(now, 0.0)
+            self.sample_locked(rtt, alone, now)
+
+    def sample_locked(self, rtt: float, alone: bool, now: float) -> None:
+        """:meth:`sample` for a caller holding the lock the limiter was given."""
+        if alone:
+            self._add_alone(rtt, now)
+        if self._pinned_from is not None:
+            return
+        self._window.append(rtt)
+        if now >= self._window_end:
+            self._end_window(now, 0.0)
 
     def tick(self, now: float, running: int) -> None:
         """An admission at ``now``: end an interval in which no call completed although ``running`` ran.
@@ -218,19 +223,24 @@ class GradientLimiter:
         peak, self.peak = self.peak, 0
         if now - self._last_alone > self._config.min_rtt_interval:
             self._pin()  # busy for long: measure the no-load latency again
-        elif self.min_rtt > 0 and (window or stalled):
+            return
+        if self._alone:
+            self.min_rtt = sorted(self._alone)[len(self._alone) // 2]
+        if self.min_rtt > 0 and (window or stalled):
             self._update(max(stalled, sorted(window)[len(window) // 2] if window else 0.0), peak)
 
     def _add_alone(self, rtt: float, now: float) -> None:
         alone = self._alone
-        alone.append(rtt)
-        if len(alone) > self._ALONE:
-            del alone[0]
-        self.min_rtt = sorted(alone)[len(alone) // 2]
+        if len(alone) < self._ALONE:
+            alone.append(rtt)
+        else:
+            alone[self._alone_next] = rtt
+            self._alone_next = (self._alone_next + 1) % self._ALONE
         self._last_alone = now
         if self._pinned_from is not None:
             self._pinned_samples += 1
             if self._pinned_samples >= self._config.min_rtt_samples:
+                self.min_rtt = sorted(self._alone)[len(self._alone) // 2]
                 self.limit, self._pinned_from = self._pinned_from, None
                 self._window, self._window_end = [], now + self._config.update_interval
 
@@ -267,11 +277,11 @@ class Admission:
 
     def __init__(self, config: OverloadConfig, now: float) -> None:
         self.config = config
-        self.limiter = GradientLimiter(config, now)
+        self._lock = threading.Lock()  # shared with the limiter: one acquisition per call end
+        self.limiter = GradientLimiter(config, now, self._lock)
         self.latency = LatencyMedian()
         self.running = 0
         self._admitted = 0  # admissions so far: a call that saw none after its own ran alone
-        self._lock = threading.Lock()
         self._yield_below = 0.0  # classes with a smaller share are refused until _yield_until
         self._yield_until = 0.0
 
@@ -287,9 +297,9 @@ class Admission:
         """The handler of the call :meth:`enter` stamped ended after ``latency`` seconds."""
         with self._lock:
             self.running -= 1
-            alone = stamp == self._admitted  # it started with none running and none started since
-        self.latency.add(latency)
-        self.limiter.sample(latency, alone, now)
+            self.latency.add(latency)
+            # Alone: it started with none running and none started since.
+            self.limiter.sample_locked(latency, stamp == self._admitted, now)
 
     def admit(
         self, queue_delay: float, remaining: float | None, now: float,
