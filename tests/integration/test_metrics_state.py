@@ -172,6 +172,8 @@ def test_prometheus_exposes_the_same_state() -> None:
         config = rpcframe.ChannelConfig(default_timeout=10, token=token, observers=observers)
         with rpcframe.connect(address, config) as channel:
             channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="x"))
+            # The call may run before the connectivity watcher has reported READY.
+            wait_until(lambda: channel.endpoints() == [(address, "READY")])
             text = generate_latest(registry).decode()
     finally:
         server.stop(0)
