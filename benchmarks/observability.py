@@ -629,13 +629,14 @@ CANCEL_TEXT = (
 
 
 def _commit() -> str:
+    """The commit measured: git's, or ``RPCFRAME_COMMIT`` for a snapshot without .git (``git archive``)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10, check=True)  # fmt: skip
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("RPCFRAME_COMMIT", "unknown")
     return out.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
