@@ -319,6 +319,8 @@ def timeline(records: Records, begin: float, end: float) -> list[dict[str, float
     buckets = int((end + DEADLINE_S - begin) / TIMELINE_BUCKET_S) + 1
     sent, good = [0] * buckets, [0] * buckets
     for i in range(len(records.code)):
+        if records.step[i] >= len(STEPS):  # warmup calls are not reported
+            continue
         b = int((records.sent_at[i] - begin) / TIMELINE_BUCKET_S)
         if 0 <= b < buckets:
             sent[b] += 1
