@@ -19,8 +19,9 @@ asyncio) and stack (``raw`` grpcio, ``rpcframe-off`` = rpcframe with
    same raw grpc.aio client for every stack, Poisson arrivals over 64
    connections) offers, after an unreported warmup at 0.5×, 0.5×, 1×, 2×,
    3×, 5× of that capacity, then drops back to 0.5× (recovery), then, after
-   a 1 s pause, 3× with half the calls ``rpcframe-criticality: CRITICAL``
-   and half ``SHEDDABLE``. Every call has a 500 ms deadline.
+   a 1 s pause, 3× with a quarter of the calls ``rpcframe-criticality:
+   CRITICAL`` (0.75× capacity) and the rest ``SHEDDABLE``. Every call has a
+   500 ms deadline.
 
 Per step: offered rate, goodput (OK within the deadline, per second), p50/p99
 of admitted calls (answered OK), the share rejected fast (RESOURCE_EXHAUSTED
