@@ -69,6 +69,7 @@ if TYPE_CHECKING:
         peer,
     )
     from .server._sync import Server
+    from .server._workers import serve
 
     __version__: str
 
@@ -97,6 +98,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "StaticToken", "TLSConfig", "peer",
     ),  # fmt: skip
     ".server._sync": ("Server",),
+    ".server._workers": ("serve",),
 }
 
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -157,6 +159,7 @@ __all__ = [
     "peer",
     "register_policy",
     "register_resolver",
+    "serve",
     "time_remaining",
     "__version__",
 ]

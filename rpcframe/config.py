@@ -46,6 +46,7 @@ _USER_AGENT = "rpcframe-python"
 _MiB = 1024 * 1024
 _INT_MAX = 2**31 - 1
 _EDGE_STREAMS = 100  # Envoy edge best practice: concurrent streams per connection
+_MAX_CONNECTIONS = 256  # per endpoint: each is a grpc channel with its own health watch
 
 
 def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -170,6 +171,12 @@ class ChannelConfig:
             addresses (refused with a ConfigError otherwise).
         observers: :class:`~rpcframe.observe.CallObserver` objects told of
             every call and attempt (tracing, metrics); none costs nothing.
+        connections_per_endpoint: connections (each its own grpc channel)
+            opened to every resolved address; the policy picks among all of
+            them per call. More than 1 reaches every process of a server
+            run with ``--workers`` behind one address (the kernel spreads
+            connections, not calls, over the processes): the extra ones
+            show as ``address#2``, ``address#3``...
     """
 
     default_timeout: float | None = None
@@ -201,8 +208,12 @@ class ChannelConfig:
     token: str | TokenSource | None = None
     allow_insecure_token: bool = False
     observers: tuple[CallObserver, ...] = ()
+    connections_per_endpoint: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.connections_per_endpoint <= _MAX_CONNECTIONS:
+            raise ConfigError(f"connections_per_endpoint must be within 1..{_MAX_CONNECTIONS}, "
+                              f"got {self.connections_per_endpoint!r}")  # fmt: skip
         if self.deadline_margin < 0:
             raise ConfigError(f"deadline_margin must be >= 0, got {self.deadline_margin!r}")
         for key, value in self.methods.items():

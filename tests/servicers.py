@@ -19,7 +19,9 @@ from typing import Any
 import grpc
 
 import rpcframe
+from examples.bench_server import AioBenchServicer, BenchServicer
 from examples.echo import AioEchoServicer, EchoServicer
+from generated.rpcframe.bench.v1 import bench_pb2
 from generated.rpcframe.echo.v1 import echo_pb2
 
 
@@ -137,3 +139,64 @@ class Backend:
         if release is not None:
             release.set()
         self.server.stop(0)
+
+
+class WorkerProbe(BenchServicer):
+    """BenchService of one server process: answers carry its PID as ``server_id``; Record executions are logged.
+
+    A Record key is ``ID`` or ``ID@MS`` (the handler then takes MS ms); each
+    execution appends ``ID PID`` to the file ``$RPCFRAME_RECORD_LOG`` names
+    (one ``O_APPEND`` write per line, so several processes share the file).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(server_id=str(os.getpid()))
+
+    def Record(self, request: bench_pb2.RecordRequest, context: Any) -> bench_pb2.RecordResponse:
+        """Log, wait as the key says, then record as BenchServicer does."""
+        time.sleep(_record_delay(request.key))
+        return super().Record(request, context)
+
+
+class AioWorkerProbe(AioBenchServicer):
+    """asyncio :class:`WorkerProbe`."""
+
+    def __init__(self) -> None:
+        super().__init__(server_id=str(os.getpid()))
+
+    async def Record(self, request: bench_pb2.RecordRequest, context: Any) -> bench_pb2.RecordResponse:  # type: ignore[override]
+        """Log, wait as the key says, then record as AioBenchServicer does."""
+        await asyncio.sleep(_record_delay(request.key))
+        return await super().Record(request, context)
+
+
+def _record_delay(key: str) -> float:
+    """Log the execution of Record ``key``; the seconds it asks the handler to take."""
+    request_id, _, ms = key.partition("@")
+    path = os.environ.get("RPCFRAME_RECORD_LOG")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, f"{request_id} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+    return int(ms) / 1000 if ms else 0.0
+
+
+def _check_poison() -> None:
+    """Fail while the file ``$RPCFRAME_PROBE_POISON`` names exists (a deploy whose code does not start)."""
+    poison = os.environ.get("RPCFRAME_PROBE_POISON")
+    if poison and os.path.exists(poison):
+        raise RuntimeError("poisoned: this worker cannot start")
+
+
+def worker_probe() -> WorkerProbe:
+    """Factory for `rpcframe serve --workers N`: called in each worker, after the fork."""
+    _check_poison()
+    return WorkerProbe()
+
+
+def aio_worker_probe() -> AioWorkerProbe:
+    """asyncio factory for `rpcframe serve --workers N`."""
+    _check_poison()
+    return AioWorkerProbe()

@@ -13,11 +13,11 @@ from __future__ import annotations
 import enum
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .._core.throttle import AdaptiveThrottle, ThrottleConfig
-from .endpoint import Endpoint, EndpointStats
+from .endpoint import Endpoint, EndpointStats, backend_address
 from .outlier import OutlierConfig, update_ejections
 from .pickers import Picker, PickerContext, build_picker
 
@@ -198,7 +198,8 @@ class BalancerCore:
         ready = [e for e in self._entries.values() if e.connectivity is Connectivity.READY]
         self._expires_at = update_ejections([e.stats for e in ready], self.outlier, now)
         usable = [e.stats for e in ready if e.serving and e.stats.ejected_until <= now]
-        self.panic = bool(ready) and len(usable) < self.panic_threshold * len(ready)
+        # Counted in servers: a server with some connections serving (the others reach a worker that drains) is healthy.
+        self.panic = bool(ready) and _servers(usable) < self.panic_threshold * _servers(e.stats for e in ready)
         if self.panic:
             usable = [e.stats for e in ready]  # too few healthy: spread over all connected
         self.fallback = not usable and bool(self._entries)
@@ -226,3 +227,8 @@ class BalancerCore:
             return f"{self.target}: the resolver returned no endpoints"
         states = "; ".join(e.describe(now) for e in self._entries.values())
         return f"{self.target}: no ready endpoint ({states})"
+
+
+def _servers(entries: Iterable[EndpointStats]) -> int:
+    """Distinct servers among ``entries`` (the extra connections to one address count once)."""
+    return len({backend_address(e.address) for e in entries})

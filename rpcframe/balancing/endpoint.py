@@ -12,7 +12,7 @@ from typing import Any
 from .._core.ewma import PeakEWMA
 from .._core.throttle import AdaptiveThrottle
 
-__all__ = ["Endpoint", "EndpointStats", "Outcome"]
+__all__ = ["Endpoint", "EndpointStats", "Outcome", "backend_address"]
 
 Clock = Callable[[], float]
 
@@ -39,6 +39,15 @@ class Endpoint:
     weight: int = 1
     zone: str = ""
     metadata: tuple[tuple[str, str], ...] = ()
+
+
+def backend_address(address: str) -> str:
+    """The server address of a balancer entry: ``host:port#2`` is a channel's second connection to ``host:port``.
+
+    (``ChannelConfig.connections_per_endpoint``: each connection is an entry of its own.)
+    """
+    base, sep, number = address.rpartition("#")
+    return base if sep and number.isdigit() else address
 
 
 class Outcome(enum.IntEnum):

@@ -1,21 +1,33 @@
-"""``rpcframe serve MODULE:OBJECT --bind HOST:PORT [--tls-cert FILE --tls-key FILE [--client-ca FILE]]``."""
+"""``rpcframe serve MODULE:OBJECT --bind HOST:PORT [--workers N|auto] [--tls-cert FILE --tls-key FILE ...]``.
+
+With ``--workers`` N > 1 this process is a supervisor of N server processes
+(:mod:`rpcframe.server._workers`): it checks the flags and reserves the
+ports, and each worker loads the target and builds its server after the fork.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
-from .. import _loop
 from ..accesslog import AccessLog
 from ..config import RateLimit, ServerConfig
 from ..errors import ConfigError
-from ..server import _aio, _sync
+from ..server._workers import (
+    Supervisor,
+    WorkerError,
+    announced,
+    cpu_count,
+    serve_here,
+    servicers_of,
+    stop_within,
+    with_reuseport,
+)
 from ._common import CliError, add_server_security_flags, load_object, server_auth, server_tls, split_host_port
 
 
@@ -39,8 +51,12 @@ def register(sub: Any) -> None:
                    help=f"seconds in-flight calls get on SIGTERM (default {defaults.grace_period:g})")
     p.add_argument("--drain-delay", type=float, default=defaults.drain_delay,
                    help=f"seconds between NOT_SERVING and refusing calls (default {defaults.drain_delay:g})")
-    p.add_argument("--workers", type=int, default=defaults.max_workers,
-                   help=f"thread-pool size of the sync server (default {defaults.max_workers})")
+    p.add_argument("--workers", default="1", metavar="N|auto",
+                   help="server processes behind the address (default 1; auto: one per core); with more than one, "
+                        "SIGHUP restarts them one at a time (Linux, TCP addresses)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=defaults.max_workers,
+                   help=f"thread-pool size of each sync server (default {defaults.max_workers}; "
+                        "was --workers before 0.x)")  # fmt: skip
     p.add_argument("--no-reflection", action="store_true", help="do not serve grpc.reflection")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -57,77 +73,107 @@ def register(sub: Any) -> None:
 
 
 def _servicers(obj: Any) -> list[Any]:
-    if inspect.isclass(obj) or (callable(obj) and not _looks_like_servicer(obj)):
-        try:
-            obj = obj()
-        except Exception as exc:
-            raise CliError(f"cannot create servicers: {type(exc).__name__}: {exc}") from None
-    if isinstance(obj, Iterable) and not isinstance(obj, str | bytes) and not _looks_like_servicer(obj):
-        items = list(obj)
-    else:
-        items = [obj]
-    if not items or not all(_looks_like_servicer(s) for s in items):
-        raise CliError("the object must be a servicer (subclass of a generated *Servicer), "
-                       "a class, or a factory returning one or a list of them", 2)  # fmt: skip
-    return items
+    try:
+        return servicers_of(obj)
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    except Exception as exc:  # the factory's own failure
+        raise CliError(f"cannot create servicers: {type(exc).__name__}: {exc}") from None
 
 
-def _looks_like_servicer(obj: Any) -> bool:
-    return any(c.__module__.endswith("_pb2_grpc") for c in type(obj).__mro__[1:])
-
-
-def _is_async(servicers: list[Any]) -> bool:
-    """Whether the servicers' own (overridden) methods are coroutines."""
-    for servicer in servicers:
-        for name, member in inspect.getmembers(type(servicer)):
-            if name.startswith("_") or member.__module__ is None:
-                continue
-            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
-                return True
-    return False
-
-
-def _ready_line(server: _sync.Server | _aio.Server, binds: list[str], metrics_line: str = "") -> None:
-    for address, port in zip(binds, server.ports, strict=True):
-        host, _ = split_host_port(address)
-        print(f"serving on {host}:{port}", flush=True)
-    print(metrics_line, end="", flush=True)
+def _worker_count(text: str) -> int:
+    """``--workers`` as a number of processes; CliError (exit 2) for what is not one."""
+    cores = cpu_count()
+    if text == "auto":
+        return cores
+    hint = "--workers counts server processes (1 or more, or auto); the thread-pool size is now --threads"
+    try:
+        count = int(text)
+    except ValueError:
+        raise CliError(f"--workers {text!r}: {hint}", 2) from None
+    limit = max(8, 4 * cores)
+    if count < 1:
+        raise CliError(f"--workers {count}: {hint}", 2)
+    if count > limit:
+        raise CliError(f"--workers {count}: more than {limit} processes for {cores} cores; {hint}", 2)
+    return count
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT, then drain."""
+    """Serve until SIGTERM/SIGINT, then drain (every worker, with ``--workers``)."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)  # fmt: skip
-    servicers = _servicers(load_object(args.target))
+    workers = _worker_count(args.workers)
     binds: list[str] = args.bind or ["127.0.0.1:50051"]
+    if workers == 1:
+        # Loaded first, as always: a target that does not load is the first error reported.
+        servicers = _servicers(load_object(args.target))
+        for address in binds:
+            split_host_port(address)
+        config = _config(args)
+        _serve(args, config, binds, lambda: servicers)
+        return 0
+    return _supervise(args, workers, binds)
+
+
+def _supervise(args: argparse.Namespace, workers: int, binds: list[str]) -> int:
+    """``--workers`` N > 1: this process forks the workers, prints the ready lines, restarts and stops them."""
     for address in binds:
+        if address.startswith(("unix:", "unix-abstract:")):
+            raise CliError(f"--bind {address}: several workers cannot share a unix socket; bind HOST:PORT", 2)
         split_host_port(address)
+    if args.metrics_port is not None:
+        raise CliError("--metrics-port serves one process's metrics: not available with --workers > 1", 2)
+    config = _config(args)
+    shared = with_reuseport(config)
+
+    def main(addresses: list[str], ready: Callable[[], None]) -> None:
+        _serve(args, shared, addresses, lambda: _servicers(load_object(args.target)), ready)
+
+    def ready_lines(addresses: list[str]) -> None:
+        print("".join(f"serving on {address}\n" for address in addresses), end="", flush=True)
+
+    try:
+        return Supervisor(main, binds, workers, stop_within=stop_within(config)).run(ready_lines)
+    except WorkerError as exc:
+        raise CliError(str(exc), exc.exit_code) from None
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    """The server configuration the flags ask for, before observers; CliError (exit 2) on bad values."""
     tls, auth = server_tls(args), server_auth(args)
     try:
-        telemetry = _telemetry()
-        observers, metrics_line = _observers(args)
-        observers = (*observers, *(telemetry.observers if telemetry is not None else ()))
-        config = ServerConfig(max_workers=args.workers, reflection=not args.no_reflection, grace_period=args.grace,
-                              drain_delay=args.drain_delay, tls=tls, auth=auth, observers=observers,
+        config = ServerConfig(max_workers=args.threads, reflection=not args.no_reflection, grace_period=args.grace,
+                              drain_delay=args.drain_delay, tls=tls, auth=auth,
                               rate_limits=tuple(parse_rate_limit(spec) for spec in args.rate_limit))  # fmt: skip
-        if args.no_overload_protection:
-            config = dataclasses.replace(config, overload=None)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
-    use_aio = _is_async(servicers) if args.aio is None else args.aio
+    return dataclasses.replace(config, overload=None) if args.no_overload_protection else config
+
+
+def _serve(args: argparse.Namespace, config: ServerConfig, binds: list[str], servicers: Callable[[], list[Any]],
+           ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Serve in this process (a worker when ``ready`` is given: it prints nothing, ``ready()`` says it serves)."""
+    found = servicers()
+    telemetry = _telemetry()
     try:
-        if use_aio:
-            _loop.run(_serve_aio(config, servicers, binds, metrics_line), use_uvloop=not args.no_uvloop)
-        else:
-            server = _sync.Server(config)
-            _setup(server, servicers, binds)
-            server.run(on_ready=lambda: _ready_line(server, binds, metrics_line))
+        observers, metrics_line = _observers(args)
+        config = dataclasses.replace(config, observers=(*observers, *(telemetry.observers if telemetry else ())))
+
+        def ready_lines(ports: tuple[int, ...]) -> None:
+            if ready is not None:
+                ready()
+                return
+            print("".join(f"serving on {a}\n" for a in announced(binds, ports)) + metrics_line, end="", flush=True)
+
+        serve_here(found, config, binds, aio=args.aio, uvloop=not args.no_uvloop, on_ready=ready_lines)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     finally:
         if telemetry is not None:
             telemetry.shutdown()  # export the spans and metrics of the last calls
-    return 0
 
 
 def _telemetry() -> Any:
@@ -146,19 +192,6 @@ def _telemetry() -> Any:
             "on" if telemetry.meter_provider else "off",
         )  # fmt: skip
     return telemetry
-
-
-def _setup(server: _sync.Server | _aio.Server, servicers: list[Any], binds: list[str]) -> None:
-    for servicer in servicers:
-        server.add(servicer)
-    for address in binds:
-        server.bind(address)
-
-
-async def _serve_aio(config: ServerConfig, servicers: list[Any], binds: list[str], metrics_line: str) -> None:
-    server = _aio.Server(config)
-    _setup(server, servicers, binds)
-    await server.run(on_ready=lambda: _ready_line(server, binds, metrics_line))
 
 
 def _observers(args: argparse.Namespace) -> tuple[tuple[Any, ...], str]:

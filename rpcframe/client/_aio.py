@@ -169,7 +169,7 @@ class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
     def _apply(self, endpoints: Sequence[Endpoint]) -> None:
         if self._closed:
             return
-        _, removed = self._core.set_endpoints(endpoints, attach=self._attach)
+        _, removed = self._core.set_endpoints(self._with_connections(endpoints), attach=self._attach)
         for entry in removed:
             task = asyncio.ensure_future(self._retire(entry))
             self._retiring.add(task)

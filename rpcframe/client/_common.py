@@ -12,6 +12,7 @@ contract and the budget allow (:class:`Attempts`, policy in
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from .._core.hedge import HedgePolicy, LatencyWindow
 from .._core.overload import CRITICALITY_KEY, criticality_var
 from .._core.retry import NOT_RUN_KEY, PUSHBACK_KEY, parse_pushback
 from ..balancing.balancer import BalancerCore, Connectivity
-from ..balancing.endpoint import EndpointStats, Outcome
+from ..balancing.endpoint import Endpoint, EndpointStats, Outcome, backend_address
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
 from ..config import ChannelConfig
@@ -168,11 +169,12 @@ class SubchannelBase:
 
     def __init__(self, address: str, grpc_module: Any, core: BalancerCore, config: ChannelConfig) -> None:
         options, tls = config.channel_options(), config.tls
+        dial = address if config.connections_per_endpoint == 1 else backend_address(address)
         if tls is not None:
             creds = channel_credentials(tls)
-            channel = grpc_module.secure_channel(address, creds, options=options + tls.channel_options())
+            channel = grpc_module.secure_channel(dial, creds, options=options + tls.channel_options())
         else:
-            channel = grpc_module.insecure_channel(address, options=options)
+            channel = grpc_module.insecure_channel(dial, options=options)
         self.address = address
         self.channel = channel
         self._core = core
@@ -249,6 +251,19 @@ class BalancedChannelBase:
         self._closed = False
         if self.observer is not None:
             self.observer.channel_opened(self)
+
+    def _with_connections(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """Each endpoint ``connections_per_endpoint`` times: ``address``, ``address#2``, ...
+
+        Each copy is a balancer entry with its own grpc channel, and so its
+        own connection (endpoint channels use a local subchannel pool): the
+        policy picks among them as among distinct endpoints.
+        """
+        count = self.config.connections_per_endpoint
+        if count == 1:
+            return endpoints
+        return [e if i == 1 else dataclasses.replace(e, address=f"{e.address}#{i}")
+                for e in endpoints for i in range(1, count + 1)]  # fmt: skip
 
     @property
     def closed(self) -> bool:

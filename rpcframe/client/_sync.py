@@ -233,7 +233,7 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
     def _on_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
         if self._closed:
             return
-        _, removed = self._core.set_endpoints(endpoints, attach=self._attach)
+        _, removed = self._core.set_endpoints(self._with_connections(endpoints), attach=self._attach)
         for entry in removed:
             threading.Thread(target=self._retire, args=(entry,), daemon=True).start()
 
