@@ -2,7 +2,7 @@
 
 ::
 
-    python -m benchmarks.observability            # full: 5 rounds of 1 + 4 s per stack and front (~12 min)
+    python -m benchmarks.observability            # full: 8 rounds of 1 + 2 s per stack and front (~10 min)
     python -m benchmarks.observability --quick    # 3 rounds of 0.5 + 1 s (~3 min)
     python -m benchmarks.observability --out /tmp/obs
 
@@ -650,15 +650,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and the cancelled-streams check; write the results."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.observability", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 0.5 + 1 s (about 3 minutes)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, quick 3)")
-    parser.add_argument("--measure", type=float, default=None, help="measured seconds per run (default 4, quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 8, quick 3)")
+    parser.add_argument("--measure", type=float, default=None, help="measured seconds per run (default 2, quick 1)")
     parser.add_argument("--warmup", type=float, default=None, help="warmup seconds per run (default 1, quick 0.5)")
     parser.add_argument("--streams", type=int, default=CANCEL_STREAMS, help="cancelled streams per front "
                         f"(default {CANCEL_STREAMS:,}; 0 skips the check)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="where observability.{md,json} go")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 5)
-    measure = args.measure or (1.0 if args.quick else 4.0)
+    rounds = args.rounds or (3 if args.quick else 8)  # many short rounds: medians hold up on a shared machine
+    measure = args.measure or (1.0 if args.quick else 2.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
     streams = args.streams
     if rounds < 1 or measure <= 0 or warmup < 0 or streams < 0:
