@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
                         "SIGHUP restarts them one at a time (Linux, TCP addresses)")  # fmt: skip
     p.add_argument("--threads", type=int, default=defaults.max_workers,
                    help=f"thread-pool size of each sync server (default {defaults.max_workers}; "
-                        "was --workers before 0.x)")  # fmt: skip
+                        "--workers set it before it counted processes)")  # fmt: skip
     p.add_argument("--no-reflection", action="store_true", help="do not serve grpc.reflection")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",

@@ -40,6 +40,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -323,6 +324,8 @@ class Supervisor:
         failing worker's message and exit code) or one slot crash-loops;
         ConfigError when an address cannot be reserved.
         """
+        if threading.current_thread() is not threading.main_thread():
+            raise ConfigError("several workers are supervised from the main thread (it handles the signals)")
         try:
             self.addresses = [self._reserve(address) for address in self._binds]
             self._install_signals()
