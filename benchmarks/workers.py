@@ -5,9 +5,10 @@ Every server is a child process on 127.0.0.1 (``rpcframe serve``, or
 client is this process: one rpcframe asyncio channel on uvloop, closed loop.
 
 1. **CPU-bound handler** (pure Python, ~2 ms per call, calibrated here):
-   ``--workers 2`` vs ``--workers 1``, 8 calls in flight over 8 connections
-   (``ChannelConfig.connections_per_endpoint``). The goal is 1.7x the QPS
-   on a 2-core machine whose cores the client needs too.
+   ``--workers 2`` vs ``--workers 1`` on the thread-pool and the asyncio
+   server, 8 calls in flight over 8 connections
+   (``ChannelConfig.connections_per_endpoint``), and over 1. The goal is
+   1.7x the QPS on a 2-core machine whose cores the client needs too.
 2. **Echo, 64 B unary**, 16 in flight: rpcframe ``--workers 1`` and ``2``
    and a raw grpcio server (one process: grpcio has no multi-process
    server), each from a client with 1 connection and with 8.
@@ -299,24 +300,28 @@ def _spread(values: Sequence[float], fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
 
-CPU_CASES = (("sync", 1), ("sync", 2), ("aio", 1), ("aio", 2))
+#: (server front, workers, client connections)
+CPU_CASES = (("sync", 1, CONNECTIONS), ("sync", 2, CONNECTIONS), ("sync", 2, 1), ("aio", 1, CONNECTIONS),
+             ("aio", 2, CONNECTIONS))  # fmt: skip
 TARGETS = {"sync": "benchmarks.workers:cpu_servicer", "aio": "benchmarks.workers:aio_cpu_servicer"}
 
 
-async def cpu_bound(rounds: int, seconds: float, iterations: int) -> dict[tuple[str, int], list[Run]]:
-    """CPU-bound handler: --workers 1 and 2 on each server front, alternating, one client, several connections."""
+async def cpu_bound(rounds: int, seconds: float, iterations: int) -> dict[tuple[str, int, int], list[Run]]:
+    """CPU-bound handler: --workers 1 and 2 on each server front, alternating; one client process."""
     request = bench_pb2.BenchRequest(count=iterations)
-    runs: dict[tuple[str, int], list[Run]] = collections.defaultdict(list)
+    runs: dict[tuple[str, int, int], list[Run]] = collections.defaultdict(list)
     for n in range(rounds):
-        for front, workers in CPU_CASES if n % 2 == 0 else CPU_CASES[::-1]:
+        for case in CPU_CASES if n % 2 == 0 else CPU_CASES[::-1]:
+            front, workers, connections = case
             server = Server.rpcframe(TARGETS[front], workers, "--no-overload-protection", "--log-level", "WARNING")
             try:
-                run = await closed_loop(server, request, connections=CONNECTIONS, in_flight=CPU_IN_FLIGHT,
+                run = await closed_loop(server, request, connections=connections, in_flight=CPU_IN_FLIGHT,
                                         seconds=seconds)  # fmt: skip
             finally:
                 server.stop()
-            runs[front, workers].append(run)
-            print(f"  cpu round {n + 1} {front} --workers {workers}: {run.qps:.0f} calls/s", flush=True)
+            runs[case].append(run)
+            print(f"  cpu round {n + 1} {front} --workers {workers}, {connections} connections: {run.qps:.0f} "
+                  "calls/s", flush=True)  # fmt: skip
     return runs
 
 
@@ -421,7 +426,7 @@ async def rolling_restart(index: int, settle: float = 1.0) -> Restart:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def report(quick: bool, took: float, handler_ms: float, cpu: dict[tuple[str, int], list[Run]],
+def report(quick: bool, took: float, handler_ms: float, cpu: dict[tuple[str, int, int], list[Run]],
            echo_runs: dict[tuple[str, int], list[Run]], restarts: list[Restart]) -> str:  # fmt: skip
     """The results as markdown."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -434,29 +439,35 @@ def report(quick: bool, took: float, handler_ms: float, cpu: dict[tuple[str, int
         "child processes on 127.0.0.1; the client is one process (rpcframe asyncio channel on uvloop, closed "
         "loop). Medians over rounds [min-max]; the machine is shared with other work, so read the spread.",
         "",
-        f"## CPU-bound handler ({handler_ms:.2f} ms of pure Python per call), {CPU_IN_FLIGHT} in flight, "
-        f"{CONNECTIONS} connections",
+        f"## CPU-bound handler ({handler_ms:.2f} ms of pure Python per call, calibrated here), "
+        f"{CPU_IN_FLIGHT} in flight",
         "",
-        "| server | calls/s | p50 ms | p99 ms | server cores | client cores | server CPU ms per call "
-        "| of it in the handler's burn | workers that answered |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | connections | calls/s | p50 ms | p99 ms | server cores | client cores | calls/s per server core "
+        "| server CPU ms per call | of it the handler's burn | workers that answered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for front, workers in CPU_CASES:
-        runs = cpu[front, workers]
+    for case in CPU_CASES:
+        front, workers, connections = case
+        runs = cpu[case]
         lines.append(
-            f"| {front}, `--workers {workers}` | {_spread([r.qps for r in runs])} "
+            f"| {front}, `--workers {workers}` | {connections} | {_spread([r.qps for r in runs])} "
             f"| {_spread([_percentile(r.latencies, 0.5) * 1000 for r in runs], '{:.1f}')} "
             f"| {_spread([_percentile(r.latencies, 0.99) * 1000 for r in runs], '{:.1f}')} "
             f"| {_spread([r.server_cores for r in runs], '{:.2f}')} "
             f"| {_spread([r.client_cores for r in runs], '{:.2f}')} "
+            f"| {_spread([r.qps / r.server_cores for r in runs if r.server_cores])} "
             f"| {_spread([r.server_cores / r.qps * 1000 for r in runs if r.qps], '{:.2f}')} "
             f"| {_spread([statistics.median(r.handler_us) / 1000 for r in runs if r.handler_us], '{:.2f}')} "
             f"| {min(len(r.pids) for r in runs)}-{max(len(r.pids) for r in runs)} |"
         )  # fmt: skip
     lines.append("")
     for front in ("sync", "aio"):
-        ratios = [b.qps / a.qps for a, b in zip(cpu[front, 1], cpu[front, 2], strict=True) if a.qps]
-        lines.append(f"- {front}: `--workers 2` / `--workers 1`, per round: {_spread(ratios, '{:.2f}')}x (goal 1.7x)")
+        one, two = cpu[front, 1, CONNECTIONS], cpu[front, 2, CONNECTIONS]
+        ratios = [b.qps / a.qps for a, b in zip(one, two, strict=True) if a.qps]
+        per_core = [(b.qps / b.server_cores) / (a.qps / a.server_cores) for a, b in zip(one, two, strict=True)
+                    if a.server_cores and b.server_cores]  # fmt: skip
+        lines.append(f"- {front}: `--workers 2` / `--workers 1`, per round: {_spread(ratios, '{:.2f}')}x "
+                     f"(goal 1.7x); calls per server core: {_spread(per_core, '{:.2f}')}x")  # fmt: skip
     lines.append("")
     lines += [
         f"## Echo, 64 B unary, {ECHO_IN_FLIGHT} in flight",
@@ -499,7 +510,7 @@ def report(quick: bool, took: float, handler_ms: float, cpu: dict[tuple[str, int
 
 async def _main(args: argparse.Namespace) -> tuple[str, bool]:
     started = time.monotonic()
-    rounds, seconds, restarts = (2, 3.0, 2) if args.quick else (5, 6.0, 5)
+    rounds, seconds, restarts = (2, 3.0, 2) if args.quick else (5, 5.0, 5)
     iterations, handler_ms = calibrate()
     print(f"CPU-bound handler: {iterations} iterations = {handler_ms:.2f} ms here", flush=True)
     cpu = await cpu_bound(rounds, seconds, iterations)

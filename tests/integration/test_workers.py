@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 import rpcframe
+import rpcframe.aio
 from generated.rpcframe.bench.v1 import bench_pb2, bench_pb2_grpc
 from tests.cli import REPO, ServeProcess, assert_cli_error, run_cli
-from tests.conftest import wait_until
+from tests.conftest import eventually, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="several workers need Linux")
 
@@ -141,6 +142,20 @@ def test_one_client_reaches_every_worker(served: Callable[..., Workers], front: 
     # One connection reaches one worker: what the extra connections are for.
     with rpcframe.connect(workers.target, rpcframe.ChannelConfig(default_timeout=5)) as single:
         assert len(_pids_answering(single)) == 1
+
+
+async def test_an_asyncio_client_reaches_every_worker(served: Callable[..., Workers]) -> None:
+    workers = served("aio")
+    config = rpcframe.ChannelConfig(connections_per_endpoint=CONNECTIONS, policy="round_robin", default_timeout=5)
+    async with rpcframe.aio.connect(workers.target, config) as channel:
+
+        async def all_ready() -> bool:
+            return [state for _, state in channel.endpoints()] == ["READY"] * CONNECTIONS
+
+        await eventually(all_ready)
+        stub = channel.stub(bench_pb2_grpc.BenchServiceStub)
+        answers = [await stub.Unary(bench_pb2.BenchRequest()) for _ in range(4 * CONNECTIONS)]
+    assert {int(answer.server_id) for answer in answers} == workers.pids
 
 
 def test_a_killed_worker_is_replaced(served: Callable[..., Workers]) -> None:
