@@ -160,7 +160,8 @@ def _serve(args: argparse.Namespace, config: ServerConfig, binds: list[str], ser
     telemetry = _telemetry()
     try:
         observers, metrics_line = _observers(args)
-        config = dataclasses.replace(config, observers=(*observers, *(telemetry.observers if telemetry else ())))
+        extra = telemetry.observers if telemetry is not None else ()
+        config = dataclasses.replace(config, observers=(*observers, *extra))
 
         def ready_lines(ports: tuple[int, ...]) -> None:
             if ready is not None:
