@@ -30,6 +30,7 @@ import contextvars
 import os
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -187,15 +188,29 @@ class TracingObserver(CallObserver):
         principal: record an authenticated caller's name on server spans as
             ``enduser.id`` (and how it was authenticated as
             ``rpcframe.auth.method``); never a credential.
+        attempt_spans: ``"always"`` (default): a span per attempt, the
+            server span its child. ``"retried"``: a call answered by its first
+            attempt has only its call span (the server span its child), about
+            half the client's tracing cost; once a retry, failover or hedge
+            follows, every attempt gets its span, the first one backdated to
+            when it was sent (its server span stays the call span's child).
     """
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None, *, principal: bool = True) -> None:
+    def __init__(
+        self, tracer_provider: trace.TracerProvider | None = None, *, principal: bool = True,
+        attempt_spans: str = "always",
+    ) -> None:  # fmt: skip
+        if attempt_spans not in ("always", "retried"):
+            raise ValueError(f"attempt_spans must be 'always' or 'retried', got {attempt_spans!r}")
         self._tracer = trace.get_tracer(_SCOPE, _version(), tracer_provider)
         self._principal = principal
+        self._lazy = attempt_spans == "retried"
         self._names: dict[str, tuple[str, dict[str, Any]]] = {}
         # A call's attempt spans not ended yet: the seam does not end the attempt of a
         # stream its caller cancels or drops, so call_ended ends what is left.
         self._open = object()
+        # attempt_spans="retried": the first attempt while it has no span, and how it ended.
+        self._first, self._first_end = object(), object()
 
     def _name(self, method: str) -> tuple[str, dict[str, Any]]:
         """The span name and the RPC attributes of ``method`` (cached: spans copy attributes)."""
@@ -226,6 +241,18 @@ class TracingObserver(CallObserver):
             # context on (with its "not sampled" flag) and skip their spans.
             _inject(attempt, span)
             return
+        if self._lazy:
+            if attempt.number == 1:
+                call.slots[self._first] = attempt
+                _inject(attempt, span)
+                return
+            self._backdate_first(call, span)
+        attempt_span = self._attempt_span(call, span, attempt)
+        attempt.slots[self] = attempt_span
+        call.slots[self._open].append(attempt_span)
+        _inject(attempt, attempt_span)  # the server span becomes the attempt's child
+
+    def _attempt_span(self, call: CallInfo, span: Span, attempt: AttemptInfo, start: int | None = None) -> Span:
         name, attributes = self._name(call.method)
         host, port = _split_address(attempt.endpoint)
         attributes = {
@@ -234,10 +261,23 @@ class TracingObserver(CallObserver):
         }  # fmt: skip
         if port is not None:
             attributes["server.port"] = port
-        attempt_span = self._tracer.start_span(name, trace.set_span_in_context(span), SpanKind.CLIENT, attributes)
-        attempt.slots[self] = attempt_span
-        call.slots[self._open].append(attempt_span)
-        _inject(attempt, attempt_span)  # the server span becomes the attempt's child
+        return self._tracer.start_span(
+            name, trace.set_span_in_context(span), SpanKind.CLIENT, attributes, start_time=start
+        )  # fmt: skip
+
+    def _backdate_first(self, call: CallInfo, span: Span) -> None:
+        """attempt_spans="retried": a second attempt starts, so the first one gets its span after all."""
+        first = call.slots.pop(self._first, None)
+        if first is None:
+            return
+        first_span = self._attempt_span(call, span, first, _epoch_ns(first.start))
+        ended = call.slots.pop(self._first_end, None)
+        if ended is None:  # still running (a hedge started beside it)
+            first.slots[self] = first_span
+            call.slots[self._open].append(first_span)
+        else:
+            status, latency = ended
+            _end(first_span, status, status is not _OK, _epoch_ns(first.start + latency))
 
     def attempt_ended(self, call: CallInfo, attempt: AttemptInfo, status: grpc.StatusCode, latency: float) -> None:
         """End the attempt's span with its status."""
@@ -245,6 +285,8 @@ class TracingObserver(CallObserver):
         if span is not None:
             call.slots[self._open].remove(span)
             _end(span, status, status is not _OK)
+        elif self._lazy and call.slots.get(self._first) is attempt:
+            call.slots[self._first_end] = status, latency  # for its span, should a retry follow
 
     def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
         """End the call's span with its status and attempt count (and any attempt span left open)."""
@@ -309,11 +351,16 @@ def _cancelled_or(status: grpc.StatusCode, context: Any) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED if callable(is_active) and not is_active() else status
 
 
-def _end(span: Span, status: grpc.StatusCode, error: bool) -> None:
+def _end(span: Span, status: grpc.StatusCode, error: bool, end_time: int | None = None) -> None:
     span.set_attribute("rpc.grpc.status_code", status.value[0])
     if error:
         span.set_status(Status(_ERROR, status.name))
-    span.end()
+    span.end(end_time)
+
+
+def _epoch_ns(perf: float) -> int:
+    """A ``time.perf_counter()`` reading as epoch nanoseconds (what span timestamps are)."""
+    return time.time_ns() - int((time.perf_counter() - perf) * 1e9)
 
 
 def _detach(token: Any) -> None:
@@ -550,10 +597,11 @@ class MetricsObserver(CallObserver):
 
 
 def telemetry(
-    tracer_provider: trace.TracerProvider | None = None, meter_provider: metrics.MeterProvider | None = None
-) -> tuple[CallObserver, ...]:
+    tracer_provider: trace.TracerProvider | None = None, meter_provider: metrics.MeterProvider | None = None,
+    *, attempt_spans: str = "always",
+) -> tuple[CallObserver, ...]:  # fmt: skip
     """Tracing and metrics observers, for ``ChannelConfig(observers=...)`` and ``ServerConfig(observers=...)``."""
-    return TracingObserver(tracer_provider), MetricsObserver(meter_provider)
+    return TracingObserver(tracer_provider, attempt_spans=attempt_spans), MetricsObserver(meter_provider)
 
 
 # -- configured by the environment ---------------------------------------------------

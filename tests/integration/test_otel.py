@@ -404,3 +404,37 @@ def test_an_unsampled_call_records_no_span_but_still_passes_its_context_on() -> 
     assert server_side.finished() == []  # the server follows the caller's decision
     (traceparent,) = seen
     assert int(traceparent.rsplit("-", 1)[1], 16) & 1 == 0  # W3C flags: not sampled
+
+
+def test_retried_attempt_spans_appear_only_when_a_call_is_retried() -> None:
+    made = Telemetry()
+    made.observers = telemetry(made.tracer_provider, made.meter_provider, attempt_spans="retried")
+    backends = [Backend(name) for name in "ab"]
+    backends[0].servicer.failing = True
+    config = rpcframe.ChannelConfig(policy="round_robin", slow_start=0, default_timeout=10, observers=made.observers)
+    try:
+        with rpcframe.connect([b.address for b in backends], config) as channel:
+            wait_until(lambda: all(state == "READY" for _, state in channel.endpoints()))
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            for _ in range(4):  # round robin: calls meet the failing backend first
+                assert stub.Echo(pb.EchoRequest(message="whoami")).message == "b"
+        with rpcframe.connect(backends[1].address, config) as channel:  # answered by its first attempt
+            assert channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="whoami")).message == "b"
+    finally:
+        for backend in backends:
+            backend.stop()
+        made.tracer_provider.shutdown()
+        made.meter_provider.shutdown()
+    spans = made.finished()
+    calls = [s for s in spans if s.parent is None]
+    assert len(calls) == 5
+    once = [c for c in calls if (c.attributes or {})["rpcframe.attempts"] == 1]
+    twice = [c for c in calls if (c.attributes or {})["rpcframe.attempts"] == 2]
+    assert once
+    assert twice
+    for call in once:
+        assert _attempts(spans, call) == []  # no attempt span for a call its first attempt answered
+    first, second = _attempts(spans, twice[0])
+    assert (first.attributes or {})["rpc.grpc.status_code"] == 14  # the failed first attempt, backdated
+    assert twice[0].start_time <= first.start_time <= first.end_time <= second.start_time  # type: ignore[operator]
+    assert (second.attributes or {})["rpcframe.attempt.reason"] == "retry"
