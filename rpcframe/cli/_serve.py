@@ -186,7 +186,10 @@ def _telemetry() -> Any:
     except ImportError:
         raise CliError("OTEL_* variables are set but OpenTelemetry is not installed: "
                        "pip install 'rpcframe[otel]' (or unset them)", 2) from None  # fmt: skip
-    telemetry = from_environment()
+    try:
+        telemetry = from_environment()
+    except ConfigError as exc:  # an OTEL_* value it cannot follow
+        raise CliError(str(exc), 2) from None
     if telemetry is not None:
         logging.getLogger("rpcframe.serve").info(
             "OpenTelemetry on: traces %s, metrics %s", "on" if telemetry.tracer_provider else "off",

@@ -20,7 +20,12 @@ server's ``stop()``) and exit 0 once all have; SIGHUP restarts the workers
 one at a time (a new worker starts, and only once it serves is the old one
 drained), so a deploy loses no call. A worker that dies is replaced after
 a backoff; a slot whose workers keep dying soon after they start stops the
-supervisor with an error (a crash loop).
+supervisor with an error (a crash loop). Workers run in their own process
+group, so a terminal's Ctrl-C or ``timeout`` reaches the supervisor alone,
+which stops each worker once: a second SIGTERM during a drain would end a
+worker with its calls in flight (under systemd: ``KillMode=mixed``). A
+rolling restart reloads the servicers' modules, not rpcframe or grpc, which
+the supervisor itself imported.
 
 Linux only: elsewhere ``SO_REUSEPORT`` does not spread TCP connections
 over the sockets sharing a port. Unix-socket addresses cannot be shared
@@ -204,8 +209,9 @@ def serve(
     processes, ``"auto"`` for one per core; 1 serves in this process.
     ``on_ready`` gets the ``HOST:PORT`` addresses once every worker serves.
     Call it from the main thread (signals are handled there), before any
-    grpc object exists in the process. Raises :class:`WorkerError` when the
-    workers cannot start or keep crashing.
+    grpc object exists in the process. Raises :class:`WorkerError` (an
+    ``rpcframe.RpcframeError``) when the workers cannot start or keep
+    crashing.
 
     Example::
 
