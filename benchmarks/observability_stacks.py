@@ -64,7 +64,7 @@ class Stack:
     @property
     def uses_sdk(self) -> bool:
         """Whether this stack's processes set up OpenTelemetry providers."""
-        return self.instrumented or self.observers in ("telemetry", "tracing", "metrics")
+        return self.instrumented or self.observers in ("telemetry", "tracing", "metrics", "tracing-retried", "lean")
 
 
 RAW = Stack("raw", "raw", "raw grpcio")
@@ -77,8 +77,17 @@ RF_NOOP = Stack("rpcframe+noop", "rpcframe", "rpcframe + one no-op observer (the
 RF_OTEL_1PCT = Stack("rpcframe+otel-1%", "rpcframe", "rpcframe + telemetry(), ParentBased(TraceIdRatio 1 %)",
                      observers="telemetry", ratio=0.01)  # fmt: skip
 
+RF_TRACING_RETRIED = Stack("rpcframe+tracing-retried", "rpcframe",
+                           "rpcframe + TracingObserver(attempt_spans='retried') only", observers="tracing-retried")
+RF_PROMETHEUS = Stack("rpcframe+prometheus", "rpcframe", "rpcframe + PrometheusObserver only", observers="prometheus")
+RF_LEAN = Stack("rpcframe+lean", "rpcframe",
+                "rpcframe + TracingObserver(attempt_spans='retried') + PrometheusObserver", observers="lean")
+
 #: Headline stacks first, then the component and sampling rows.
-STACKS: tuple[Stack, ...] = (RAW, RAW_OTEL, RF, RF_OTEL, RF_TRACING, RF_METRICS, RF_NOOP, RF_OTEL_1PCT)
+STACKS: tuple[Stack, ...] = (
+    RAW, RAW_OTEL, RF, RF_OTEL, RF_TRACING, RF_METRICS, RF_NOOP, RF_OTEL_1PCT, RF_TRACING_RETRIED, RF_PROMETHEUS,
+    RF_LEAN,
+)  # fmt: skip
 BY_NAME = {s.name: s for s in STACKS}
 
 
@@ -201,12 +210,27 @@ def observers_for(stack: Stack, sdk: Sdk | None) -> tuple[CallObserver, ...]:
     """The rpcframe observers of ``stack`` (empty for raw stacks and for plain rpcframe)."""
     if stack.observers == "noop":
         return (CallObserver(),)
-    if not stack.observers or sdk is None:
+    if not stack.observers or (sdk is None and stack.observers != "prometheus"):
         return ()
     from rpcframe.otel import MetricsObserver, TracingObserver, telemetry
 
+    if stack.observers == "prometheus":
+        from prometheus_client import CollectorRegistry
+
+        from rpcframe.prometheus import PrometheusObserver
+
+        return (PrometheusObserver(CollectorRegistry()),)
     if stack.observers == "tracing":
         return (TracingObserver(sdk.tracer_provider),)
+    if stack.observers in ("tracing-retried", "lean"):
+        tracing = TracingObserver(sdk.tracer_provider, attempt_spans="retried")
+        if stack.observers == "tracing-retried":
+            return (tracing,)
+        from prometheus_client import CollectorRegistry
+
+        from rpcframe.prometheus import PrometheusObserver
+
+        return tracing, PrometheusObserver(CollectorRegistry())
     if stack.observers == "metrics":
         return (MetricsObserver(sdk.meter_provider),)
     return telemetry(sdk.tracer_provider, sdk.meter_provider)
