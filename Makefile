@@ -63,12 +63,20 @@ bench: setup
 	$(PY) -m benchmarks.balancing
 	$(PY) -m benchmarks.security
 	$(PY) -m benchmarks.retries
+	$(PY) -m benchmarks.observability
+	$(PY) -m benchmarks.overload
+	$(PY) -m benchmarks.limiters
+	$(PY) -m benchmarks.workers
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
 	$(PY) -m benchmarks.balancing --quick
 	$(PY) -m benchmarks.security --quick
 	$(PY) -m benchmarks.retries --quick
+	$(PY) -m benchmarks.observability --quick
+	$(PY) -m benchmarks.overload --quick
+	$(PY) -m benchmarks.limiters
+	$(PY) -m benchmarks.workers --quick
 
 # Faults, hostile clients and a soak, rpcframe next to raw grpcio (benchmarks/results/reliability.md);
 # exits 1 when an acceptance check fails. The quick form (~3 min) is the CI one.
