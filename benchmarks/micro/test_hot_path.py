@@ -124,9 +124,41 @@ def _telemetry() -> tuple[rpcframe.observe.CallObserver, ...]:
     return telemetry(TracerProvider(), MeterProvider(metric_readers=[InMemoryMetricReader()]))
 
 
-#: The observer seam unset (the default), with one observer that does nothing, and with OpenTelemetry.
+def _lean() -> tuple[rpcframe.observe.CallObserver, ...]:
+    """Tracing with attempt spans only for retried calls, metrics by prometheus_client."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+
+    from rpcframe.otel import TracingObserver
+    from rpcframe.prometheus import PrometheusObserver
+
+    return TracingObserver(TracerProvider(), attempt_spans="retried"), PrometheusObserver(CollectorRegistry())
+
+
+def _prometheus() -> tuple[rpcframe.observe.CallObserver, ...]:
+    from prometheus_client import CollectorRegistry
+
+    from rpcframe.prometheus import PrometheusObserver
+
+    return (PrometheusObserver(CollectorRegistry()),)
+
+
+def _otel_metrics() -> tuple[rpcframe.observe.CallObserver, ...]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from rpcframe.otel import MetricsObserver
+
+    return (MetricsObserver(MeterProvider(metric_readers=[InMemoryMetricReader()])),)
+
+
+#: The observer seam unset (the default), with one observer that does nothing, with OpenTelemetry,
+#: and the cheaper choices (metrics only, by the SDK or by prometheus_client; tracing without
+#: attempt spans for unretried calls plus Prometheus metrics).
 OBSERVERS = pytest.mark.parametrize(
-    "observers", [(), (rpcframe.observe.CallObserver(),), _telemetry()], ids=["unobserved", "observed", "otel"]
+    "observers",
+    [(), (rpcframe.observe.CallObserver(),), _telemetry(), _otel_metrics(), _prometheus(), _lean()],
+    ids=["unobserved", "observed", "otel", "otel-metrics", "prometheus", "lean"],
 )
 
 
