@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 from ..client._sync import Channel, connect
 from ..config import ChannelConfig
 from ..errors import ConfigError
-from ._common import CliError, add_client_security_flags, client_security
+from ._common import CliError, add_client_security_flags, check_target, client_security
 
 if TYPE_CHECKING:
     from ..bench.methods import MethodInfo
@@ -490,6 +490,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("give one of PKG.SERVICE/METHOD, --list or --describe SYMBOL", 2)
     if args.method is None and (args.data is not None or args.proto_module or args.reflection):
         raise CliError("-d, --proto-module and --reflection go with a method call", 2)
+    check_target(args.target)
     timeout = args.timeout or None
     try:
         with _open_channel(args, timeout) as channel:

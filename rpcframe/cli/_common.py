@@ -58,6 +58,20 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, number
 
 
+_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+
+
+def check_target(target: str) -> None:
+    """A client TARGET without a scheme is HOST:PORT or a comma-separated list of them: CliError (exit 2) if not.
+
+    Checked before connecting, so a typo is reported at once, not as a timeout.
+    """
+    if target.startswith(_SCHEMES):
+        return  # the resolver's own syntax: grpc checks it
+    for address in target.split(","):
+        split_host_port(address.strip())
+
+
 # --- security flags: TLS and tokens for clients (call, health), TLS and auth for serve ----------
 
 _CLIENT_TLS_FIELDS = (("TLSConfig.ca", "--tls-ca"), ("TLSConfig.cert", "--tls-cert"), ("TLSConfig.key", "--tls-key"))

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ..client._sync import Channel
 from ..config import ChannelConfig
 from ..errors import ConfigError, DeadlineExceeded, NotFound, RpcError, Unavailable
-from ._common import CliError, add_client_security_flags, client_security, split_host_port
+from ._common import CliError, add_client_security_flags, check_target, client_security, split_host_port
 
 _EPILOG = """\
 exit codes:
@@ -100,6 +100,7 @@ def _probe(connect: Callable[[], Channel], stub: Any, request: Any, args: argpar
 def run(args: argparse.Namespace) -> int:
     """Print the status name; exit 0 only when SERVING."""
     status_name = health_pb2.HealthCheckResponse.ServingStatus.Name
+    check_target(args.target)
     request = health_pb2.HealthCheckRequest(service=args.service)
     tls, token = client_security(args)
 

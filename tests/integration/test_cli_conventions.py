@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
 import rpcframe
-from tests.cli import ServeProcess, run_cli
+from tests.cli import ServeProcess, assert_cli_error, run_cli
 
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
 
@@ -48,3 +49,21 @@ def test_usage_errors_show_the_subcommands_usage(args: tuple[str, ...], command:
     assert result.stderr.startswith(f"usage: rpcframe {command} "), result.stderr
     assert re.search(rf"^rpcframe {command}: error: unrecognized arguments: ", result.stderr, re.M), result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("127.0.0.1:notaport", "'127.0.0.1:notaport': port must be a number"),
+        ("127.0.0.1", "'127.0.0.1': expected HOST:PORT"),
+        ("127.0.0.1:1,127.0.0.1", "'127.0.0.1': expected HOST:PORT"),
+        ("127.0.0.1:70000", "port must be in 0..65535"),
+    ],
+)
+@pytest.mark.parametrize("command", ["call", "health"])
+def test_bad_target_is_refused_at_once(command: str, target: str, message: str) -> None:
+    args = (command, target, ECHO) if command == "call" else (command, target)
+    start = time.monotonic()
+    result = run_cli(*args, "--timeout", "30")
+    assert time.monotonic() - start < 15  # not the 30 s timeout
+    assert_cli_error(result, 2, message)
