@@ -99,8 +99,10 @@ class OverloadConfig:
         min_rtt_interval: seconds between no-load latency measurements.
         min_rtt_samples: calls measured at ``min_limit`` each time.
         queue_target: seconds of queueing delay (asyncio: event-loop lag)
-            above which CRITICAL calls are refused (SHEDDABLE at half of it,
-            CRITICAL_PLUS at twice).
+            above which CRITICAL calls are refused (SHEDDABLE_PLUS at half of
+            it, SHEDDABLE at a quarter, CRITICAL_PLUS at twice). 50 ms: a
+            loop that lags less is slow, not overloaded (and a machine
+            shared with other processes lags that much without a queue).
         deadline_shedding: refuse calls whose deadline is nearer than their
             method's recent median latency.
         per_method: one limiter per method instead of one per server (for
@@ -115,7 +117,7 @@ class OverloadConfig:
     update_interval: float = 0.05
     min_rtt_interval: float = 10.0
     min_rtt_samples: int = 20
-    queue_target: float = 0.005
+    queue_target: float = 0.05
     deadline_shedding: bool = True
     per_method: bool = False
 

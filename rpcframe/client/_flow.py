@@ -81,13 +81,14 @@ class Attempts:
         if not_run and (pushback is None or len(method._channel._core.current().endpoints) > 1):
             # Never ran: another endpoint takes it at once, whatever the method
             # (a server shedding load, with a pushback, is not sent it again).
-            if self.moved >= method._failovers:
+            if self.moved < method._failovers:
+                self.moved += 1
+                stats.failovers += 1
+                self.why = "failover"
+                return 0.0
+            if pushback is None:
                 return None
-            self.moved += 1
-            stats.failovers += 1
-            self.why = "failover"
-            return 0.0
-        if not_run:
+        if not_run:  # shed by the only endpoint, or by every one tried: wait as asked, then retry
             return self._after_pushback(pushback, remaining, now)
         verdict = decide(
             method._retry, attempt=self.sent, code=exc.code().name, idempotent=method.idempotent,
