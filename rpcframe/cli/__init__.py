@@ -29,8 +29,11 @@ class _SubcommandParser(argparse.ArgumentParser):
     the subcommand follows another tool's codes, as ``health`` does).
     """
 
-    usage_exit_code = 2
     _nested = False
+
+    def __init__(self, *args: Any, usage_exit_code: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_exit_code = usage_exit_code
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         """Intermixed parsing; arguments left over are this subcommand's error, not the top level's."""

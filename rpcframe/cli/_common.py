@@ -92,15 +92,25 @@ def _usage_error(exc: ConfigError, fields: tuple[tuple[str, str], ...] = ()) -> 
     return CliError(message, 2)
 
 
-def add_client_security_flags(parser: argparse.ArgumentParser) -> None:
-    """``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--server-name``, ``--token``."""
+def add_client_security_flags(parser: argparse.ArgumentParser, *, probe_spellings: bool = False) -> None:
+    """``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--server-name``, ``--token``.
+
+    ``probe_spellings`` also accepts grpc-health-probe's names of the same
+    flags (``-tls-ca-cert`` ...), so ``health`` drops into probes written for it.
+    """
+
+    def names(name: str, probe: str) -> tuple[str, ...]:
+        return (name, probe) if probe_spellings else (name,)
+
     sec = parser.add_argument_group("security")
-    sec.add_argument("--tls", action="store_true", help="connect with TLS (implied by the other --tls-* flags)")
-    sec.add_argument("--tls-ca", metavar="FILE", help="CA certificates (PEM) the server's must chain to "
-                                                      "(default: the system roots)")  # fmt: skip
-    sec.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mTLS")
-    sec.add_argument("--tls-key", metavar="FILE", help="private key (PEM) of --tls-cert")
-    sec.add_argument("--server-name", metavar="NAME", help="name the server's certificate must carry (and SNI)")
+    sec.add_argument(*names("--tls", "-tls"), action="store_true",
+                     help="connect with TLS (implied by the other --tls-* flags)")  # fmt: skip
+    sec.add_argument(*names("--tls-ca", "-tls-ca-cert"), metavar="FILE",
+                     help="CA certificates (PEM) the server's must chain to (default: the system roots)")  # fmt: skip
+    sec.add_argument(*names("--tls-cert", "-tls-client-cert"), metavar="FILE", help="client certificate (PEM) for mTLS")
+    sec.add_argument(*names("--tls-key", "-tls-client-key"), metavar="FILE", help="private key (PEM) of --tls-cert")
+    sec.add_argument(*names("--server-name", "-tls-server-name"), metavar="NAME",
+                     help="name the server's certificate must carry (and SNI)")  # fmt: skip
     sec.add_argument("--token", metavar="TOKEN",
                      help="send 'authorization: Bearer TOKEN'; refused over plaintext except to loopback")  # fmt: skip
 

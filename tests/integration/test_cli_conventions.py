@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
 import rpcframe
 from tests.cli import ServeProcess, assert_cli_error, run_cli
+from tests.conftest import wait_until
 
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
 
@@ -19,7 +23,7 @@ def test_version() -> None:
 
 
 @pytest.fixture(scope="module")
-def served() -> object:
+def served() -> Iterator[ServeProcess]:
     server = ServeProcess("examples.echo:servicer", "--bind", "127.0.0.1:0")
     yield server
     server.kill()
@@ -45,7 +49,7 @@ def test_flags_between_positionals(served: ServeProcess) -> None:
 )
 def test_usage_errors_show_the_subcommands_usage(args: tuple[str, ...], command: str) -> None:
     result = run_cli(*args)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == (1 if command == "health" else 2), result.stderr  # health: grpc-health-probe's 1
     assert result.stderr.startswith(f"usage: rpcframe {command} "), result.stderr
     assert re.search(rf"^rpcframe {command}: error: unrecognized arguments: ", result.stderr, re.M), result.stderr
     assert result.stdout == ""
@@ -66,4 +70,39 @@ def test_bad_target_is_refused_at_once(command: str, target: str, message: str) 
     start = time.monotonic()
     result = run_cli(*args, "--timeout", "30")
     assert time.monotonic() - start < 15  # not the 30 s timeout
-    assert_cli_error(result, 2, message)
+    assert_cli_error(result, 1 if command == "health" else 2, message)  # health: grpc-health-probe's 1
+
+
+# --- health as grpc-health-probe ---------------------------------------------------------------------
+
+
+def test_health_probe_spellings_and_codes(served: ServeProcess) -> None:
+    ok = run_cli("health", f"-addr={served.target}", "-connect-timeout", "5s", "-rpc-timeout", "5s")
+    assert (ok.returncode, ok.stdout) == (0, "SERVING\n"), ok.stderr
+    svc = run_cli("health", "-addr", served.target, "-service", "rpcframe.echo.v1.EchoService")
+    assert (svc.returncode, svc.stdout) == (0, "SERVING\n"), svc.stderr
+    assert_cli_error(run_cli("health", "-addr", served.target, "-service", "nope.Service"), 3, "unknown to the server")
+    assert_cli_error(run_cli("health", "-addr", served.target, "-tls-ca-cert", "/nonexistent.pem"), 1, "--tls-ca")
+    assert_cli_error(run_cli("health"), 1, "give the server as TARGET or -addr HOST:PORT")
+    bad = run_cli("health", served.target, "-rpc-timeout", "soon")
+    assert bad.returncode == 1
+    assert "'soon' is not a duration" in bad.stderr
+
+
+def test_health_connection_failure_within_connect_timeout() -> None:
+    start = time.monotonic()
+    result = run_cli("health", "-addr", "127.0.0.1:1", "-connect-timeout", "300ms", "-rpc-timeout", "30s")
+    assert time.monotonic() - start < 15  # the connect timeout, not the RPC one
+    assert_cli_error(result, 2, "127.0.0.1:1: no connection within 0.3s")
+
+
+def test_health_not_serving_is_4() -> None:
+    server = ServeProcess("examples.echo:servicer", "--bind", "127.0.0.1:0", "--drain-delay", "20", "--grace", "1")
+    try:
+        server.proc.send_signal(signal.SIGTERM)  # NOT_SERVING for --drain-delay, then it stops
+        results: list[subprocess.CompletedProcess[str]] = []
+        wait_until(lambda: results.append(run_cli("health", "-addr", server.target)) or results[-1].returncode != 0,
+                   timeout=15, interval=0.05)  # fmt: skip
+        assert (results[-1].returncode, results[-1].stdout) == (4, "NOT_SERVING\n"), results[-1].stderr
+    finally:
+        server.kill()

@@ -112,13 +112,13 @@ def test_plaintext_health_against_tls_server_fails_fast(tls_server: ServeProcess
     start = time.monotonic()
     result = _cli("health", tls_server.target, "--timeout", "20")
     assert time.monotonic() - start < 10  # a failed connection is not waited on for the whole --timeout
-    assert_cli_error(result, 4, "accepts connections but not plaintext gRPC: if it serves TLS, add --tls or --tls-ca")
+    assert_cli_error(result, 2, "accepts connections but not plaintext gRPC: if it serves TLS, add --tls or --tls-ca")
 
 
 def test_untrusted_server_certificate(tls_server: ServeProcess, pki: Pki) -> None:
     other_ca = pki.write("other-ca.pem", trustme.CA().cert_pem.bytes())
     result = _cli("health", tls_server.target, "--tls-ca", str(other_ca), "--timeout", "20")
-    assert_cli_error(result, 4, "the TLS connection failed: check --tls-ca and --server-name")
+    assert_cli_error(result, 2, "the TLS connection failed: check --tls-ca and --server-name")
 
 
 def test_mtls_health_needs_a_client_certificate(mtls_server: ServeProcess, pki: Pki) -> None:
@@ -126,7 +126,7 @@ def test_mtls_health_needs_a_client_certificate(mtls_server: ServeProcess, pki: 
     start = time.monotonic()
     without = _cli("health", mtls_server.target, "--tls-ca", ca, "--timeout", "20")
     assert time.monotonic() - start < 10
-    assert_cli_error(without, 4, "a server that requires client certificates also needs --tls-cert and --tls-key")
+    assert_cli_error(without, 2, "a server that requires client certificates also needs --tls-cert and --tls-key")
     with_cert = _cli("health", mtls_server.target, "--tls-ca", ca,
                      "--tls-cert", str(pki.dir / "client.pem"), "--tls-key", str(pki.dir / "client.key"))  # fmt: skip
     _ok(with_cert, "SERVING")
@@ -190,4 +190,5 @@ def test_bad_flags(pki: Pki, args: tuple[str, ...], message: str) -> None:
     start = time.monotonic()
     result = _cli(*(a.format(dir=pki.dir) for a in args))
     assert time.monotonic() - start < 10  # refused before serving or connecting
-    assert_cli_error(result, 2, message.format(dir=pki.dir))
+    # health follows grpc-health-probe: 1 for invalid arguments.
+    assert_cli_error(result, 1 if args[0] == "health" else 2, message.format(dir=pki.dir))
