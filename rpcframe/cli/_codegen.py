@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from ..codegen import CodegenError, generate
@@ -23,10 +24,14 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate code; protoc errors are printed as ``file:line: message``."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"-o {args.out}: exists and is not a directory", 2)
     try:
         files = generate(args.proto_dir, args.out, includes=args.include)
     except CodegenError as exc:
         raise CliError(str(exc), prefix=False) from None
+    except OSError as exc:  # e.g. a file where a package folder goes, or no permission
+        raise CliError(f"cannot write {exc.filename or args.out}: {exc.strerror or exc}") from None
     if not args.quiet:
         print(f"generated {len(files)} files in {args.out}")
     return 0

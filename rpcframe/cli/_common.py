@@ -36,6 +36,8 @@ def load_object(spec: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"cannot import module {module_name!r}: {exc}") from None
+    except SyntaxError as exc:  # the user's module: where, not a traceback of importlib
+        raise CliError(f"cannot import module {module_name!r}: {exc.msg} ({exc.filename}, line {exc.lineno})") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

@@ -101,6 +101,8 @@ def _worker_count(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then drain (every worker, with ``--workers``)."""
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        raise CliError(f"--log-level {args.log_level!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL", 2)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)  # fmt: skip
     workers = _worker_count(args.workers)

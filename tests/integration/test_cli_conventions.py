@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,26 @@ def test_health_not_serving_is_4() -> None:
         assert (results[-1].returncode, results[-1].stdout) == (4, "NOT_SERVING\n"), results[-1].stderr
     finally:
         server.kill()
+
+
+# --- user errors are one line, not a traceback -----------------------------------------------------------
+
+
+def test_serve_module_with_a_syntax_error(tmp_path: Path) -> None:
+    (tmp_path / "issue16_broken.py").write_text("servicer = (\n\ndef f(:\n    pass\n")
+    result = run_cli("serve", "issue16_broken:servicer", "--bind", "127.0.0.1:0", env={"PYTHONPATH": str(tmp_path)})
+    assert_cli_error(result, 1, "cannot import module 'issue16_broken': ")
+    assert f"({tmp_path / 'issue16_broken.py'}, line " in result.stderr
+
+
+def test_serve_unknown_log_level() -> None:
+    result = run_cli("serve", "examples.echo:servicer", "--bind", "127.0.0.1:0", "--log-level", "LOUD")
+    assert_cli_error(result, 2, "--log-level 'LOUD': expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+
+def test_codegen_into_an_existing_file(tmp_path: Path) -> None:
+    existing = tmp_path / "out.txt"
+    existing.write_text("keep me")
+    result = run_cli("codegen", "protos", "-o", str(existing))
+    assert_cli_error(result, 2, f"-o {existing}: exists and is not a directory")
+    assert existing.read_text() == "keep me"
