@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import socket
 import sys
 from typing import Any
 
@@ -58,6 +60,35 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise CliError(f"{address!r}: port must be in 0..65535", 2)
     return host, number
+
+
+def _in_use(address: str) -> bool:
+    """Whether something listens on the TCP ``HOST:PORT`` this process failed to bind."""
+    try:
+        host, port = split_host_port(address)
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (CliError, OSError):
+        return False
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def bind_error(exc: Exception, binds: list[str]) -> CliError:
+    """The server's failure as a CliError, "address already in use" when that is why a bind failed.
+
+    grpc's own message only says to set GRPC_VERBOSITY=debug.
+    """
+    message = str(exc)
+    for address in binds:
+        if message.startswith(f"cannot bind {address}") and _in_use(address):
+            return CliError(f"cannot bind {address}: address already in use")
+    return CliError(message)
 
 
 _SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")

@@ -28,7 +28,15 @@ from ..server._workers import (
     stop_within,
     with_reuseport,
 )
-from ._common import CliError, add_server_security_flags, load_object, server_auth, server_tls, split_host_port
+from ._common import (
+    CliError,
+    add_server_security_flags,
+    bind_error,
+    load_object,
+    server_auth,
+    server_tls,
+    split_host_port,
+)
 
 
 def register(sub: Any) -> None:
@@ -173,7 +181,7 @@ def _serve(args: argparse.Namespace, config: ServerConfig, binds: list[str], ser
 
         serve_here(found, config, binds, aio=args.aio, uvloop=not args.no_uvloop, on_ready=ready_lines)
     except ConfigError as exc:
-        raise CliError(str(exc)) from None
+        raise bind_error(exc, binds) from None
     finally:
         if telemetry is not None:
             telemetry.shutdown()  # export the spans and metrics of the last calls

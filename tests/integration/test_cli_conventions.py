@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import rpcframe
-from tests.cli import ServeProcess, assert_cli_error, run_cli
+from tests.cli import REPO, ServeProcess, assert_cli_error, run_cli
 from tests.conftest import wait_until
 
 ECHO = "rpcframe.echo.v1.EchoService/Echo"
@@ -130,3 +132,25 @@ def test_codegen_into_an_existing_file(tmp_path: Path) -> None:
     result = run_cli("codegen", "protos", "-o", str(existing))
     assert_cli_error(result, 2, f"-o {existing}: exists and is not a directory")
     assert existing.read_text() == "keep me"
+
+
+def _serve_without_grpc_verbosity(*args: str, verbosity: str | None) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
+    if verbosity is not None:
+        env["GRPC_VERBOSITY"] = verbosity
+    return subprocess.run(
+        [sys.executable, "-m", "rpcframe", "serve", *args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["--sync", "--aio"])
+def test_serve_port_in_use_says_so(served: ServeProcess, mode: str) -> None:
+    result = _serve_without_grpc_verbosity("examples.echo:servicer", "--bind", served.target, mode, verbosity=None)
+    assert_cli_error(result, 1, f"cannot bind {served.target}: address already in use")
+    # grpc C-core's own lines (E... add_port.cc) are quiet by default...
+    assert result.stderr.splitlines() == [f"rpcframe: error: cannot bind {served.target}: address already in use"]
+    # ...and there when GRPC_VERBOSITY asks for them.
+    loud = _serve_without_grpc_verbosity("examples.echo:servicer", "--bind", served.target, mode, verbosity="ERROR")
+    assert loud.returncode == 1
+    assert "add_port.cc" in loud.stderr
