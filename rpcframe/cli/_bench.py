@@ -75,8 +75,9 @@ def register(sub: Any) -> None:
         description="Load-test one method of any gRPC server and report QPS and HDR latency percentiles.",
     )  # fmt: skip
     p.add_argument("target", metavar="HOST:PORT", help="the server")
-    p.add_argument("--method", required=True, metavar="PKG.SERVICE/METHOD", help="the method to call")
-    p.add_argument("--data", default=None, metavar="JSON|@FILE", help="the request as protobuf JSON (default {})")
+    p.add_argument("--method", "--call", required=True, metavar="PKG.SERVICE/METHOD",
+                   help="the method to call (--call: ghz's name)")  # fmt: skip
+    p.add_argument("-d", "--data", default=None, metavar="JSON|@FILE", help="the request as protobuf JSON (default {})")
     p.add_argument("--payload-size", type=_size, default=None, metavar="BYTES",
                    help="fill the request's 'bytes payload' field with this many bytes")  # fmt: skip
     p.add_argument("--proto-module", default=None, metavar="MODULE",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -154,3 +155,14 @@ def test_serve_port_in_use_says_so(served: ServeProcess, mode: str) -> None:
     loud = _serve_without_grpc_verbosity("examples.echo:servicer", "--bind", served.target, mode, verbosity="ERROR")
     assert loud.returncode == 1
     assert "add_port.cc" in loud.stderr
+
+
+def test_bench_takes_ghz_spellings(served: ServeProcess, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    data = '{"message": "hello"}'
+    result = run_cli("bench", "-d", data, served.target, "--call", ECHO, "-n", "10", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["summary"]["ok"] == 10
+    assert report["config"]["method"] == f"/{ECHO}"
+    assert report["config"]["request_bytes"] == 7  # field tag, length, "hello": -d was the request
