@@ -112,13 +112,7 @@ class BalancerCore:
             for address, endpoint in wanted.items():
                 entry = self._entries.get(address)
                 if entry is None:
-                    stats = EndpointStats(
-                        endpoint, self.context.clock, decay=self._ewma_decay,
-                        failure_threshold=self.outlier.consecutive_failures,
-                    )  # fmt: skip
-                    if self._throttle is not None:
-                        stats.throttle = AdaptiveThrottle(self._throttle, self.context.clock())
-                    entry = EndpointEntry(stats)
+                    entry = self._new_entry(endpoint)
                     added.append(entry)
                 elif entry.stats.endpoint != endpoint:
                     entry.stats.endpoint = endpoint  # new weight/zone, same connection
@@ -132,11 +126,35 @@ class BalancerCore:
             self._rebuild()
         return added, removed
 
-    def set_connectivity(self, address: str, state: Connectivity) -> None:
-        """An endpoint's channel changed state."""
+    def renew(self, address: str, attach: Callable[[EndpointEntry], None]) -> EndpointEntry | None:
+        """Replace ``address``'s entry by a new one in its place (the front attaches a new connection).
+
+        Returns the old entry, for the front to close once its calls are
+        done; None when ``address`` has no entry (any more).
+        """
+        with self._lock:
+            old = self._entries.get(address)
+            if old is None:
+                return None
+            entry = self._new_entry(old.stats.endpoint)
+            attach(entry)
+            self._entries[address] = entry
+            self._rebuild()
+        return old
+
+    def _new_entry(self, endpoint: Endpoint) -> EndpointEntry:
+        stats = EndpointStats(
+            endpoint, self.context.clock, decay=self._ewma_decay, failure_threshold=self.outlier.consecutive_failures,
+        )  # fmt: skip
+        if self._throttle is not None:
+            stats.throttle = AdaptiveThrottle(self._throttle, self.context.clock())
+        return EndpointEntry(stats)
+
+    def set_connectivity(self, address: str, state: Connectivity, handle: object = None) -> None:
+        """An endpoint's channel changed state (ignored when ``handle`` is given and is no longer the entry's)."""
         with self._lock:
             entry = self._entries.get(address)
-            if entry is None or entry.connectivity is state:
+            if entry is None or entry.connectivity is state or _stale(entry, handle):
                 return
             became_ready = state is Connectivity.READY
             entry.connectivity = state
@@ -144,11 +162,11 @@ class BalancerCore:
                 self._mark_returning(entry)
             self._rebuild()
 
-    def set_serving(self, address: str, serving: bool, detail: str = "") -> None:
-        """An endpoint's health watch reported a status."""
+    def set_serving(self, address: str, serving: bool, detail: str = "", handle: object = None) -> None:
+        """An endpoint's health watch reported a status (ignored when ``handle`` is no longer the entry's)."""
         with self._lock:
             entry = self._entries.get(address)
-            if entry is None:
+            if entry is None or _stale(entry, handle):
                 return
             entry.health_detail = detail
             if entry.serving is serving:
@@ -232,3 +250,8 @@ class BalancerCore:
 def _servers(entries: Iterable[EndpointStats]) -> int:
     """Distinct servers among ``entries`` (the extra connections to one address count once)."""
     return len({backend_address(e.address) for e in entries})
+
+
+def _stale(entry: EndpointEntry, handle: object) -> bool:
+    """Whether a report comes from a connection the entry no longer has (replaced by :meth:`BalancerCore.renew`)."""
+    return handle is not None and entry.stats.handle is not handle

@@ -104,7 +104,7 @@ class _Subchannel(SubchannelBase):
     async def _watch_state(self) -> None:
         state = self.channel.get_state(try_to_connect=True)
         while True:
-            self._core.set_connectivity(self.address, connectivity_of(state))
+            self._core.set_connectivity(self.address, connectivity_of(state), self)
             await self.channel.wait_for_state_change(state)
             # try_to_connect: a dropped connection goes IDLE; reconnect at once.
             state = self.channel.get_state(try_to_connect=True)
@@ -176,7 +176,21 @@ class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
             task.add_done_callback(self._retiring.discard)
 
     def _attach(self, entry: EndpointEntry) -> None:
-        entry.stats.handle = _Subchannel(entry.stats.address, self._core, self.config)
+        handle = entry.stats.handle = _Subchannel(entry.stats.address, self._core, self.config)
+        if self.config.connections_per_endpoint > 1:
+            handle.renew = self._renew_later
+
+    def _renew_later(self, address: str, serving: bool) -> None:
+        delay = self._renewal(address, serving)
+        if delay is not None:
+            self._loop.call_later(delay, self._renew_now, address)
+
+    def _renew_now(self, address: str) -> None:
+        old = self._renew(address)
+        if old is not None:
+            task = asyncio.ensure_future(self._retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, entry: EndpointEntry) -> None:
         """Close a removed endpoint; grpc.aio lets its active calls finish within the grace."""

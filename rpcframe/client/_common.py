@@ -27,7 +27,7 @@ from .._core.deadline import CallScope, DeadlinePassed, bounded_timeout, scope_v
 from .._core.hedge import HedgePolicy, LatencyWindow
 from .._core.overload import CRITICALITY_KEY, criticality_var
 from .._core.retry import NOT_RUN_KEY, PUSHBACK_KEY, parse_pushback
-from ..balancing.balancer import BalancerCore, Connectivity
+from ..balancing.balancer import BalancerCore, Connectivity, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome, backend_address
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
@@ -56,6 +56,7 @@ _ENDPOINT_FAILURES = frozenset(
 
 _AVOID_TRIES = 4  # re-picks to find another endpoint than the one that failed
 _READY_TRIES = 8  # re-picks after grpc says a picked endpoint lost its connection
+_RENEW_BACKOFF = (0.05, 5.0)  # seconds: first and longest wait before replacing a NOT_SERVING connection
 
 
 
@@ -182,6 +183,9 @@ class SubchannelBase:
         # Keyed by wrapper object: two wrappers of one method path may carry
         # different serializers (a typed stub and a raw-bytes call).
         self._calls: dict[MethodBase, Any] = {}
+        #: Told each health status (address, serving) when the channel replaces connections that reach a
+        #: draining worker (``connections_per_endpoint`` > 1); None otherwise.
+        self.renew: Callable[[str, bool], None] | None = None
 
     def ready(self) -> bool:
         """Whether grpc's channel has a connection now (asked of grpc, not of our watcher)."""
@@ -194,12 +198,14 @@ class SubchannelBase:
     def _health_seen(self, response: Any) -> None:
         serving = response.status == health_pb2.HealthCheckResponse.SERVING
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-        self._core.set_serving(self.address, serving, name)
+        self._core.set_serving(self.address, serving, name, self)
+        if self.renew is not None:
+            self.renew(self.address, serving)
 
     def _health_gone(self, exc: grpc.RpcError) -> bool:
         """Whether to stop watching after ``exc``: the server has no health service (trust connectivity)."""
         if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-            self._core.set_serving(self.address, True)
+            self._core.set_serving(self.address, True, "", self)
             return True
         return False
 
@@ -248,9 +254,40 @@ class BalancedChannelBase:
         self.stats = CallStats()
         self.observer = combine(cfg.observers)
         self._method_state: dict[str, MethodState] = {}
+        self._renewals: dict[str, int] = {}  # connection -> replacements in a row that did not serve
         self._closed = False
         if self.observer is not None:
             self.observer.channel_opened(self)
+
+    def _renewal(self, address: str, serving: bool) -> float | None:
+        """Seconds after which ``address``'s connection, now NOT_SERVING, is replaced; None when it serves.
+
+        With several connections per address, one that reaches a draining
+        worker of a ``--workers`` server is replaced by a new connection,
+        which the kernel gives to any worker listening: the calls find the
+        other workers (the new one included) before the draining one starts
+        refusing them, even when every connection had landed on it. A
+        replacement that lands on a draining worker again is retried after
+        a doubling delay, reset once one serves.
+        """
+        if serving:
+            self._renewals.pop(address, None)
+            return None
+        count = self._renewals.get(address, 0)
+        self._renewals[address] = count + 1
+        return float(min(_RENEW_BACKOFF[0] * 2**count, _RENEW_BACKOFF[1]))
+
+    def _renew(self, address: str) -> EndpointEntry | None:
+        """Replace ``address``'s connection if it still does not serve; the old entry, for the front to retire."""
+        if self._closed:
+            return None
+        entry = next((e for e in self._core.entries() if e.stats.address == address), None)
+        if entry is None or entry.serving:
+            return None
+        return self._core.renew(address, self._attach)
+
+    def _attach(self, entry: EndpointEntry) -> None:
+        raise NotImplementedError
 
     def _with_connections(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         """Each endpoint ``connections_per_endpoint`` times: ``address``, ``address#2``, ...
@@ -351,7 +388,7 @@ class BalancedChannelBase:
             if core.fallback or stats.handle.ready():
                 break
             done(Outcome.IGNORED, 0.0)
-            core.set_connectivity(stats.address, stats.handle.connectivity())
+            core.set_connectivity(stats.address, stats.handle.connectivity(), stats.handle)
         throttle = stats.throttle
         if throttle is not None and throttle.p > 0.0 and random.random() < throttle.p:
             return self._throttled(picker, stats, done)

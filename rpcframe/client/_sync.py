@@ -162,7 +162,7 @@ class _Subchannel(SubchannelBase):
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         if self._closed.is_set():
             return
-        self._core.set_connectivity(self.address, connectivity_of(state))
+        self._core.set_connectivity(self.address, connectivity_of(state), self)
         if state is grpc.ChannelConnectivity.IDLE:
             # A dropped connection leaves the channel IDLE; reconnect at once
             # so the endpoint returns as soon as its server does.
@@ -238,7 +238,21 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
             threading.Thread(target=self._retire, args=(entry,), daemon=True).start()
 
     def _attach(self, entry: EndpointEntry) -> None:
-        entry.stats.handle = _Subchannel(entry.stats.address, self._core, self.config)
+        handle = entry.stats.handle = _Subchannel(entry.stats.address, self._core, self.config)
+        if self.config.connections_per_endpoint > 1:
+            handle.renew = self._renew_later
+
+    def _renew_later(self, address: str, serving: bool) -> None:
+        delay = self._renewal(address, serving)
+        if delay is not None:
+            timer = threading.Timer(delay, self._renew_now, (address,))
+            timer.daemon = True
+            timer.start()
+
+    def _renew_now(self, address: str) -> None:
+        old = self._renew(address)
+        if old is not None:
+            threading.Thread(target=self._retire, args=(old,), daemon=True).start()
 
     def _retire(self, entry: EndpointEntry) -> None:
         """Close a removed endpoint once its in-flight calls are done."""

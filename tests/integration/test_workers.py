@@ -21,6 +21,7 @@ import pytest
 
 import rpcframe
 import rpcframe.aio
+from examples.bench_server import BenchServicer
 from generated.rpcframe.bench.v1 import bench_pb2, bench_pb2_grpc
 from tests.cli import REPO, ServeProcess, assert_cli_error, run_cli
 from tests.conftest import eventually, wait_until
@@ -118,10 +119,10 @@ def served(tmp_path: Path) -> Iterator[Callable[..., Workers]]:
         workers.stop()
 
 
-def _channel(target: str, **kwargs: object) -> rpcframe.Channel:
-    config = rpcframe.ChannelConfig(connections_per_endpoint=CONNECTIONS, default_timeout=5, **kwargs)  # type: ignore[arg-type]
+def _channel(target: str, connections: int = CONNECTIONS, **kwargs: object) -> rpcframe.Channel:
+    config = rpcframe.ChannelConfig(connections_per_endpoint=connections, default_timeout=5, **kwargs)  # type: ignore[arg-type]
     channel = rpcframe.connect(target, config)
-    wait_until(lambda: [state for _, state in channel.endpoints()] == ["READY"] * CONNECTIONS, timeout=5)
+    wait_until(lambda: [state for _, state in channel.endpoints()] == ["READY"] * connections, timeout=5)
     return channel
 
 
@@ -364,3 +365,49 @@ def test_serve_refuses_a_bad_worker_count() -> None:
 def test_connections_per_endpoint_is_checked(count: int) -> None:
     with pytest.raises(rpcframe.ConfigError, match="connections_per_endpoint must be within 1..256"):
         rpcframe.ChannelConfig(connections_per_endpoint=count)
+
+
+def test_connections_to_a_draining_server_move_to_another_on_the_same_port() -> None:
+    # Every connection of the client lands on `first` (the only one listening when it connects); `second` joins
+    # the port later, as a rolling restart's new worker does. When `first` drains, the client replaces the
+    # connections that report NOT_SERVING: new ones reach `second` before `first` refuses calls.
+    shared = rpcframe.ServerConfig(grpc_options=(("grpc.so_reuseport", 1),), grace_period=5)
+    first, second = rpcframe.Server(shared), rpcframe.Server(shared)
+    first.add(BenchServicer(server_id="first"))
+    second.add(BenchServicer(server_id="second"))
+    port = first.bind("127.0.0.1:0")
+    first.start()
+    try:
+        with _channel(f"127.0.0.1:{port}", connections=4) as channel:
+            stub = channel.stub(bench_pb2_grpc.BenchServiceStub)
+            assert {stub.Unary(bench_pb2.BenchRequest()).server_id for _ in range(16)} == {"first"}
+            second.bind(f"127.0.0.1:{port}")
+            second.start()
+            answers: collections.Counter[str] = collections.Counter()
+            failed: list[BaseException] = []
+            stop = threading.Event()
+
+            def caller(number: int) -> None:
+                for n in range(100_000):  # bounded; stop ends it first
+                    if stop.is_set():
+                        return
+                    try:
+                        answers[stub.Record(bench_pb2.RecordRequest(key=f"{number}.{n}")).server_id] += 1
+                    except rpcframe.RpcError as exc:
+                        failed.append(exc)
+
+            callers = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+            for thread in callers:
+                thread.start()
+            try:
+                first.stop()
+                wait_until(lambda: answers["second"] > 100, timeout=5)
+            finally:
+                stop.set()
+                for thread in callers:
+                    thread.join(10)
+        assert not failed, failed[:3]
+        assert answers["first"] > 0
+    finally:
+        first.stop(0)
+        second.stop(0)
