@@ -188,6 +188,27 @@ def _progress_bar(spec: LoadSpec, enabled: bool) -> Iterator[ProgressFn | None]:
         yield update
 
 
+#: Seconds between the progress lines printed when stdout is not a terminal (CI logs, pipes).
+PROGRESS_LINE_INTERVAL = 5.0
+
+
+def _progress_lines(interval: float = PROGRESS_LINE_INTERVAL) -> ProgressFn:
+    """A progress callback that prints a line to stderr every ``interval`` seconds (logs have no bar)."""
+    import time
+
+    last = time.monotonic()
+
+    def update(phase: str, calls: int, elapsed: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval:
+            last = now
+            rate = f", {calls / elapsed:,.0f}/s" if elapsed > 0.1 else ""
+            print(f"rpcframe bench: {phase}: {calls} calls in {elapsed:.0f}s{rate}", file=sys.stderr, flush=True)
+
+    return update
+
+
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail before the run, not after it, when an output cannot be written."""
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
@@ -209,27 +230,37 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.runner import run_bench
     except ImportError as exc:
         raise CliError(f"rpcframe bench needs the bench extra: pip install 'rpcframe[bench]' ({exc})") from None
+    if args.total is not None and args.duration is not None:
+        print(f"rpcframe: warning: -n {args.total} and -z {args.duration:g}s both given: the run stops at "
+              "whichever comes first", file=sys.stderr)  # fmt: skip
     try:
         spec = _spec(args)
-        show_progress = sys.stdout.isatty() and not args.no_progress
-        with _progress_bar(spec, show_progress) as progress:
+        terminal = sys.stdout.isatty()
+        with _progress_bar(spec, terminal and not args.no_progress) as progress:
+            if not terminal and not args.no_progress:
+                progress = _progress_lines()
             result = run_bench(spec, procs=args.procs, progress=progress)
     except BenchError as exc:
         # One line, whatever the underlying library put in its message.
         raise CliError(" ".join(str(exc).split())) from None
     print_summary(result)
+    written: list[Path] = []
     try:
         if args.json:
-            write_json(result, args.json)
+            written.append(write_json(result, args.json))
         if args.plot:
             from ..bench.plot import write_plots
 
-            write_plots(result, args.plot)
+            written.extend(write_plots(result, args.plot))
     except ImportError as exc:
         raise CliError(f"--plot needs matplotlib: pip install 'rpcframe[bench]' ({exc})") from None
     except OSError as exc:
         raise CliError(f"cannot write output: {exc}") from None
-    return 0 if result.calls else 1
+    for path in written:
+        print(f"wrote {path}")
+    if result.calls == 0 or result.merged.ok == 0:
+        raise CliError(f"every call failed ({result.calls} calls, none OK)" if result.calls else "no call was made")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -166,3 +166,27 @@ def test_bench_takes_ghz_spellings(served: ServeProcess, tmp_path: Path) -> None
     assert report["summary"]["ok"] == 10
     assert report["config"]["method"] == f"/{ECHO}"
     assert report["config"]["request_bytes"] == 7  # field tag, length, "hello": -d was the request
+    assert f"wrote {out}" in result.stdout.splitlines()
+
+
+def test_bench_where_every_call_fails_exits_1(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("someone:a-key-bench-does-not-send\n")
+    server = ServeProcess("examples.echo:servicer", "--bind", "127.0.0.1:0", "--api-key-file", str(keys))
+    try:
+        result = run_cli("bench", server.target, "--call", ECHO, "-n", "5")
+        assert result.returncode == 1, result.stderr
+        assert "UNAUTHENTICATED" in result.stdout  # the summary's status line
+        errors = [line for line in result.stderr.splitlines() if line.startswith("rpcframe: error: ")]
+        assert errors == ["rpcframe: error: every call failed (5 calls, none OK)"], result.stderr
+    finally:
+        server.kill()
+
+
+@pytest.mark.slow
+def test_bench_progress_lines_off_a_terminal_and_the_n_z_warning(served: ServeProcess) -> None:
+    # stdout is a pipe: a progress line every PROGRESS_LINE_INTERVAL (5) s on stderr, instead of a bar.
+    result = run_cli("bench", served.target, "--call", ECHO, "--rps", "20", "-z", "6s", "-n", "1000000")
+    assert result.returncode == 0, result.stderr
+    assert "rpcframe: warning: -n 1000000 and -z 6s both given: the run stops at whichever comes first" in result.stderr
+    assert re.search(r"^rpcframe bench: \w+: \d+ calls in \d+s", result.stderr, re.M), result.stderr
