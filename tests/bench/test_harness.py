@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = "rpcframe.bench.v1.BenchService"
 
 
-def bench(tmp_path: Path, target: str, method: str, *args: str) -> dict[str, Any]:
-    """Run the CLI in this process; return its JSON document."""
+def bench(tmp_path: Path, target: str, method: str, *args: str, exit_code: int = 0) -> dict[str, Any]:
+    """Run the CLI in this process; return its JSON document (written also when every call failed)."""
     out = tmp_path / "result.json"
     code = _bench.main([target, "--method", f"{BENCH}/{method}", "--json", str(out), "--no-progress", *args])
-    assert code == 0
+    assert code == exit_code
     doc: dict[str, Any] = json.loads(out.read_text())
     # Every call ends with one status, and lands in one second of the timeline.
     assert sum(doc["status"].values()) == doc["summary"]["calls"]
@@ -69,7 +69,8 @@ def test_raw_grpcio_server_through_reflection(raw_server: Served, tmp_path: Path
 
 
 def test_failures_are_counted_by_status(rpcframe_server: Served, tmp_path: Path) -> None:
-    doc = bench(tmp_path, rpcframe_server.target, "Unary", "-n", "20", "--mode", "sync", "--data", '{"failCode": 5}')
+    doc = bench(tmp_path, rpcframe_server.target, "Unary", "-n", "20", "--mode", "sync", "--data", '{"failCode": 5}',
+                exit_code=1)  # every call failed  # fmt: skip
     assert doc["status"] == {"NOT_FOUND": 20}
     assert doc["summary"]["ok"] == 0
     assert "fail_code=5" in doc["errors"]["NOT_FOUND"]
