@@ -16,14 +16,13 @@ import grpc
 import grpc.aio
 from grpc._cython import cygrpc  # ExecuteBatchError, which grpc.aio does not re-export
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from .._core.overload import Admission
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded, RpcError
 from ..observe import CallObserver, ServerCallInfo
-from . import _heap
+from . import _heap, _reflection
 from ._common import (
     NO_REQUEST,
     NOT_RUN,
@@ -155,8 +154,8 @@ class Server(ServerBase):
                 await self.health.set(name, _SERVING)
             names.append(health.SERVICE_NAME)
         if self.config.reflection:
-            names.append(reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(names, self._grpc_server)
+            names.extend(_reflection.SERVICE_NAMES)
+            _reflection.enable_reflection(names, self._grpc_server)
         await self._grpc_server.start()
         self._started = True
         if self.config.overload is not None:

@@ -13,13 +13,12 @@ from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .._core.deadline import CallScope, scope_var
 from ..config import ServerConfig
 from ..errors import RpcError
 from ..observe import CallObserver, ServerCallInfo
-from . import _heap
+from . import _heap, _reflection
 from ._common import (
     NO_REQUEST,
     NOT_RUN,
@@ -282,8 +281,8 @@ class Server(ServerBase):
                 self.health.set(name, _SERVING)
             names.append(health.SERVICE_NAME)
         if self.config.reflection:
-            names.append(reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(names, self._grpc_server)
+            names.extend(_reflection.SERVICE_NAMES)
+            _reflection.enable_reflection(names, self._grpc_server)
         self._grpc_server.start()
         self._started = True
         _heap.hold()  # freed connection memory goes back to the OS

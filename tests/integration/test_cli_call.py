@@ -157,7 +157,8 @@ def test_unreachable_target_fails_fast() -> None:
 def test_list_services(sync_server: Running) -> None:
     result = _call(sync_server.target, "--list")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", ECHO]
+    reflection = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]
+    assert result.stdout.splitlines() == ["grpc.health.v1.Health", *reflection, ECHO]
 
 
 def test_describe_service_and_method(sync_server: Running) -> None:
