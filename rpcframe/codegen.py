@@ -5,11 +5,13 @@ grpc's Python code generator writes absolute imports such as
 directory itself is on ``sys.path``, and they collide with any installed
 package of the same top-level name (``rpcframe.echo.v1`` would resolve to this
 framework). :func:`generate` therefore rewrites every import of a module it
-generated in the same run into a relative import, and drops an ``__init__.py``
-into every output folder, so the output directory is a self-contained package:
+generated in the same run into a relative import (a file at the root of the
+proto tree included), and drops an ``__init__.py`` into every output folder,
+so the output directory is a self-contained package:
 ``import generated.rpcframe.echo.v1.echo_pb2_grpc`` works wherever
 ``generated`` itself can be imported. Imports of modules it did not generate
-(google/protobuf well-known types, grpc) are left as they are.
+(google/protobuf well-known types, grpc) are left as they are. A ``.proto``
+that defines no service gets no ``_pb2_grpc`` modules: they would be empty.
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf import descriptor_pb2
+
 __all__ = ["CodegenError", "GeneratedFile", "generate", "relativize_imports"]
 
 _GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
-# `from a.b import c_pb2 as alias` and `import a.b.c_pb2` (older generators).
+# `from a.b import c_pb2 as alias`; `import a.b.c_pb2` (older generators);
+# `import c_pb2 as alias` (a file at the root of the proto tree, which has no package to import from).
 _FROM_IMPORT = re.compile(r"^from ([\w.]+) import (\w+_pb2(?:_grpc)?)\b", re.MULTILINE)
 _PLAIN_IMPORT = re.compile(r"^import ([\w.]+)\.(\w+_pb2(?:_grpc)?)$", re.MULTILINE)
+_ROOT_IMPORT = re.compile(r"^import (\w+_pb2(?:_grpc)?)\b", re.MULTILINE)
+_DESCRIPTORS = "descriptors.binpb"
 
 
 class CodegenError(Exception):
@@ -72,11 +79,14 @@ def _protoc_args(proto_dir: Path, includes: Sequence[Path], out: Path) -> list[s
     return args
 
 
-def _run_protoc(proto_dir: Path, protos: Sequence[Path], includes: Sequence[Path], out: Path) -> None:
-    # protoc runs from the proto dir so its error messages name files the way
-    # the user wrote them (relative to that dir).
-    args = _protoc_args(Path("."), includes, out) + [str(p) for p in protos]
-    proc = subprocess.run(args, capture_output=True, text=True, check=False, cwd=proto_dir)
+def _run_protoc(
+    proto_dir: Path, protos: Sequence[Path], includes: Sequence[Path], out: Path, descriptors: Path
+) -> None:
+    # protoc names a file in its messages by the path it was given, so the
+    # inputs are passed as proto_dir/... : errors then point at files the way
+    # the user reaches them from where they ran the command.
+    args = _protoc_args(proto_dir, includes, out) + [f"--descriptor_set_out={descriptors}"]
+    proc = subprocess.run(args + [str(proto_dir / p) for p in protos], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Writing ")]
         raise CodegenError("\n".join(lines) or f"protoc failed with exit code {proc.returncode}")
@@ -110,7 +120,10 @@ def relativize_imports(source: str, module: str, generated: set[str]) -> str:
             return m.group(0)
         return f"from {relative(package)} import {name} as {package.replace('.', '_')}_{name}"
 
-    source = _FROM_IMPORT.sub(from_import, source)
+    def root_import(m: re.Match[str]) -> str:
+        return f"from {relative('')} import {m.group(1)}" if m.group(1) in generated else m.group(0)
+
+    source = _ROOT_IMPORT.sub(root_import, _FROM_IMPORT.sub(from_import, source))
     rewritten = _PLAIN_IMPORT.sub(plain_import, source)
     # Older generators refer to `a.b.c_pb2.Name`; point those at the new alias.
     for m in _PLAIN_IMPORT.finditer(source):
@@ -123,6 +136,16 @@ def relativize_imports(source: str, module: str, generated: set[str]) -> str:
 
 def _module_name(path: Path) -> str:
     return ".".join(path.with_suffix("").parts)
+
+
+def _drop_serviceless_grpc_modules(out: Path, descriptors: Path) -> None:
+    """Remove the ``_pb2_grpc`` modules of files that define no service: they would be empty."""
+    file_set = descriptor_pb2.FileDescriptorSet.FromString(descriptors.read_bytes())
+    for proto in file_set.file:
+        if not proto.service:
+            stem = proto.name.removesuffix(".proto")
+            for suffix in ("_pb2_grpc.py", "_pb2_grpc.pyi"):
+                (out / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
 def _postprocess(tmp: Path) -> list[Path]:
@@ -160,7 +183,9 @@ def generate(
 
     Raises:
         CodegenError: the protos do not compile (message in protoc's
-            ``file:line:column: message`` form) or ``proto_dir`` holds none.
+            ``file:line:column: message`` form, the file named as
+            ``proto_dir/...`` so the path works from where the caller is) or
+            ``proto_dir`` holds none.
     """
     src, out = Path(proto_dir), Path(out_dir)
     if not src.is_dir():
@@ -169,8 +194,10 @@ def generate(
     if not protos:
         raise CodegenError(f"{src}: no .proto files found")
     with tempfile.TemporaryDirectory(prefix="rpcframe-codegen-") as tmp_name:
-        tmp = Path(tmp_name)
-        _run_protoc(src, protos, [Path(i).resolve() for i in includes], tmp)
+        tmp, descriptors = Path(tmp_name) / "out", Path(tmp_name) / _DESCRIPTORS
+        tmp.mkdir()
+        _run_protoc(src, protos, [Path(i) for i in includes], tmp, descriptors)
+        _drop_serviceless_grpc_modules(tmp, descriptors)
         files = _postprocess(tmp)
         if clean and out.exists():
             for stale in out.rglob("*"):

@@ -98,7 +98,7 @@ def test_broken_proto_reports_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(CodegenError) as info:
         generate(root, out)
     first = str(info.value).splitlines()[0]
-    assert first.startswith("bad/v1/bad.proto:4:")
+    assert first.startswith(f"{root}/bad/v1/bad.proto:4:")  # the proto dir as given (here absolute)
     assert "strin" in str(info.value)
     assert not out.exists()  # nothing half-written
 
