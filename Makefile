@@ -25,7 +25,7 @@ system:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat  # a path mypy sees
 	touch $@
 
 # Third-party interop peers (buf CLI) from npm, pinned by package-lock.json.
@@ -40,7 +40,7 @@ protos: $(STAMP)
 check-generated: $(STAMP)
 	@rm -rf .cache/generated-check && mkdir -p .cache
 	@$(PY) -m rpcframe codegen protos -o .cache/generated-check -q
-	@diff -r -x __pycache__ generated .cache/generated-check \
+	@diff -r -x __pycache__ -x py.typed generated .cache/generated-check \
 		|| { echo "generated/ is stale: run 'make protos' and commit"; exit 1; }
 	@echo "generated/ is up to date"
 

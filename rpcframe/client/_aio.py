@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +27,7 @@ from ._common import (
     BalancedChannelBase,
     Metadata,
     MethodBase,
+    S,
     SubchannelBase,
     Target,
     connectivity_of,
@@ -154,6 +155,12 @@ class Channel(BalancedChannelBase, grpc.aio.Channel):  # type: ignore[misc]
         self._core.add_listener(self._on_picker)
         self._retiring: set[asyncio.Task[None]] = set()
         self._resolver.start(self._on_endpoints)
+
+    def stub(self, stub_class: Callable[[grpc.aio.Channel], S]) -> S:
+        """Instantiate a generated ``*Stub`` class on this channel, typed as its asyncio stub."""
+        # Typed with grpc.aio.Channel (the base's takes Any) so that mypy, checking a user's code with
+        # types-grpcio, picks the generated stub's asyncio overload: awaitable calls, async iterators.
+        return stub_class(self)
 
     def _on_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
         # Resolvers may report from their own threads; apply on the loop.
