@@ -56,6 +56,26 @@ def _check_positive(name: str, value: float | None, *, allow_none: bool = True) 
         raise ConfigError(f"{name} must be > 0, got {value!r}")
 
 
+#: Algorithms grpcio compresses messages with, by config name.
+_COMPRESSION = {
+    "gzip": grpc.Compression.Gzip,
+    "deflate": grpc.Compression.Deflate,
+    "none": grpc.Compression.NoCompression,
+}
+
+
+def compression_of(name: str | None) -> grpc.Compression | None:
+    """grpc's enum for a config compression name; ``None`` for ``None``."""
+    return None if name is None else _COMPRESSION[name]
+
+
+def _check_compression(name: str, value: str | None, threshold: int) -> None:
+    if value is not None and value not in _COMPRESSION:
+        raise ConfigError(f"{name} must be one of {', '.join(_COMPRESSION)} or None, got {value!r}")
+    if threshold < 0:
+        raise ConfigError(f"compression_threshold must be >= 0 bytes, got {threshold!r}")
+
+
 def _check_size(name: str, value: int) -> None:
     # -1 is grpc's "unlimited"; 0 would refuse every message.
     if value != -1 and value <= 0:
@@ -101,15 +121,20 @@ class MethodConfig:
             the incoming call being handled set one: ``CRITICAL_PLUS``,
             ``CRITICAL``, ``SHEDDABLE_PLUS`` or ``SHEDDABLE``. An overloaded
             rpcframe server refuses the least critical first.
+        compression: ``"gzip"``, ``"deflate"`` or ``"none"`` for the
+            method's requests (subject to the channel's
+            ``compression_threshold``); ``None`` keeps the channel's.
     """
 
     timeout: float | None = None
     retry: RetryPolicy | None = None
     hedge: HedgePolicy | None = None
     criticality: str | None = None
+    compression: str | None = None
 
     def __post_init__(self) -> None:
         _check_positive("timeout", self.timeout)
+        _check_compression("compression", self.compression, 0)
         if self.criticality is not None:
             object.__setattr__(self, "criticality", check_criticality(self.criticality))
 
@@ -177,6 +202,15 @@ class ChannelConfig:
             run with ``--workers`` behind one address (the kernel spreads
             connections, not calls, over the processes): the extra ones
             show as ``address#2``, ``address#3``...
+        compression: ``"gzip"`` or ``"deflate"`` to compress requests of
+            ``compression_threshold`` bytes or more (``methods`` may say
+            otherwise per method, a call's ``compression=`` always wins);
+            ``None`` (default) sends everything uncompressed. Servers
+            decompress either without configuration. Streamed requests are
+            compressed whole-call (no size is known up front).
+        compression_threshold: serialized unary request size, in bytes,
+            below which requests go uncompressed: deflate makes small
+            messages bigger and costs CPU for nothing (benchmarks/compression.py).
     """
 
     default_timeout: float | None = None
@@ -209,8 +243,11 @@ class ChannelConfig:
     allow_insecure_token: bool = False
     observers: tuple[CallObserver, ...] = ()
     connections_per_endpoint: int = 1
+    compression: str | None = None
+    compression_threshold: int = 1024
 
     def __post_init__(self) -> None:
+        _check_compression("compression", self.compression, self.compression_threshold)
         if not 1 <= self.connections_per_endpoint <= _MAX_CONNECTIONS:
             raise ConfigError(f"connections_per_endpoint must be within 1..{_MAX_CONNECTIONS}, "
                               f"got {self.connections_per_endpoint!r}")  # fmt: skip
@@ -247,6 +284,7 @@ class ChannelConfig:
             retry=specific.retry or general.retry or self.retry,
             hedge=specific.hedge or general.hedge or self.hedge,
             criticality=specific.criticality or general.criticality,
+            compression=specific.compression or general.compression or self.compression,
         )
 
     def channel_options(self) -> GrpcOptions:
@@ -348,6 +386,13 @@ class ServerConfig:
         rate_limits: token buckets per method and optionally per caller
             (:class:`~rpcframe.RateLimit`); a call over one is refused
             unrun with RESOURCE_EXHAUSTED and a retry hint.
+        compression: ``"gzip"`` or ``"deflate"`` to compress responses to
+            clients that accept it (every grpc client does); ``None``
+            (default) sends them uncompressed. Requests of any supported
+            algorithm are decompressed whatever this says.
+        compression_threshold: serialized size, in bytes, below which a
+            response message (unary or streamed) is sent
+            uncompressed when ``compression`` is set.
     """
 
     max_workers: int = 64
@@ -378,8 +423,11 @@ class ServerConfig:
     observers: tuple[CallObserver, ...] = ()
     overload: OverloadConfig | None = field(default_factory=OverloadConfig)
     rate_limits: tuple[RateLimit, ...] = ()
+    compression: str | None = None
+    compression_threshold: int = 1024
 
     def __post_init__(self) -> None:
+        _check_compression("compression", self.compression, self.compression_threshold)
         _check_positive("max_deadline", self.max_deadline)
         if self.max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {self.max_workers!r}")
@@ -431,8 +479,14 @@ class ServerConfig:
             ("grpc.max_metadata_size", self.max_metadata_size),
             ("grpc.absolute_max_metadata_size", self.max_metadata_size),
             *self._connection_options(),
+            *self._compression_options(),
         )
         return _override(own, self.grpc_options)
+
+    def _compression_options(self) -> GrpcOptions:
+        # What grpc.server(compression=...) sets: the default algorithm of every response.
+        algorithm = compression_of(self.compression)
+        return () if algorithm is None else (("grpc.default_compression_algorithm", int(algorithm)),)
 
     def _connection_options(self) -> GrpcOptions:
         options: list[tuple[str, Any]] = [("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout))]

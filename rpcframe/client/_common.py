@@ -31,7 +31,7 @@ from ..balancing.balancer import BalancerCore, Connectivity, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome, backend_address
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
-from ..config import ChannelConfig
+from ..config import ChannelConfig, compression_of
 from ..errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable, from_grpc
 from ..observe import EndpointState, combine
 from ..security.tls import channel_credentials
@@ -461,8 +461,8 @@ class MethodBase:
     """One stub method's wrapper: its identity and the channel's call policy."""
 
     __slots__ = (
-        "_budget", "_channel", "_criticality", "_failovers", "_hedge_state", "_margin", "_metadata", "_observer",
-        "_retry", "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
+        "_budget", "_channel", "_compression", "_criticality", "_failovers", "_hedge_state", "_margin", "_metadata",
+        "_observer", "_retry", "_threshold", "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
     )  # fmt: skip
 
     kind = ""
@@ -484,6 +484,9 @@ class MethodBase:
         self._timeout = policy.timeout
         self._retry = policy.retry or cfg.retry
         self._criticality = policy.criticality
+        algorithm = compression_of(policy.compression)
+        self._compression = None if algorithm is grpc.Compression.NoCompression else algorithm
+        self._threshold = cfg.compression_threshold
         self._failovers = cfg.failover_attempts
         self._margin = cfg.deadline_margin
         self._metadata = cfg.metadata
@@ -532,8 +535,20 @@ class MethodBase:
         criticality = criticality_var.get() or (scope.criticality if scope is not None else None) or self._criticality
         if criticality is not None:
             metadata = (*metadata, (CRITICALITY_KEY, criticality)) if metadata else ((CRITICALITY_KEY, criticality),)
+        if compression is None and self._compression is not None:  # the caller's choice wins
+            compression = self._compressed(request)
         deadline = None if timeout is None else now + timeout
         return CallPlan(deadline, timeout, metadata, credentials, wait_for_ready, compression, scope, metadata, request)
+
+    def _compressed(self, request: Any) -> grpc.Compression | None:
+        """The configured algorithm, or ``None`` for a unary request under the threshold.
+
+        A message's ``ByteSize()`` is its serialized size; a request stream
+        has none known up front and is compressed whole.
+        """
+        size = request.ByteSize() if hasattr(request, "ByteSize") else (
+            len(request) if isinstance(request, bytes | bytearray | memoryview) else None)  # fmt: skip
+        return None if size is not None and size < self._threshold else self._compression
 
     def _hedge_delay(self, scope: CallScope | None) -> float | None:
         """Seconds before this call's first backup, or ``None`` not to hedge it."""

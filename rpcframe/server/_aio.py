@@ -32,8 +32,10 @@ from ._common import (
     ServerBase,
     checked_requests,
     is_grpc_abort,
+    is_small,
     observe_finished,
     observe_received,
+    response_threshold,
     status_for_exception,
 )
 
@@ -266,6 +268,7 @@ class Server(ServerBase):
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
         governor, now = self.governor, time.monotonic
         limiters = governor.rate_limiters(method)  # () without ServerConfig.rate_limits
+        small = response_threshold(self.config)  # None unless the server compresses responses
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if self._refusing:
@@ -290,6 +293,8 @@ class Server(ServerBase):
                 result = behaviour(request, context)
                 if is_async:
                     result = await result if cap is None else await _capped(result, scope, cap)
+                if small is not None and is_small(result, small):
+                    context.disable_next_message_compression()
                 if info is not None:
                     info.response = result
                 return result
@@ -317,6 +322,7 @@ class Server(ServerBase):
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
         governor = self.governor
         limiters = governor.rate_limiters(method)
+        small = response_threshold(self.config)  # None unless the server compresses responses
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self._refusing:
@@ -337,9 +343,13 @@ class Server(ServerBase):
                 responses = behaviour(request, context)
                 if inspect.isasyncgen(responses):
                     async for response in responses:
+                        if small is not None and is_small(response, small):
+                            context.disable_next_message_compression()
                         yield response
                 else:
                     for response in responses:
+                        if small is not None and is_small(response, small):
+                            context.disable_next_message_compression()
                         yield response
             except asyncio.CancelledError:
                 scope.cancel_all()

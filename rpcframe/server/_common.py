@@ -533,6 +533,18 @@ def final_status(context: Any, exc: BaseException | None) -> grpc.StatusCode:
 Refusal = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]
 
 
+def response_threshold(config: ServerConfig) -> int | None:
+    """Bytes below which a response goes uncompressed; ``None`` (nothing to check) when none is compressed."""
+    return None if config.compression in (None, "none") else config.compression_threshold
+
+
+def is_small(message: Any, threshold: int) -> bool:
+    """Whether ``message`` serializes to fewer than ``threshold`` bytes (a protobuf message or bytes)."""
+    if hasattr(message, "ByteSize"):
+        return bool(message.ByteSize() < threshold)
+    return isinstance(message, bytes | bytearray | memoryview) and len(message) < threshold
+
+
 def _share_of(context: Any) -> float:
     """The criticality share of an incoming call, from its ``rpcframe-criticality`` header."""
     for key, value in context.invocation_metadata() or ():

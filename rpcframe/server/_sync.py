@@ -29,8 +29,10 @@ from ._common import (
     ServerBase,
     StallWatch,
     is_grpc_abort,
+    is_small,
     observe_finished,
     observe_received,
+    response_threshold,
     status_for_exception,
     watch_reads,
     watched_requests,
@@ -400,6 +402,7 @@ class Server(ServerBase):
         # A unary request is registered as a request stream of which the
         # wrapper reads the one message itself (see _one_request).
         one = not reads
+        small = response_threshold(self.config)  # None unless the server compresses responses
         if handler.response_streaming:
             behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
@@ -423,6 +426,8 @@ class Server(ServerBase):
                     request = watched_requests(request, context, stall)
                 try:
                     for response in behaviour(request, context):
+                        if small is not None and is_small(response, small):
+                            context.disable_next_message_compression()
                         stall.writing = now()  # grpc resumes this generator once the client took the message
                         yield response
                         if stall.fired:
@@ -461,6 +466,8 @@ class Server(ServerBase):
             token = set_scope(scope)
             try:
                 response = behaviour(request, context)
+                if small is not None and is_small(response, small):
+                    context.disable_next_message_compression()
                 if info is not None:
                     info.response = response
                 return response
