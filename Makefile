@@ -55,7 +55,7 @@ test: setup check-generated lint
 test-fast: setup
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)
 
-demo: setup
+demo: $(STAMP)
 	$(PY) -m examples.demo
 
 bench: setup

@@ -41,6 +41,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from .balancing.endpoint import backend_address
 from .errors import ConfigError
 from .observe import (
     ENDPOINT_STATES,
@@ -254,7 +255,7 @@ class TracingObserver(CallObserver):
 
     def _attempt_span(self, call: CallInfo, span: Span, attempt: AttemptInfo, start: int | None = None) -> Span:
         name, attributes = self._name(call.method)
-        host, port = _split_address(attempt.endpoint)
+        host, port = _split_address(backend_address(attempt.endpoint))
         attributes = {
             **attributes, "server.address": host, "rpcframe.attempt": attempt.number,
             "rpcframe.attempt.reason": attempt.reason,
