@@ -263,7 +263,8 @@ def test_a_rolling_restart_whose_new_workers_fail_keeps_the_old_ones(served: Cal
     workers.poison.touch()  # the deployed code no longer starts
     workers.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "rolling restart stopped" in workers.stderr(), timeout=8)
-    assert _workers(workers.pid) == workers.pids
+    # The failed new worker may still be exiting when the supervisor logs it.
+    wait_until(lambda: _workers(workers.pid) == workers.pids, timeout=5)
     with _channel(workers.target, policy="round_robin") as channel:
         assert _pids_answering(channel) == workers.pids
     workers.terminate()
