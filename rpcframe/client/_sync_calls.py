@@ -60,9 +60,32 @@ def _call(method: MethodBase, stats: EndpointStats, plan: CallPlan, request: Any
         raise Cancelled(f"{method.method}: cancelled with the incoming call") from None
 
 
+#: What grpcio itself sends to ask its core to compress a call's messages (grpc._compression).
+_COMPRESSION_REQUEST = "grpc-internal-encoding-request"
+_ALGORITHMS = {
+    grpc.Compression.Gzip: "gzip",
+    grpc.Compression.Deflate: "deflate",
+    grpc.Compression.NoCompression: "identity",
+}
+
+
+def _stream_compression(plan: CallPlan) -> CallPlan:
+    """``plan`` with its compression as metadata: grpcio 1.85's stream-unary ``future()`` drops ``compression=``.
+
+    Its initial metadata is built from the caller's metadata rather than the
+    compression-augmented one; carried in the metadata, the request survives.
+    """
+    assert plan.compression is not None
+    header = (_COMPRESSION_REQUEST, _ALGORITHMS[plan.compression])
+    metadata = (*plan.metadata, header) if plan.metadata else (header,)
+    return plan._replace(metadata=metadata, compression=None)
+
+
 def _open(method: MethodBase, stats: EndpointStats, done: Any, plan: CallPlan, request: Any) -> Any:
     """Start a streaming call; its pick is released when it ends."""
     mc = stats.handle.call(method)
+    if method.kind == "stream_unary" and plan.compression is not None:
+        plan = _stream_compression(plan)
     call = (mc.future if method.kind == "stream_unary" else mc)(request, *_args(plan))
     # Streams count as in-flight while open; their length says nothing about
     # the endpoint's latency, so they neither age nor feed the EWMA.
