@@ -67,6 +67,7 @@ bench: setup
 	$(PY) -m benchmarks.overload
 	$(PY) -m benchmarks.limiters
 	$(PY) -m benchmarks.workers
+	$(PY) -m benchmarks.compression
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
@@ -77,6 +78,7 @@ bench-quick: setup
 	$(PY) -m benchmarks.overload --quick
 	$(PY) -m benchmarks.limiters
 	$(PY) -m benchmarks.workers --quick
+	$(PY) -m benchmarks.compression --quick
 
 # Faults, hostile clients and a soak, rpcframe next to raw grpcio (benchmarks/results/reliability.md);
 # exits 1 when an acceptance check fails. The quick form (~3 min) is the CI one.
