@@ -1,9 +1,11 @@
-"""`make demo`, fourth act: a trace of a retried call across a relay, and /metrics.
+"""`make demo`, fourth act: traces of a retried and a hedged call across a relay, and /metrics.
 
-A client calls a relay whose handler calls a backend; the first backend
-fails once, so the relay's call is retried on the second. The spans,
-recorded by OpenTelemetry's in-memory exporter, print as a tree: client
-call, attempt, relay server span, the relay's call with two attempts, each
+A client calls a relay whose handler calls a backend. First call: the
+first backend fails once, so the relay's call is retried on the second.
+Second call: the first backend is slow, so after 20 ms the relay hedges
+to the second, which answers; the slow copy is cancelled. The spans,
+recorded by OpenTelemetry's in-memory exporter, print as trees: client
+call, attempt, relay server span, the relay's call with its attempts, each
 reaching a backend's server span. Then the Prometheus text of the same
 calls, from rpcframe's ``/metrics`` endpoint.
 """
@@ -11,6 +13,7 @@ calls, from rpcframe's ``/metrics`` endpoint.
 from __future__ import annotations
 
 import sys
+import threading
 import urllib.request
 from typing import Any
 
@@ -28,16 +31,19 @@ from rpcframe.prometheus import PrometheusObserver, serve_metrics
 
 
 class Backend(EchoServicer):
-    """Echoes; the first one fails its first call with UNAVAILABLE."""
+    """Echoes; the first one fails its first call with UNAVAILABLE and is slow to answer "slow"."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, slow: bool) -> None:
         super().__init__()
-        self.failures = failures
+        self.failures, self.slow = failures, slow
+        self.stop = threading.Event()
 
     def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
         if self.failures:
             self.failures -= 1
             raise rpcframe.Unavailable("warming up")
+        if self.slow and request.message == "slow":
+            self.stop.wait(2)  # the hedge answers long before; cancelled, the call ends here
         return super().Echo(request, context)
 
 
@@ -90,17 +96,28 @@ def main() -> int:
     tracing, registry = TracingObserver(provider), CollectorRegistry()
     metrics = PrometheusObserver(registry)
     observers = (tracing, metrics)
-    backends = [_server(Backend(failures), observers) for failures in (1, 0)]
-    config = rpcframe.ChannelConfig(policy="pick_first", slow_start=0, default_timeout=5, observers=observers)
+    servicers = [Backend(1, slow=True), Backend(0, slow=False)]
+    backends = [_server(servicer, observers) for servicer in servicers]
+    # Echo is NO_SIDE_EFFECTS in its contract, so it may be hedged: a backup after 20 ms.
+    hedged = {"rpcframe.echo.v1.EchoService/Echo": rpcframe.MethodConfig(
+        hedge=rpcframe.HedgePolicy(delay=0.02, max_extra_load=1.0))}  # fmt: skip
+    config = rpcframe.ChannelConfig(policy="pick_first", slow_start=0, default_timeout=5, observers=observers,
+                                    methods=hedged)  # fmt: skip
     downstream = rpcframe.connect([address for _, address in backends], config)
     relay, relay_address = _server(Relay(downstream), observers)
     endpoint, port = serve_metrics(0, registry=registry)
     try:
         downstream.wait_ready(10)
+        answers = []
         with rpcframe.connect(relay_address, rpcframe.ChannelConfig(default_timeout=5, observers=observers)) as client:
-            answer = client.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="traced")).message
-        print(f"client -> relay {relay_address} -> backends {[a for _, a in backends]}: {answer!r}\n")
-        print("\n".join(_tree(list(exporter.get_finished_spans()))))
+            stub = client.stub(echo_pb2_grpc.EchoServiceStub)
+            for message in ("traced", "slow"):
+                answers.append(stub.Echo(pb.EchoRequest(message=message)).message)
+                spans = list(exporter.get_finished_spans())
+                exporter.clear()
+                print(f"client -> relay {relay_address} -> backends {[a for _, a in backends]}: {answers[-1]!r}")
+                print("\n".join(_tree(spans)) + "\n")
+        servicers[0].stop.set()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
         print(f"\nGET http://127.0.0.1:{port}/metrics (call counts and attempt latencies):")
@@ -108,8 +125,9 @@ def main() -> int:
             if line.startswith(("grpc_server_call_started_total", "grpc_client_attempt_started_total",
                                 "grpc_client_attempt_duration_seconds_count")):  # fmt: skip
                 print("  " + line)
-        return 0 if answer == "traced" else 1
+        return 0 if answers == ["traced", "slow"] else 1
     finally:
+        servicers[0].stop.set()
         endpoint.shutdown()
         downstream.close()
         for server, _ in [*backends, (relay, relay_address)]:

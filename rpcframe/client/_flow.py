@@ -276,18 +276,23 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
     sent = 0
     wait: float | None = delay
     error: BaseException | None = None
+    tried: Any = None  # the endpoint of the last copy sent
 
     def send() -> Flow:
-        nonlocal sent, plan
+        nonlocal sent, plan, tried
         sent += 1
-        stats, done = yield (PICK, plan, running[-1].stats if running else None)
+        # A copy sent beside running ones is a hedge; one sent after they all failed, a retry.
+        # Either goes to another endpoint than the last copy's when there is one.
+        reason = "hedge" if running else "retry"
+        stats, done = yield (PICK, plan, running[-1].stats if running else tried)
+        tried = stats
         if sent > 1:
             try:
                 plan = plan.next(sent)
             except DeadlineExceeded:
                 done(Outcome.IGNORED, 0.0)
                 raise
-        attempt = _attempt_info(method, info, stats, sent, "hedge")
+        attempt = _attempt_info(method, info, stats, sent, reason)
         handle = yield (START, stats, plan if attempt is None else _sent(plan, attempt))
         running.append(_Copy(handle, stats, done, sent, attempt))
 
@@ -313,6 +318,7 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
                     state.latencies.add(latency)
                     if copy.index > 1:
                         channel.stats.hedge_wins += 1
+                    error = None  # an earlier copy's failure is not the call's
                     return value
                 if isinstance(value, grpc.RpcError) and value.code() is not grpc.StatusCode.CANCELLED:
                     if copy.done(outcome_of_error(value), latency):

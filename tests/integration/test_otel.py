@@ -438,3 +438,26 @@ def test_retried_attempt_spans_appear_only_when_a_call_is_retried() -> None:
     assert (first.attributes or {})["rpc.grpc.status_code"] == 14  # the failed first attempt, backdated
     assert twice[0].start_time <= first.start_time <= first.end_time <= second.start_time  # type: ignore[operator]
     assert (second.attributes or {})["rpcframe.attempt.reason"] == "retry"
+
+
+def test_a_hedged_call_retried_after_a_failure_ends_ok_with_a_retry_attempt(otel: Telemetry) -> None:
+    backends = [Backend(name) for name in "ab"]
+    backends[0].servicer.failing = True
+    hedged = {ECHO: rpcframe.MethodConfig(hedge=rpcframe.HedgePolicy(delay=1.0, max_extra_load=1.0))}
+    config = rpcframe.ChannelConfig(policy="pick_first", slow_start=0, default_timeout=10, observers=otel.observers,
+                                    methods=hedged)  # fmt: skip
+    try:
+        with rpcframe.connect([b.address for b in backends], config) as channel:
+            wait_until(lambda: all(state == "READY" for _, state in channel.endpoints()))
+            assert channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="whoami")).message == "b"
+    finally:
+        for backend in backends:
+            backend.stop()
+    spans = otel.finished()
+    call = _one(spans, SpanKind.CLIENT, None)
+    assert call.status.status_code is StatusCode.UNSET  # the call succeeded, whatever its first copy did
+    assert (call.attributes or {})["rpc.grpc.status_code"] == 0
+    first, second = _attempts(spans, call)
+    assert (first.attributes or {})["rpc.grpc.status_code"] == 14
+    assert (second.attributes or {})["rpcframe.attempt.reason"] == "retry"  # sent after a failure, not beside it
+    assert first.attributes["server.port"] != second.attributes["server.port"]  # type: ignore[index]
