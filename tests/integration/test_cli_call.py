@@ -188,8 +188,9 @@ def test_describe_service_and_method(sync_server: Running) -> None:
 
 
 def test_token_over_plaintext_is_refused() -> None:
-    result = _call("192.0.2.1:50051", f"{ECHO}/Echo", "--token", "secret")  # TEST-NET: never contacted
-    assert_cli_error(result, 2, "--token is not sent in clear text to 192.0.2.1:50051")
+    # 0.0.0.0 is not loopback to the check; were the refusal broken, nothing would leave the machine.
+    result = _call("0.0.0.0:50051", f"{ECHO}/Echo", "--token", "secret")
+    assert_cli_error(result, 2, "--token is not sent in clear text to 0.0.0.0:50051")
 
 
 @pytest.fixture

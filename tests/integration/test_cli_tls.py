@@ -182,7 +182,7 @@ SERVE = ("serve", "examples.echo:servicer", "--bind", "127.0.0.1:0")
          "--jwt-jwks '{dir}/missing.json': No such file or directory"),
         (("health", "127.0.0.1:1", "--tls-cert", "{dir}/client.pem"), "--tls-cert and --tls-key go together"),
         (("health", "127.0.0.1:1", "--tls-ca", "{dir}/missing.pem"), "--tls-ca: cannot read"),
-        (("health", "192.0.2.1:50051", "--token", "t"), "--token is not sent in clear text to 192.0.2.1:50051"),
+        (("health", "0.0.0.0:50051", "--token", "t"), "--token is not sent in clear text to 0.0.0.0:50051"),
     ],
     ids=lambda value: value[0] if isinstance(value, tuple) else re.sub(r"\W+", "-", value.replace("{dir}/", ""))[:40],
 )  # fmt: skip
