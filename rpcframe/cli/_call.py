@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
@@ -444,6 +444,11 @@ def _describe_message(message: Descriptor) -> list[str]:
 def _rpc_line(method: MethodDescriptor) -> str:
     request = f"{'stream ' if method.client_streaming else ''}{method.input_type.full_name}"
     response = f"{'stream ' if method.server_streaming else ''}{method.output_type.full_name}"
+    # The contract's idempotency level decides what rpcframe may retry and hedge: show it.
+    level = method.GetOptions().idempotency_level
+    if level:
+        name = descriptor_pb2.MethodOptions.IdempotencyLevel.Name(level)
+        return f"rpc {method.name}({request}) returns ({response}) {{ option idempotency_level = {name}; }}"
     return f"rpc {method.name}({request}) returns ({response});"
 
 

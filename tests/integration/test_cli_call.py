@@ -161,21 +161,29 @@ def test_list_services(sync_server: Running) -> None:
     assert result.stdout.splitlines() == ["grpc.health.v1.Health", *reflection, ECHO]
 
 
+#: What --describe shows of the echo contract's methods (all marked NO_SIDE_EFFECTS).
+SAFE = " { option idempotency_level = NO_SIDE_EFFECTS; }"
+
+
 def test_describe_service_and_method(sync_server: Running) -> None:
     service = _call(sync_server.target, "--describe", ECHO)
     assert service.returncode == 0, service.stderr
     assert service.stdout.splitlines() == [
         f"service {ECHO} {{",
-        "  rpc Echo(rpcframe.echo.v1.EchoRequest) returns (rpcframe.echo.v1.EchoResponse);",
-        "  rpc Expand(rpcframe.echo.v1.ExpandRequest) returns (stream rpcframe.echo.v1.EchoResponse);",
-        "  rpc Collect(stream rpcframe.echo.v1.EchoRequest) returns (rpcframe.echo.v1.CollectResponse);",
-        "  rpc Chat(stream rpcframe.echo.v1.EchoRequest) returns (stream rpcframe.echo.v1.EchoResponse);",
+        f"  rpc Echo(rpcframe.echo.v1.EchoRequest) returns (rpcframe.echo.v1.EchoResponse){SAFE}",
+        f"  rpc Expand(rpcframe.echo.v1.ExpandRequest) returns (stream rpcframe.echo.v1.EchoResponse){SAFE}",
+        f"  rpc Collect(stream rpcframe.echo.v1.EchoRequest) returns (rpcframe.echo.v1.CollectResponse){SAFE}",
+        f"  rpc Chat(stream rpcframe.echo.v1.EchoRequest) returns (stream rpcframe.echo.v1.EchoResponse){SAFE}",
         "}",
     ]
+    health = _call(sync_server.target, "--describe", "grpc.health.v1.Health")  # no idempotency level: none shown
+    assert "  rpc Check(grpc.health.v1.HealthCheckRequest) returns (grpc.health.v1.HealthCheckResponse);" in (
+        health.stdout.splitlines()
+    )
     method = _call(sync_server.target, "--describe", f"{ECHO}/Expand")
     assert method.returncode == 0, method.stderr
     assert method.stdout.splitlines() == [
-        f"{ECHO}/Expand(rpcframe.echo.v1.ExpandRequest) returns (stream rpcframe.echo.v1.EchoResponse);",
+        f"{ECHO}/Expand(rpcframe.echo.v1.ExpandRequest) returns (stream rpcframe.echo.v1.EchoResponse){SAFE}",
         "message rpcframe.echo.v1.ExpandRequest {",
         "  string message = 1;",
         "  uint32 count = 2;",
