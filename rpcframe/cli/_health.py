@@ -1,14 +1,17 @@
 """``rpcframe health TARGET [--service NAME] [--watch] [--tls-ca FILE ...]``, a drop-in grpc-health-probe.
 
 Exit codes and flag spellings follow grpc-health-probe (``-addr``,
-``-service``, ``-connect-timeout``, ``-rpc-timeout``, ``-tls-ca-cert`` ...),
-so Kubernetes probes written for it work unchanged.
+``-service``, ``-connect-timeout``, ``-rpc-timeout``, ``-tls-ca-cert``,
+``-user-agent``, ``-rpc-header``, ``-gzip``, ``-v`` ...), so Kubernetes
+probes written for it work unchanged. Not taken: ``-tls-no-verify``
+(grpcio cannot skip certificate verification) and ``-alts``.
 """
 
 from __future__ import annotations
 
 import argparse
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +69,11 @@ def register(sub: Any) -> None:
     p.add_argument("--rpc-timeout", "-rpc-timeout", type=_duration, metavar="DURATION",
                    help="time to wait for the answer once connected (default: --timeout)")  # fmt: skip
     p.add_argument("--watch", action="store_true", help="print every status change until interrupted")
+    p.add_argument("--user-agent", "-user-agent", metavar="NAME", help="user-agent prefix to send")
+    p.add_argument("--rpc-header", "-rpc-header", action="append", default=[], metavar="'KEY: VALUE'",
+                   help="header to send with the check (repeatable)")  # fmt: skip
+    p.add_argument("--gzip", "-gzip", action="store_true", help="compress the check with gzip")
+    p.add_argument("-v", "--verbose", action="store_true", help="print how long connecting and the check took")
     add_client_security_flags(p, probe_spellings=True)
     p.set_defaults(run=run)
 
@@ -143,11 +151,24 @@ def _settings(args: argparse.Namespace) -> ChannelConfig:
         _arguments(args)
         check_target(args.target)
         tls, token = client_security(args)
-        return ChannelConfig(tls=tls, token=token)
+        extra: dict[str, Any] = {"metadata": tuple(_header(h) for h in args.rpc_header)}
+        if args.user_agent:
+            extra["user_agent"] = args.user_agent
+        if args.gzip:
+            extra.update(compression="gzip", compression_threshold=0)
+        return ChannelConfig(tls=tls, token=token, **extra)
     except CliError as exc:
         raise CliError(str(exc), INVALID_ARGUMENTS) from None
     except ConfigError as exc:
         raise CliError(str(exc), INVALID_ARGUMENTS) from None
+
+
+def _header(text: str) -> tuple[str, str]:
+    """``'KEY: VALUE'`` as a metadata pair (keys are lower case in gRPC)."""
+    key, sep, value = text.partition(":")
+    if not sep or not key.strip():
+        raise CliError(f"-rpc-header {text!r}: expected 'KEY: VALUE'", INVALID_ARGUMENTS)
+    return key.strip().lower(), value.strip()
 
 
 def _watch(stub: Any, request: Any, probe: Callable[[], object]) -> int:
@@ -174,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise CliError(str(exc), INVALID_ARGUMENTS) from None
 
-    deadline = time.monotonic() + args.connect_timeout
+    started = time.monotonic()
+    deadline = started + args.connect_timeout
     with connect() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
@@ -198,5 +220,7 @@ def run(args: argparse.Namespace) -> int:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 raise CliError(f"{args.target}: the server has no health service", RPC_FAILURE) from None
             raise CliError(f"{args.target}: {exc}", RPC_FAILURE) from None
+    if args.verbose:  # grpc-health-probe's -v: timings on stderr, the status alone on stdout
+        print(f"{args.target}: answered in {(time.monotonic() - started) * 1000:.1f} ms", file=sys.stderr)
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else UNHEALTHY

@@ -190,3 +190,39 @@ def test_bench_progress_lines_off_a_terminal_and_the_n_z_warning(served: ServePr
     assert result.returncode == 0, result.stderr
     assert "rpcframe: warning: -n 1000000 and -z 6s both given: the run stops at whichever comes first" in result.stderr
     assert re.search(r"^rpcframe bench: \w+: \d+ calls in \d+s", result.stderr, re.M), result.stderr
+
+
+def test_health_probe_headers_user_agent_gzip_and_verbose() -> None:
+    """-rpc-header and -user-agent reach the server (a raw grpcio one, recording the check), a -gzip check is
+    answered (grpc hides the encoding header from handlers), -v times it."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    seen: list[dict[str, str]] = []
+
+    class Recording(health.HealthServicer):  # type: ignore[misc]
+        def Check(self, request: object, context: grpc.ServicerContext) -> object:  # noqa: N802
+            seen.append(dict(context.invocation_metadata()))
+            return super().Check(request, context)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    recording = Recording()
+    recording.set("", 1)  # SERVING
+    health_pb2_grpc.add_HealthServicer_to_server(recording, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = run_cli("health", "-addr", f"127.0.0.1:{port}", "-rpc-header", "X-Probe: kubelet",
+                         "-rpc-header", "x-zone:a", "-user-agent", "probe/1", "-gzip", "-v")  # fmt: skip
+        bad = run_cli("health", "-addr", f"127.0.0.1:{port}", "-rpc-header", "no colon")
+    finally:
+        server.stop(0)
+    assert (result.returncode, result.stdout) == (0, "SERVING\n"), result.stderr
+    assert f"127.0.0.1:{port}: answered in " in result.stderr
+    headers = seen[-1]
+    assert headers["x-probe"] == "kubelet"
+    assert headers["x-zone"] == "a"
+    assert headers["user-agent"].startswith("probe/1")
+    assert_cli_error(bad, 1, "-rpc-header 'no colon': expected 'KEY: VALUE'")
