@@ -153,18 +153,22 @@ def resolve_method(
 
 
 def _from_reflection(service: str, method: str, target: str, connect_timeout: float) -> MethodInfo:
+    from ..client._sync import close_unwatched
+
     channel = grpc.insecure_channel(target)
     try:
+        ready = grpc.channel_ready_future(channel)
         try:
-            grpc.channel_ready_future(channel).result(timeout=connect_timeout)
+            ready.result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
+            ready.cancel()  # stop watching the channel, so it can be closed at once
             raise BenchError(f"cannot connect to {target} within {connect_timeout:g}s") from None
         try:
             return _reflect(channel, service, method, target)
         except grpc.RpcError as exc:
             raise BenchError(f"reflection request to {target} failed: {exc.code().name}: {exc.details()}") from None
     finally:
-        channel.close()
+        close_unwatched(channel)  # the ready-future may have just unsubscribed
 
 
 def _reflect(channel: grpc.Channel, service: str, method: str, target: str) -> MethodInfo:

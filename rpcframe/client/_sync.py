@@ -201,14 +201,24 @@ class _Subchannel(SubchannelBase):
 
     def _close_channel(self) -> None:
         # A state change delivered during close() may have started a new
-        # ready-future; stop it, then wait (bounded) until grpc's polling
-        # thread has seen that nobody listens and exited.
+        # ready-future; stop it, then close once grpc's polling thread is gone.
         _cancel_kick(self._kick)
-        state = getattr(self.channel, "_connectivity_state", None)
-        until = time.monotonic() + _POLL_EXIT
-        while time.monotonic() < until and (state is None or state.polling):
-            time.sleep(0.05)
-        self.channel.close()
+        close_unwatched(self.channel)
+
+
+def close_unwatched(channel: grpc.Channel, wait: float = _POLL_EXIT) -> None:
+    """Close a grpc channel once its connectivity-polling thread has stopped (at most ``wait`` s).
+
+    grpc polls a watched channel's state every 0.2 s from a thread that
+    raises "Cannot monitor channel state: Channel closed!" if the channel is
+    closed under it; it stops on its own once nothing is subscribed (a
+    ready-future unsubscribes when it completes).
+    """
+    state = getattr(channel, "_connectivity_state", None)
+    until = time.monotonic() + wait
+    while time.monotonic() < until and (state is None or state.polling):
+        time.sleep(0.05)
+    channel.close()
 
 
 class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]

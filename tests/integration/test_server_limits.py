@@ -22,6 +22,7 @@ import rpcframe
 import rpcframe.aio
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
+from rpcframe.client._sync import close_unwatched
 from rpcframe.server import _heap
 from tests.conftest import eventually, wait_until
 from tests.servicers import AioScriptedEcho, ScriptedEcho
@@ -134,7 +135,8 @@ def test_idle_connection_is_closed(served: list[tuple[rpcframe.Server, ScriptedE
         wait_until(lambda: grpc.ChannelConnectivity.IDLE in states, timeout=5)  # the server's GOAWAY
         assert grpc.ChannelConnectivity.READY in states
     finally:
-        channel.close()
+        channel.unsubscribe(states.append)
+        close_unwatched(channel)  # closed under grpc's polling thread, that thread would raise
 
 
 def test_aged_connection_cuts_a_stuck_call(served: list[tuple[rpcframe.Server, ScriptedEcho]]) -> None:
