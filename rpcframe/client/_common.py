@@ -561,10 +561,16 @@ class MethodBase:
         return state.latencies.delay(state.policy)
 
     def _ends_hedge(self, error: BaseException | None) -> bool:
-        """Whether a hedged copy's failure ends the whole call (its status is not retryable)."""
+        """Whether a hedged copy's failure ends the whole call (its status is not retryable).
+
+        A copy a server refused unrun (shedding load, draining) says nothing
+        of the others: they go on.
+        """
         if error is None:
             return False
-        return not isinstance(error, grpc.RpcError) or error.code().name not in self._retry.retryable_codes
+        if not isinstance(error, grpc.RpcError):
+            return True
+        return error.code().name not in self._retry.retryable_codes and not trailer_facts(error)[0]
 
     def _may_hedge(self) -> bool:
         """Spend one backup from the hedging budget (counted in stats)."""

@@ -237,3 +237,21 @@ def test_client_throttling_stops_sending_to_a_backend_that_sheds_everything() ->
     assert shed + throttled == calls  # each call was refused once: by the server or, unsent, by the client
     assert throttled >= calls // 2  # once most calls were refused, most were no longer sent
     assert servicer.calls == 1
+
+
+def test_a_hedge_the_server_sheds_does_not_fail_the_call() -> None:
+    servicer = ScriptedEcho("a")
+    server, address = _sync_server(servicer, overload=ONE_AT_A_TIME)
+    hedged = {ECHO: rpcframe.MethodConfig(hedge=rpcframe.HedgePolicy(delay=0.02, max_extra_load=1.0))}
+    try:
+        with rpcframe.connect(address, rpcframe.ChannelConfig(default_timeout=10, methods=hedged)) as channel:
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            stub.Echo(pb.EchoRequest(message="x"))  # earns the hedging budget a backup
+            # The backup, 20 ms in, finds the only slot taken: refused unrun; the first copy answers.
+            assert stub.Echo(pb.EchoRequest(message="sleep:0.2")).message == "sleep:0.2"
+            hedges = channel.counters()["hedges"]
+    finally:
+        server.stop(0)
+    assert hedges >= 1
+    assert server.shed().get("concurrency", 0) >= 1
+    assert servicer.calls == 2
