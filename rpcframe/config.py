@@ -69,6 +69,17 @@ def compression_of(name: str | None) -> grpc.Compression | None:
     return None if name is None else _COMPRESSION[name]
 
 
+def is_small(message: Any, threshold: int) -> bool:
+    """Whether ``message`` serializes to fewer than ``threshold`` bytes (a protobuf message or bytes).
+
+    Anything else (a request stream) has no size known up front: not small.
+    Client requests and server responses under the compression threshold go uncompressed.
+    """
+    if hasattr(message, "ByteSize"):
+        return bool(message.ByteSize() < threshold)
+    return isinstance(message, bytes | bytearray | memoryview) and len(message) < threshold
+
+
 def _check_compression(name: str, value: str | None, threshold: int) -> None:
     if value is not None and value not in _COMPRESSION:
         raise ConfigError(f"{name} must be one of {', '.join(_COMPRESSION)} or None, got {value!r}")

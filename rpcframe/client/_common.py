@@ -31,7 +31,7 @@ from ..balancing.balancer import BalancerCore, Connectivity, EndpointEntry
 from ..balancing.endpoint import Endpoint, EndpointStats, Outcome, backend_address
 from ..balancing.pickers import NoEndpointError, Pick, PickerContext
 from ..balancing.resolver import Resolver, resolver_for
-from ..config import ChannelConfig, compression_of
+from ..config import ChannelConfig, compression_of, is_small
 from ..errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable, from_grpc
 from ..observe import EndpointState, combine
 from ..security.tls import channel_credentials
@@ -543,12 +543,9 @@ class MethodBase:
     def _compressed(self, request: Any) -> grpc.Compression | None:
         """The configured algorithm, or ``None`` for a unary request under the threshold.
 
-        A message's ``ByteSize()`` is its serialized size; a request stream
-        has none known up front and is compressed whole.
+        A request stream has no size known up front and is compressed whole.
         """
-        size = request.ByteSize() if hasattr(request, "ByteSize") else (
-            len(request) if isinstance(request, bytes | bytearray | memoryview) else None)  # fmt: skip
-        return None if size is not None and size < self._threshold else self._compression
+        return None if is_small(request, self._threshold) else self._compression
 
     def _hedge_delay(self, scope: CallScope | None) -> float | None:
         """Seconds before this call's first backup, or ``None`` not to hedge it."""

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .._core.deadline import CallScope, scope_var
 from .._core.overload import Admission
-from ..config import ServerConfig
+from ..config import ServerConfig, is_small
 from ..errors import DeadlineExceeded, RpcError
 from ..observe import CallObserver, ServerCallInfo
 from . import _heap, _reflection
@@ -32,7 +32,6 @@ from ._common import (
     ServerBase,
     checked_requests,
     is_grpc_abort,
-    is_small,
     observe_finished,
     observe_received,
     response_threshold,

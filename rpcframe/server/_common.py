@@ -538,13 +538,6 @@ def response_threshold(config: ServerConfig) -> int | None:
     return None if config.compression in (None, "none") else config.compression_threshold
 
 
-def is_small(message: Any, threshold: int) -> bool:
-    """Whether ``message`` serializes to fewer than ``threshold`` bytes (a protobuf message or bytes)."""
-    if hasattr(message, "ByteSize"):
-        return bool(message.ByteSize() < threshold)
-    return isinstance(message, bytes | bytearray | memoryview) and len(message) < threshold
-
-
 def _share_of(context: Any) -> float:
     """The criticality share of an incoming call, from its ``rpcframe-criticality`` header."""
     for key, value in context.invocation_metadata() or ():

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .._core.deadline import CallScope, scope_var
-from ..config import ServerConfig
+from ..config import ServerConfig, is_small
 from ..errors import RpcError
 from ..observe import CallObserver, ServerCallInfo
 from . import _heap, _reflection
@@ -29,7 +29,6 @@ from ._common import (
     ServerBase,
     StallWatch,
     is_grpc_abort,
-    is_small,
     observe_finished,
     observe_received,
     response_threshold,
