@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP) $(NPM_STAMP) system
 
-# Real servers the tests start: Prometheus from Debian's package (as root,
+# Real servers the tests start: Prometheus and nats-server from Debian's packages (as root,
 # as CI runs); without it the one test that needs it skips and says why.
 system:
 	@if ! command -v prometheus >/dev/null 2>&1; then \
@@ -21,6 +21,7 @@ system:
 		command -v prometheus >/dev/null 2>&1 || \
 			echo "prometheus not installed: tests/integration/test_prometheus.py skips its real-Prometheus test"; \
 	fi
+	@sh scripts/install-nats-server.sh
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,0 +1,242 @@
+"""Consuming typed events: competing consumers, explicit acks, backoff, dead letters, bounded concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from ..errors import ConfigError
+from . import _headers
+from ._broker import BrokerMessage, BrokerUnavailable, Pull, StreamSpec
+from ._client import Events
+from ._topic import Topic
+
+__all__ = ["Consumer", "EventContext", "Handler", "Pump", "Stats"]
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """What a handler knows about the event besides its payload."""
+
+    msg_id: str
+    subject: str
+    attempt: int  # 1 on the first delivery
+    publisher: str
+    headers: Mapping[str, str]
+
+
+Handler = Callable[[M, EventContext], Awaitable[None]] | Callable[[M, EventContext], None]
+
+
+@dataclass
+class Stats:
+    """Counts of what a consumer did (read them in tests, health and metrics)."""
+
+    handled: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    reasons: list[str] = field(default_factory=list)  # the last few dead-letter reasons
+
+
+class Pump:
+    """Fetches deliveries for a durable group and processes each under a concurrency bound.
+
+    Subclasses implement :meth:`process`. :meth:`stop` stops fetching, lets the
+    deliveries in hand finish (and ack), then returns.
+    """
+
+    def __init__(
+        self,
+        events: Events,
+        stream: StreamSpec,
+        subject: str,
+        group: str,
+        dead: StreamSpec,
+        dead_subject: str,
+        *,
+        max_deliveries: int = 5,
+        concurrency: int = 16,
+        ack_wait: float = 30.0,
+        backoff: tuple[float, ...] = (0.1, 0.5, 2.0),
+        confirm_acks: bool = False,
+        fetch_wait: float = 0.5,
+    ) -> None:
+        if max_deliveries < 1 or concurrency < 1 or ack_wait <= 0 or fetch_wait <= 0:
+            raise ConfigError("max_deliveries and concurrency must be >= 1, ack_wait and fetch_wait > 0")
+        if not _headers.valid_group(group):
+            raise ConfigError(f"group must be letters, digits, _ or -, got {group!r}")
+        self.events, self.stream, self.subject, self.group = events, stream, subject, group
+        self.dead, self.dead_subject = dead, dead_subject
+        self.max_deliveries, self.concurrency, self.ack_wait = max_deliveries, concurrency, ack_wait
+        self.backoff, self.confirm_acks, self.fetch_wait = backoff or (0.0,), confirm_acks, fetch_wait
+        self.stats = Stats()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pull: Pull | None = None
+
+    async def start(self) -> None:
+        """Join the group and start fetching in the background."""
+        await self.events.ensure(self.stream)
+        await self.events.ensure(self.dead)
+        # One more delivery than handler runs: a message whose handler never answered (crash, ack_wait)
+        # comes back once more and is dead-lettered here with the reason, instead of vanishing.
+        self._pull = await self.events.broker.pull(
+            self.stream.name, self.subject, self.group, max_deliver=self.max_deliveries + 1, ack_wait=self.ack_wait
+        )
+        self._task = asyncio.create_task(self._run(self._pull), name=f"rpcframe-events-{self.group}")
+
+    async def stop(self) -> None:
+        """Stop fetching, finish and ack the deliveries in hand, leave the group's position on the broker."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._pull is not None:
+            await self._pull.close()
+            self._pull = None
+
+    async def __aenter__(self) -> Pump:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run(self, pull: Pull) -> None:
+        inflight: set[asyncio.Task[None]] = set()
+        pause = 0.05
+        while not self._stopping.is_set():
+            if len(inflight) >= self.concurrency:
+                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                batch = await pull.fetch(self.concurrency - len(inflight), self.fetch_wait)
+            except BrokerUnavailable:
+                # Broker restarting: the client reconnects; back off instead of spinning.
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            pause = 0.05
+            for msg in batch:
+                task = asyncio.create_task(self._guarded(msg))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+        if inflight:
+            await asyncio.wait(inflight)
+
+    async def _guarded(self, msg: BrokerMessage) -> None:
+        try:
+            await self.process(msg)
+        except BrokerUnavailable:
+            pass  # its ack or nack did not reach the broker: it is redelivered after ack_wait
+
+    async def process(self, msg: BrokerMessage) -> None:
+        """Handle one delivery: ack, nak or dead-letter it."""
+        raise NotImplementedError
+
+    def delay(self, attempt: int) -> float:
+        """Redelivery delay after the ``attempt``-th failed delivery."""
+        return self.backoff[min(attempt, len(self.backoff)) - 1]
+
+    async def dead_letter(self, msg: BrokerMessage, reason: str) -> None:
+        """Store ``msg`` on the dead-letter subject with ``reason``, then never deliver it again."""
+        headers = {k: v for k, v in msg.headers.items() if k != _headers.MSG_ID}
+        headers[_headers.DEAD_REASON] = reason[:1000]
+        headers[_headers.DEAD_GROUP] = self.group
+        headers[_headers.DEAD_DELIVERIES] = str(msg.delivery_count)
+        headers[_headers.DEAD_SUBJECT] = msg.subject
+        original = msg.headers.get(_headers.MSG_ID) or f"{msg.subject}:{id(msg)}"
+        # A dead letter keeps the original id (plus a suffix): dead-lettering it twice stores it once.
+        await self.events.publish_raw(self.dead, self.dead_subject, msg.data, headers, f"{original}:dead", 10.0)
+        await msg.term()
+        self.stats.dead_lettered += 1
+        self.stats.reasons = [*self.stats.reasons[-9:], reason]
+
+    async def keep_alive(self, msg: BrokerMessage) -> None:
+        """While a handler runs, tell the broker so before ``ack_wait`` runs out (cancelled when it ends)."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            await msg.in_progress()
+
+
+class Consumer(Pump, Generic[M]):
+    """A member of a durable consumer group on a typed topic.
+
+    Every event goes to one member of the group; start more processes with the
+    same group to scale out. The handler (``async def`` or plain; a plain one
+    runs in a worker thread) gets the parsed event and an :class:`EventContext`.
+    Returning acks the event; raising nacks it with a backoff delay, and after
+    ``max_deliveries`` failed runs it is dead-lettered with the reason. An event
+    that does not parse as the topic's type, whose deadline passed, or whose
+    handler never answered ``max_deliveries`` times (crashes) is dead-lettered
+    without running. Long handlers extend their ack deadline on their own.
+
+    Options: ``max_deliveries`` (5), ``concurrency`` (16 handlers at once),
+    ``ack_wait`` (30 s), ``backoff`` (delays of the 1st, 2nd... redelivery),
+    ``confirm_acks`` (wait for the broker to confirm each ack; a crash then
+    redelivers only events whose ack was not confirmed), ``fetch_wait``.
+    """
+
+    def __init__(
+        self, events: Events, topic: Topic[M], group: str, handler: Handler[M], **options: object
+    ) -> None:
+        super().__init__(
+            events, topic.stream, topic.name, group, topic.dead_letters, topic.dead_letter_subject, **options  # type: ignore[arg-type]
+        )
+        self.topic = topic
+        self.handler = handler
+        self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - an instance with async __call__
+        )
+        self.on_acked: Callable[[str], None] | None = None  # tests: called once an ack was sent (confirmed)
+
+    async def process(self, msg: BrokerMessage) -> None:
+        """Parse, check, run the handler, then ack / nak / dead-letter."""
+        attempt = msg.delivery_count
+        if attempt > self.max_deliveries:
+            return await self.dead_letter(
+                msg, f"delivered {attempt - 1} times without an answer (handler crashed or exceeded ack_wait)"
+            )
+        headers = msg.headers
+        sent_type = headers.get(_headers.TYPE)
+        if sent_type is not None and sent_type != self.topic.type_name:
+            return await self.dead_letter(msg, f"type {sent_type} is not the topic's {self.topic.type_name}")
+        try:
+            event = self.topic.message.FromString(msg.data)
+        except DecodeError as exc:
+            return await self.dead_letter(msg, f"does not parse as {self.topic.type_name}: {exc}")
+        left = _headers.remaining(headers)
+        if left is not None and left <= 0:
+            return await self.dead_letter(msg, f"deadline passed {-left:.3f} s before delivery")
+        ctx = EventContext(
+            headers.get(_headers.MSG_ID, ""), msg.subject, attempt, headers.get(_headers.PUBLISHER, ""), headers
+        )
+        try:
+            await self._call(event, ctx, msg, left)
+        except Exception as exc:  # noqa: BLE001 - any handler failure is a nack, never a consumer crash
+            self.stats.failed += 1
+            if attempt >= self.max_deliveries:
+                return await self.dead_letter(msg, f"handler failed {attempt} times; last: {exc!r}")
+            return await msg.nak(self.delay(attempt))
+        await msg.ack(self.confirm_acks)
+        self.stats.handled += 1
+        if self.on_acked is not None:
+            self.on_acked(ctx.msg_id)
+
+    async def _call(self, event: M, ctx: EventContext, msg: BrokerMessage, left: float | None) -> None:
+        alive = asyncio.create_task(self.keep_alive(msg))
+        try:
+            with _headers.handler_context(msg.headers, left):
+                if self._is_async:
+                    await self.handler(event, ctx)  # type: ignore[misc]
+                else:
+                    await asyncio.to_thread(self.handler, event, ctx)
+        finally:
+            alive.cancel()

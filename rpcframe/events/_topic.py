@@ -1,0 +1,63 @@
+"""Typed topics: a subject, the protobuf message it carries, and where its dead letters go."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from google.protobuf.message import Message
+
+from ..errors import ConfigError
+from ._broker import StreamSpec
+
+__all__ = ["Topic", "stream_name"]
+
+M = TypeVar("M", bound=Message)
+_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def stream_name(prefix: str, subject: str) -> str:
+    """A JetStream stream name for ``subject`` (stream names cannot hold dots)."""
+    return f"{prefix}_{subject.replace('.', '_')}"
+
+
+@dataclass(frozen=True)
+class Topic(Generic[M]):
+    """A named stream of events of one protobuf type.
+
+    Attributes:
+        name: the subject, dotted (``acme.orders.created``); its stream is
+            ``EVENTS_acme_orders_created``.
+        message: the protobuf class every event on it is.
+        max_age: seconds events are kept (``None``: kept until the stream's limits).
+        duplicate_window: seconds within which a republished message id is stored once.
+    """
+
+    name: str
+    message: type[M]
+    max_age: float | None = None
+    duplicate_window: float = 120.0
+    type_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ConfigError(f"topic name must be dotted words (letters, digits, _ or -), got {self.name!r}")
+        object.__setattr__(self, "type_name", self.message.DESCRIPTOR.full_name)
+
+    @property
+    def stream(self) -> StreamSpec:
+        """The stream the topic's events are stored in."""
+        return StreamSpec(
+            stream_name("EVENTS", self.name), (self.name,), duplicate_window=self.duplicate_window, max_age=self.max_age
+        )
+
+    @property
+    def dead_letter_subject(self) -> str:
+        """Where events that could not be handled go, with the reason in ``rpcframe-dead-reason``."""
+        return f"dlq.{self.name}"
+
+    @property
+    def dead_letters(self) -> StreamSpec:
+        """The stream dead letters are stored in (kept until removed)."""
+        return StreamSpec(stream_name("DLQ", self.name), (self.dead_letter_subject,))
