@@ -184,11 +184,15 @@ class Consumer(Pump, Generic[M]):
     redelivers only events whose ack was not confirmed), ``fetch_wait``.
     """
 
-    def __init__(
-        self, events: Events, topic: Topic[M], group: str, handler: Handler[M], **options: object
-    ) -> None:
+    def __init__(self, events: Events, topic: Topic[M], group: str, handler: Handler[M], **options: object) -> None:
         super().__init__(
-            events, topic.stream, topic.name, group, topic.dead_letters, topic.dead_letter_subject, **options  # type: ignore[arg-type]
+            events,
+            topic.stream,
+            topic.name,
+            group,
+            topic.dead_letters,
+            topic.dead_letter_subject,
+            **options,  # type: ignore[arg-type]
         )
         self.topic = topic
         self.handler = handler

@@ -56,6 +56,8 @@ class SqliteProcessedIds:
     def __init__(self, path: str | Path) -> None:
         self.connection = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self.connection.execute("PRAGMA journal_mode=WAL")
+        # WAL with NORMAL sync survives a killed process (only an OS crash can lose the last commits).
+        self.connection.execute("PRAGMA synchronous=NORMAL")
         self.connection.execute("CREATE TABLE IF NOT EXISTS rpcframe_processed (msg_id TEXT PRIMARY KEY)")
         self._lock = threading.Lock()
 
@@ -81,14 +83,10 @@ class SqliteProcessedIds:
         self.connection.close()
 
 
-def once(
-    store: ProcessedIds, handler: Callable[[M, EventContext], None]
-) -> Callable[[M, EventContext], None]:
+def once(store: ProcessedIds, handler: Callable[[M, EventContext], None]) -> Callable[[M, EventContext], None]:
     """Wrap a plain (thread) handler so it runs once per message id; duplicates are acked unrun."""
 
     def wrapped(event: M, ctx: EventContext) -> None:
         store.run_once(ctx.msg_id, lambda: handler(event, ctx))
 
     return wrapped
-
-
