@@ -166,9 +166,12 @@ class ChannelConfig:
         user_agent: prefix of the ``user-agent`` header.
         grpc_options: extra raw grpc channel arguments; one with the key of an
             argument rpcframe sets replaces it.
-        policy: how each call picks an endpoint: ``peak_ewma`` (default),
-            ``least_request``, ``round_robin``, ``weighted_round_robin``,
-            ``pick_first`` or a name given to ``register_policy``.
+        policy: how each call picks an endpoint: ``filtered_p2c`` (default:
+            power of two choices on latency x in-flight among the endpoints
+            that are not latency outliers, the others probed now and then),
+            ``peak_ewma``, ``least_request``, ``round_robin``,
+            ``weighted_round_robin``, ``pick_first`` or a name given to
+            ``register_policy``.
         health_check: watch each endpoint's grpc.health.v1 status and keep
             NOT_SERVING / SERVICE_UNKNOWN endpoints out of picks.
         health_service: service name to watch ("" = the whole server).
@@ -182,7 +185,7 @@ class ChannelConfig:
             ramps up to its full share (0 turns it off).
         panic_threshold: when fewer than this share of connected endpoints
             is healthy, spread calls over all connected ones (0 disables).
-        ewma_decay: seconds of the peak-EWMA latency decay.
+        ewma_decay: seconds of the peak-EWMA latency decay (``peak_ewma``).
         dns_refresh: seconds between DNS re-resolutions (``dns:///`` targets).
         failover_attempts: extra endpoints tried, at once, when a call fails
             before its request left the client (any method); sent calls
@@ -233,7 +236,7 @@ class ChannelConfig:
     keepalive_permit_without_calls: bool = False
     user_agent: str = _USER_AGENT
     grpc_options: GrpcOptions = ()
-    policy: str = "peak_ewma"
+    policy: str = "filtered_p2c"
     health_check: bool = True
     health_service: str = ""
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
@@ -491,8 +494,17 @@ class ServerConfig:
             ("grpc.absolute_max_metadata_size", self.max_metadata_size),
             *self._connection_options(),
             *self._compression_options(),
+            *self._accept_queue_options(),
         )
         return _override(own, self.grpc_options)
+
+    def _accept_queue_options(self) -> GrpcOptions:
+        queue = None if self.overload is None else self.overload.accept_queue
+        if queue is None:
+            return ()
+        # grpc refuses a new call with a probability rising from 0 at the
+        # soft limit to 1 at the hard one (random early detection).
+        return (("grpc.server.max_pending_requests", queue), ("grpc.server.max_pending_requests_hard_limit", 2 * queue))
 
     def _compression_options(self) -> GrpcOptions:
         # What grpc.server(compression=...) sets: the default algorithm of every response.

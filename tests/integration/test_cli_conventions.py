@@ -226,3 +226,14 @@ def test_health_probe_headers_user_agent_gzip_and_verbose() -> None:
     assert headers["x-zone"] == "a"
     assert headers["user-agent"].startswith("probe/1")
     assert_cli_error(bad, 1, "-rpc-header 'no colon': expected 'KEY: VALUE'")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--accept-queue", "0"), "--accept-queue: overload: accept_queue must be >= 1"),
+        (("--accept-queue", "8", "--no-overload-protection"), "--accept-queue is part of overload protection"),
+    ],
+)
+def test_serve_refuses_bad_accept_queue(flags: tuple[str, ...], message: str) -> None:
+    assert_cli_error(run_cli("serve", "examples.echo:servicer", "--bind", "127.0.0.1:0", *flags), 2, message)

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -255,3 +256,64 @@ def test_a_hedge_the_server_sheds_does_not_fail_the_call() -> None:
     assert hedges >= 1
     assert server.shed().get("concurrency", 0) >= 1
     assert servicer.calls == 2
+
+
+class _LoopBlockingEcho(echo_pb2_grpc.EchoServiceServicer):
+    """Echo whose "block" call holds the event loop (on purpose) until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.ran = 0
+
+    async def Echo(self, request: pb.EchoRequest, context: Any) -> pb.EchoResponse:
+        self.ran += 1
+        if request.message == "block":
+            self.started.set()
+            self.release.wait(10)  # a blocked loop takes no new call: they wait in grpc's queue
+        return pb.EchoResponse(message=request.message)
+
+
+async def test_aio_accept_queue_refuses_calls_grpc_holds_before_python_sees_them() -> None:
+    servicer = _LoopBlockingEcho()
+    config = rpcframe.ServerConfig(grace_period=1, overload=rpcframe.OverloadConfig(accept_queue=2))
+    server = rpcframe.aio.Server(config)
+    server.add(servicer)
+    address = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
+    await server.start()
+    codes: list[Any] = []
+    lock = threading.Lock()
+
+    def load(stub: Any) -> None:
+        # Runs while the loop is held: 20 calls, all waiting in grpc's queue or refused by it.
+        assert servicer.started.wait(10)
+
+        def done(future: Any) -> None:
+            with lock:
+                codes.append(future.code())
+                if codes.count(grpc.StatusCode.CANCELLED) >= 10:
+                    servicer.release.set()
+
+        futures = [stub.Echo.future(pb.EchoRequest(message=str(i)), timeout=20) for i in range(20)]
+        for future in futures:
+            future.add_done_callback(done)
+        for future in futures:
+            future.exception(timeout=20)
+
+    try:
+        with grpc.insecure_channel(address) as raw:  # a plain client off the loop, which the handler holds
+            stub = echo_pb2_grpc.EchoServiceStub(raw)
+            blocker = stub.Echo.future(pb.EchoRequest(message="block"), timeout=20)
+            loader = threading.Thread(target=load, args=(stub,))
+            loader.start()
+            await asyncio.to_thread(loader.join, 30)
+            assert blocker.result(timeout=10).message == "block"
+            assert servicer.release.is_set(), f"grpc refused too few calls: {codes}"
+            refused = codes.count(grpc.StatusCode.CANCELLED)
+            assert refused >= 10, codes
+            assert codes.count(grpc.StatusCode.OK) == 20 - refused, codes
+            assert servicer.ran == 1 + 20 - refused  # the refused calls never reached the handler
+            assert (await asyncio.to_thread(stub.Echo, pb.EchoRequest(message="after"), timeout=10)).message == "after"
+    finally:
+        servicer.release.set()
+        await server.stop(0)

@@ -127,3 +127,16 @@ def test_channel_grpc_options_replace_rpcframes_own() -> None:
     # grpc keeps the FIRST of two equal keys: an appended override would be ignored.
     options = rpcframe.ChannelConfig(grpc_options=(("grpc.use_local_subchannel_pool", 0),)).channel_options()
     assert [value for key, value in options if key == "grpc.use_local_subchannel_pool"] == [0]
+
+
+def test_accept_queue_sets_grpcs_pending_call_limits() -> None:
+    assert "grpc.server.max_pending_requests" not in dict(rpcframe.ServerConfig().server_options())
+    config = rpcframe.ServerConfig(overload=rpcframe.OverloadConfig(accept_queue=16))
+    for threads in (False, True):
+        options = dict(config.server_options(threads=threads))
+        assert options["grpc.server.max_pending_requests"] == 16
+        assert options["grpc.server.max_pending_requests_hard_limit"] == 32
+    off = rpcframe.ServerConfig(overload=None)
+    assert "grpc.server.max_pending_requests" not in dict(off.server_options())
+    with pytest.raises(rpcframe.ConfigError, match="accept_queue"):
+        rpcframe.OverloadConfig(accept_queue=0)
