@@ -1,4 +1,4 @@
-"""Micro-benchmarks of balancing's per-call work: pick + done (budget: 5 µs).
+"""Micro-benchmarks of balancing's per-call work: pick + done (budget: 5 µs at 10 endpoints, 10 µs at 100).
 
 ::
 
@@ -24,8 +24,10 @@ def _picker(policy: str, n: int):  # type: ignore[no-untyped-def]
     return build_picker(policy, stats, PickerContext(clock=time.monotonic))
 
 
-@pytest.mark.parametrize("policy", ["peak_ewma", "least_request", "round_robin", "weighted_round_robin"])
-@pytest.mark.parametrize("endpoints", [3, 10])
+@pytest.mark.parametrize(
+    "policy", ["filtered_p2c", "peak_ewma", "least_request", "round_robin", "weighted_round_robin"]
+)
+@pytest.mark.parametrize("endpoints", [3, 10, 100])
 def test_pick_and_done(benchmark, policy: str, endpoints: int) -> None:  # type: ignore[no-untyped-def]
     picker = _picker(policy, endpoints)
 

@@ -22,6 +22,10 @@ DEFAULT_RTT = 0.001
 FAILURE_PENALTY = 4.0
 #: ...and at least this long (seconds).
 MIN_FAILURE_LATENCY = 0.005
+#: Weight of each new sample in the mean latency (:attr:`EndpointStats.latency`) of a busy endpoint...
+LATENCY_WEIGHT = 0.2
+#: ...growing with the time since the previous sample, to 1 after this many seconds (a stale mean is replaced).
+LATENCY_STALE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +74,8 @@ class EndpointStats:
 
     __slots__ = (
         "_clock", "_lock", "_start_sum", "consecutive_failures", "ejected_until", "ejections", "endpoint",
-        "ewma", "failure_threshold", "handle", "inflight", "ready_since", "streams", "throttle",
+        "ewma", "failure_threshold", "handle", "inflight", "last_begin", "latency", "latency_at", "ready_since",
+        "streams", "throttle",
     )  # fmt: skip
 
     def __init__(
@@ -86,6 +91,10 @@ class EndpointStats:
         self._clock = clock
         self._lock = threading.Lock()
         self.ewma = PeakEWMA(decay, initial_latency, clock())
+        #: Mean latency of recent successful calls (seconds; 0 until the first answer), see :meth:`done`.
+        self.latency = initial_latency
+        self.latency_at = -math.inf  # when it was last sampled
+        self.last_begin = -math.inf  # when a call last started here
         self.inflight = 0
         self.streams = 0  # in-flight calls that are streams (not aged, see cost())
         self._start_sum = 0.0  # sum of the start times of in-flight unary calls
@@ -108,6 +117,7 @@ class EndpointStats:
         with self._lock:
             self.inflight += 1
             self._start_sum += now
+            self.last_begin = now
 
     def as_stream(self) -> None:
         """Mark the call just begun as a stream: its age says nothing of latency."""
@@ -140,14 +150,35 @@ class EndpointStats:
                 return False
             if outcome is Outcome.SUCCESS:
                 self.ewma.observe(latency, now)
+                self._sample(latency, now)
                 self.consecutive_failures = 0
                 return False
             # A failing endpoint often fails fast; counted as fast it would
             # attract more calls (a "black hole"), so a failure costs at least
             # several times the current estimate.
             self.ewma.observe(max(latency, FAILURE_PENALTY * self.ewma.value, MIN_FAILURE_LATENCY), now)
+            self._sample(max(latency, FAILURE_PENALTY * self.latency, MIN_FAILURE_LATENCY), now)
             self.consecutive_failures += 1
             return self.consecutive_failures == self.failure_threshold
+
+    def _sample(self, latency: float, now: float) -> None:
+        """Fold a sample into :attr:`latency` (caller holds the lock).
+
+        An exponential mean whose sample weight is LATENCY_WEIGHT for a busy
+        endpoint and grows with the time since the previous sample: the
+        first answer after seconds without calls (a probe of an endpoint the
+        picker avoided) replaces a stale mean, so a recovered backend is
+        seen as recovered at once. Floored at 1 µs: 0 means "not known yet".
+        """
+        if latency < 1e-6:
+            latency = 1e-6
+        weight = (now - self.latency_at) / LATENCY_STALE
+        if weight < LATENCY_WEIGHT:
+            weight = LATENCY_WEIGHT
+        elif weight > 1.0:
+            weight = 1.0
+        self.latency += weight * (latency - self.latency)
+        self.latency_at = now
 
     def cost(self, now: float) -> float:
         """Peak-EWMA load score: latency estimate x (in-flight + 1).
@@ -165,6 +196,21 @@ class EndpointStats:
             if age > estimate:
                 estimate = age
         return estimate * (self.inflight + 1)
+
+    def effective_latency(self, now: float, unknown: float) -> float:
+        """:attr:`latency`, or the mean age of the unary calls in flight when that is longer.
+
+        ``unknown`` stands in for an endpoint that has not answered yet. The
+        age term makes an endpoint that turned slow look slow before its
+        first slow answer arrives.
+        """
+        estimate = self.latency or unknown
+        aged = self.inflight - self.streams
+        if aged > 0:
+            age = now - self._start_sum / aged
+            if age > estimate:
+                return age
+        return estimate
 
     def warmth(self, now: float, window: float) -> float:
         """Slow-start factor in (0, 1]: how far the endpoint is into its ramp."""

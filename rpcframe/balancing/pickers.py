@@ -9,9 +9,11 @@ caller must call ``done(outcome, latency_seconds)`` exactly once.
 
 Policies (``ChannelConfig.policy``): ``pick_first``, ``round_robin``,
 ``least_request`` (power of two choices on in-flight calls), ``peak_ewma``
-(power of two choices on peak-EWMA latency x (in-flight + 1); the default)
-and ``weighted_round_robin`` (weights from resolver metadata). User policies
-are added with :func:`register_policy`.
+(power of two choices on peak-EWMA latency x (in-flight + 1)),
+``filtered_p2c`` (the default: the same choice among the endpoints that are
+not latency outliers, see :class:`FilteredP2C`) and ``weighted_round_robin``
+(weights from resolver metadata). User policies are added with
+:func:`register_policy`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .endpoint import EndpointStats, Outcome
+from .endpoint import DEFAULT_RTT, EndpointStats, Outcome
 
 __all__ = [
     "NoEndpointError",
@@ -201,6 +204,138 @@ class _PowerOfTwo:
         return chosen, chosen.done
 
 
+class FilteredP2C:
+    """Power of two choices on latency x (in-flight + 1), among the endpoints that are not latency outliers.
+
+    P2C alone picks a slow endpoint whenever both random choices are slow:
+    with k slow endpoints of n, about (k/n)^2 of calls, the whole tail when
+    several are slow. Here the candidates come from a filtered set, rebuilt
+    every REFRESH seconds in O(n) (no per-pick scan): an endpoint whose
+    effective latency (mean latency, or the mean age of its calls in flight
+    when longer) exceeds OUTLIER_FACTOR x the fleet's lower-quartile
+    latency plus OUTLIER_SLACK is left out. The lower quartile is the
+    reference so that a quarter of the fleet always qualifies (no herding
+    onto one endpoint), and several slow endpoints cannot drag it up as
+    they drag a mean or a median. Within the set, P2C on latency x
+    (in-flight + 1) spreads load by the endpoints' in-flight counts, as
+    peak_ewma does, so capacity-limited backends are not herded onto.
+
+    Endpoints outside the set are probed: one real call at a time, to
+    the one idle longest, once it has had no call for PROBE_IDLE seconds,
+    at most one probe per PROBE_EVERY picks (or per PROBE_GAP seconds when
+    traffic is light), so probes stay a small share of the tail. A probe's
+    answer replaces the stale mean, so a recovered endpoint rejoins as
+    soon as it is probed. An endpoint that has never answered (cold start,
+    a new endpoint) gets one call at a time until it has; while no
+    endpoint has answered, P2C on in-flight counts spreads calls.
+    """
+
+    #: Seconds between rebuilds of the candidate set.
+    REFRESH = 0.01
+    #: An endpoint slower than this many times the fleet's lower-quartile latency...
+    OUTLIER_FACTOR = 4.0
+    #: ...plus this many seconds (so that sub-millisecond jitter excludes nothing) is left out.
+    OUTLIER_SLACK = 0.002
+    #: Seconds without a call before a left-out endpoint is probed...
+    PROBE_IDLE = 2.0
+    #: ...and picks between two probes (probes cost tail latency: this bounds their share)...
+    PROBE_EVERY = 2000
+    #: ...or seconds, whichever comes first.
+    PROBE_GAP = 5.0
+
+    def __init__(self, endpoints: tuple[EndpointStats, ...], ctx: PickerContext) -> None:
+        self.endpoints = endpoints
+        self._random = ctx.rng.random
+        self._clock = ctx.clock
+        self._slow_start = ctx.slow_start
+        self._warm_until = _warm_until(endpoints, ctx)
+        self._picks = itertools.count().__next__  # atomic in CPython
+        self._probe_pick = 0
+        self._probe_at = ctx.clock()
+        self._refreshing = threading.Lock()
+        self._next_refresh = -math.inf
+        self._candidates = endpoints
+        self._unknown = DEFAULT_RTT  # what an endpoint that has not answered is assumed to take
+        self._probes: list[EndpointStats] = []
+
+    def pick(self) -> Pick:
+        self._picks()
+        now = self._clock()
+        if now >= self._next_refresh and self._refreshing.acquire(blocking=False):
+            try:
+                self._refresh(now)
+            finally:
+                self._refreshing.release()
+        if self._probes:
+            try:
+                probe = self._probes.pop()  # atomic: two callers never take the same probe
+            except IndexError:
+                pass
+            else:
+                probe.begin()
+                return probe, probe.done
+        candidates = self._candidates
+        n = len(candidates)
+        if n == 1:
+            chosen = candidates[0]
+        else:
+            rand = self._random
+            i = int(rand() * n)
+            j = int(rand() * (n - 1))
+            if j >= i:
+                j += 1
+            a, b = candidates[i], candidates[j]
+            unknown = self._unknown
+            cost_a = a.effective_latency(now, unknown) * (a.inflight + 1)
+            cost_b = b.effective_latency(now, unknown) * (b.inflight + 1)
+            if now < self._warm_until:
+                cost_a /= a.warmth(now, self._slow_start)
+                cost_b /= b.warmth(now, self._slow_start)
+            chosen = a if cost_a <= cost_b else b
+        chosen.begin()
+        return chosen, chosen.done
+
+    def _refresh(self, now: float) -> None:
+        """Rebuild the candidate set and the probes due."""
+        self._next_refresh = now + self.REFRESH
+        known: list[tuple[float, EndpointStats]] = []
+        probes = []
+        for stats in self.endpoints:
+            if stats.latency > 0:
+                known.append((stats.effective_latency(now, 0.0), stats))
+            elif stats.inflight == 0:
+                probes.append(stats)  # never answered: one call at a time until it has
+        if not known:
+            # Cold start: spread by in-flight counts, and look again at the
+            # next pick, so the first answer ends this blind phase at once.
+            self._candidates, self._probes = self.endpoints, []
+            self._next_refresh = now
+            return
+        ordered = sorted(latency for latency, _ in known)
+        reference = ordered[len(ordered) // 4]
+        self._unknown = reference
+        limit = reference * self.OUTLIER_FACTOR + self.OUTLIER_SLACK
+        candidates = []
+        idlest: EndpointStats | None = None
+        for latency, stats in known:
+            if latency <= limit:
+                candidates.append(stats)
+            elif stats.inflight == 0 and (idlest is None or stats.last_begin < idlest.last_begin):
+                idlest = stats
+        if idlest is not None and self._probe_due(idlest, now):
+            probes.append(idlest)
+        self._candidates, self._probes = tuple(candidates), probes
+
+    def _probe_due(self, stats: EndpointStats, now: float) -> bool:
+        if now - stats.last_begin < self.PROBE_IDLE:
+            return False
+        picks = self._picks()
+        if picks - self._probe_pick < self.PROBE_EVERY and now - self._probe_at < self.PROBE_GAP:
+            return False
+        self._probe_pick, self._probe_at = picks, now
+        return True
+
+
 class LeastRequest(_PowerOfTwo):
     """Fewer calls in flight wins."""
 
@@ -221,6 +356,7 @@ _POLICIES: dict[str, PickerFactory] = {
     "weighted_round_robin": WeightedRoundRobin,
     "least_request": LeastRequest,
     "peak_ewma": PeakEwma,
+    "filtered_p2c": FilteredP2C,
 }
 
 
@@ -239,6 +375,6 @@ def build_picker(policy: str, endpoints: Sequence[EndpointStats], ctx: PickerCon
     if not endpoints:
         return ErrorPicker(reason or "no endpoints")
     usable = tuple(endpoints)
-    if len(usable) == 1 and policy in ("pick_first", "round_robin", "least_request", "peak_ewma"):
+    if len(usable) == 1 and policy in ("pick_first", "round_robin", "least_request", "peak_ewma", "filtered_p2c"):
         return _Single(usable, ctx)
     return _POLICIES[policy](usable, ctx)

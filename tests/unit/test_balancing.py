@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import heapq
 import math
 import random
 
@@ -12,6 +13,7 @@ from rpcframe.balancing.balancer import BalancerCore, Connectivity
 from rpcframe.balancing.endpoint import Endpoint, EndpointStats, Outcome
 from rpcframe.balancing.outlier import OutlierConfig, update_ejections
 from rpcframe.balancing.pickers import (
+    FilteredP2C,
     NoEndpointError,
     PickerContext,
     available_policies,
@@ -19,6 +21,7 @@ from rpcframe.balancing.pickers import (
     register_policy,
 )
 from rpcframe.balancing.resolver import DNSResolver, ManualResolver, StaticResolver, resolver_for
+from rpcframe.config import ChannelConfig
 from rpcframe.errors import ConfigError
 
 
@@ -367,3 +370,179 @@ def test_dns_resolver_resolves_localhost() -> None:
     resolver = DNSResolver("localhost", 4242, refresh=60)
     addresses = {e.address for e in resolver.lookup()}
     assert addresses & {"127.0.0.1:4242", "[::1]:4242"}
+
+
+# -- filtered_p2c (the default policy) ------------------------------------------
+
+
+def _simulate(  # type: ignore[no-untyped-def]
+    clock: FakeClock, picker, service, calls: int, in_flight: int = 50, capacity: int = 0
+) -> tuple[collections.Counter[str], dict[str, float]]:
+    """A closed loop of ``in_flight`` callers over ``picker`` on the fake clock (discrete events).
+
+    ``service(address, now)`` draws a call's service time; with ``capacity``
+    each endpoint serves that many calls at once and queues the rest (FIFO).
+    Returns the calls started per endpoint and each endpoint's time-averaged
+    in-flight count.
+    """
+    rng = random.Random(3)
+    events: list[tuple[float, int, str, object, float]] = []
+    busy: collections.Counter[str] = collections.Counter()
+    queues: dict[str, collections.deque[tuple[object, float]]] = collections.defaultdict(collections.deque)
+    counts: collections.Counter[str] = collections.Counter()
+    area: collections.Counter[str] = collections.Counter()
+    started_at, seq, last = clock(), 0, clock()
+
+    def serve(address: str, done: object, begun: float) -> None:
+        nonlocal seq
+        busy[address] += 1
+        heapq.heappush(events, (clock() + service(address, clock(), rng), seq, address, done, begun))
+        seq += 1
+
+    def start() -> None:
+        stats, done = picker.pick()
+        counts[stats.address] += 1
+        if capacity and busy[stats.address] >= capacity:
+            queues[stats.address].append((done, clock()))
+        else:
+            serve(stats.address, done, clock())
+
+    for _ in range(in_flight):
+        start()
+    for _ in range(calls - in_flight):
+        finish, _, address, done, begun = heapq.heappop(events)
+        for stats in picker.endpoints:
+            area[stats.address] += stats.inflight * (finish - last)
+        clock.now = last = finish
+        busy[address] -= 1
+        done(Outcome.SUCCESS, finish - begun)  # type: ignore[operator]
+        if queues[address]:
+            serve(address, *queues[address].popleft())
+        start()
+    elapsed = clock() - started_at
+    return counts, {a: v / elapsed for a, v in area.items()}
+
+
+def _fleet(clock: FakeClock, n: int = 10) -> list[EndpointStats]:
+    return _stats(clock, *(f"b{i}" for i in range(n)))
+
+
+def test_filtered_p2c_keeps_several_slow_endpoints_out(clock: FakeClock) -> None:
+    stats = _fleet(clock)
+    slow = {"b0", "b1", "b2"}  # 3 of 10 degraded 50x: P2C's ceiling is (3/10)^2 = 9 % of calls on them
+
+    def service(address: str, now: float, rng: random.Random) -> float:
+        return rng.uniform(0, 0.5 if address in slow else 0.01)
+
+    counts, _ = _simulate(clock, build_picker("filtered_p2c", stats, _ctx(clock)), service, 20000)
+    on_slow = sum(counts[a] for a in slow)
+    assert on_slow <= 40  # cold start (50 blind calls) and a few probes: < 0.2 %
+    assert min(counts[f"b{i}"] for i in range(3, 10)) > 1500  # the fast ones share the rest
+    peak = _simulate(clock, build_picker("peak_ewma", _fleet(clock), _ctx(clock)), service, 20000)[0]
+    assert sum(peak[a] for a in slow) > 10 * on_slow  # what this policy is for
+
+
+def test_filtered_p2c_unknown_endpoint_gets_one_call_at_a_time(clock: FakeClock) -> None:
+    known = _stats(clock, "a", "b")
+    for stats in known:
+        stats.begin()
+        stats.done(Outcome.SUCCESS, 0.01)
+    (new,) = _stats(clock, "new")
+    picker = build_picker("filtered_p2c", [*known, new], _ctx(clock))
+    first = [picker.pick() for _ in range(30)]  # none answers yet
+    assert new.inflight == 1  # probed once, not given a third of the calls
+    assert first[0][0] is new
+    new_done = first[0][1]
+    clock.advance(0.012)
+    new_done(Outcome.SUCCESS, 0.012)
+    for _, done in first[1:]:
+        done(Outcome.SUCCESS, 0.012)
+    clock.advance(FilteredP2C.REFRESH)
+    held = collections.Counter(picker.pick()[0].address for _ in range(30))  # 30 calls in flight at once
+    assert held["new"] >= 5  # answered like the others: a full member
+
+
+def test_filtered_p2c_cold_start_spreads_until_first_answer(clock: FakeClock) -> None:
+    stats = _fleet(clock, 5)
+    picker = build_picker("filtered_p2c", stats, _ctx(clock))
+    picks = [picker.pick() for _ in range(50)]
+    assert all(8 <= s.inflight <= 12 for s in stats)  # nothing known: P2C on in-flight counts
+    picks[0][1](Outcome.SUCCESS, 0.001)  # b-something answers: the blind phase ends at the next pick
+    answered = picks[0][0]
+    assert all(picker.pick()[0] is answered for _ in range(5))
+
+
+def test_filtered_p2c_newly_slow_endpoint_left_out_before_its_first_answer(clock: FakeClock) -> None:
+    stats = _fleet(clock, 4)
+    picker = build_picker("filtered_p2c", stats, _ctx(clock))
+    _count(picker, 400, latency=0.005)  # everyone known at 5 ms
+    stuck = [stats[0].begin() for _ in range(2)]  # two calls to b0 that do not come back
+    assert len(stuck) == 2
+    clock.advance(0.1)  # 20x the fleet's latency, and still no answer from b0
+    counts = _count(picker, 400, latency=0.005)
+    assert counts["b0"] == 0
+
+
+def test_filtered_p2c_probes_a_left_out_endpoint_and_takes_it_back(clock: FakeClock) -> None:
+    stats = _fleet(clock, 4)
+    for s in stats:
+        s.begin()
+        s.done(Outcome.SUCCESS, 0.5 if s.address == "b0" else 0.005)
+    picker = build_picker("filtered_p2c", stats, _ctx(clock))
+    assert _count(picker, FilteredP2C.PROBE_EVERY, latency=0.005)["b0"] == 0
+    clock.advance(FilteredP2C.PROBE_IDLE)  # idle long enough, and PROBE_EVERY picks have passed
+    probes = [picker.pick() for _ in range(20)]
+    assert sum(s is stats[0] for s, _ in probes) == 1  # one probe, one call at a time
+    for _, done in probes:
+        done(Outcome.SUCCESS, 0.005)  # b0 has recovered: the probe replaces its stale mean
+    assert stats[0].latency == pytest.approx(0.005)
+    clock.advance(FilteredP2C.REFRESH)
+    held = collections.Counter(picker.pick()[0].address for _ in range(40))  # 40 calls in flight at once
+    assert held["b0"] >= 6  # back to a share
+
+
+def test_filtered_p2c_probes_are_rationed(clock: FakeClock) -> None:
+    stats = _fleet(clock, 4)
+    for s in stats:
+        s.begin()
+        s.done(Outcome.SUCCESS, 0.5 if s.address == "b0" else 0.005)
+    picker = build_picker("filtered_p2c", stats, _ctx(clock))
+    probes = 0
+    for _ in range(200):  # 20 s at 100 picks/s: light traffic, so probes wait PROBE_GAP
+        for _ in range(10):
+            chosen, done = picker.pick()
+            probes += chosen is stats[0]
+            done(Outcome.SUCCESS, 0.5 if chosen is stats[0] else 0.005)
+        clock.advance(0.1)
+    assert 2 <= probes <= 20 / FilteredP2C.PROBE_GAP + 1
+
+
+def test_filtered_p2c_does_not_herd_on_capacity_limited_backends(clock: FakeClock) -> None:
+    stats = _fleet(clock)
+
+    def service(address: str, now: float, rng: random.Random) -> float:
+        return 0.06 if address == "b0" else 0.02  # b0 3x slower per call
+
+    picker = build_picker("filtered_p2c", stats, _ctx(clock))
+    counts, in_flight = _simulate(clock, picker, service, 20000, capacity=4)
+    assert max(in_flight.values()) < 1.5 * 50 / 10  # nobody holds more than 1.5x its fair share
+    assert counts["b0"] > 200  # the slow one still serves (capacity is not thrown away)
+
+
+def test_latency_mean_weighs_samples_by_staleness(clock: FakeClock) -> None:
+    (stats,) = _stats(clock, "a")
+    stats.begin()
+    stats.done(Outcome.SUCCESS, 0.010)
+    assert stats.latency == pytest.approx(0.010)  # the first sample is the mean
+    stats.begin()
+    stats.done(Outcome.SUCCESS, 0.110)
+    assert stats.latency == pytest.approx(0.030)  # busy: a sample weighs LATENCY_WEIGHT (0.2)
+    clock.advance(10)
+    stats.begin()
+    stats.done(Outcome.SUCCESS, 0.001)
+    assert stats.latency == pytest.approx(0.001)  # after a long gap the mean was stale: replaced
+
+
+def test_default_policy_is_filtered_p2c() -> None:
+    assert ChannelConfig().policy == "filtered_p2c"
+    assert {"round_robin", "least_request", "peak_ewma", "filtered_p2c"} <= set(available_policies())
