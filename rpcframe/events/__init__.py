@@ -23,6 +23,7 @@ one driver.
 from __future__ import annotations
 
 from ._broker import Broker, BrokerMessage, BrokerUnavailable, Pull, StoredMessage, StreamSpec
+from ._calls import AsyncCalls, AsyncMethod, BrokerContext, Receipt, Worker
 from ._client import Events, Published, PublishError
 from ._consumer import Consumer, EventContext, Handler, Pump, Stats
 from ._headers import CRITICALITY, DEAD_DELIVERIES, DEAD_GROUP, DEAD_REASON, DEAD_SUBJECT, DEADLINE, PUBLISHER, TYPE
@@ -38,7 +39,10 @@ __all__ = [
     "DEAD_SUBJECT",
     "PUBLISHER",
     "TYPE",
+    "AsyncCalls",
+    "AsyncMethod",
     "Broker",
+    "BrokerContext",
     "BrokerMessage",
     "BrokerUnavailable",
     "Consumer",
@@ -51,10 +55,12 @@ __all__ = [
     "Published",
     "Pull",
     "Pump",
+    "Receipt",
     "Stats",
     "StoredMessage",
     "StreamSpec",
     "SqliteProcessedIds",
     "Topic",
+    "Worker",
     "once",
 ]

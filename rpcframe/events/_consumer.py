@@ -145,8 +145,10 @@ class Pump:
         """Redelivery delay after the ``attempt``-th failed delivery."""
         return self.backoff[min(attempt, len(self.backoff)) - 1]
 
-    async def dead_letter(self, msg: BrokerMessage, reason: str) -> None:
-        """Store ``msg`` on the dead-letter subject with ``reason``, then never deliver it again."""
+    async def dead_letter(
+        self, msg: BrokerMessage, reason: str, then: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Store ``msg`` on the dead-letter subject with ``reason``, run ``then``, never deliver it again."""
         headers = {k: v for k, v in msg.headers.items() if k != _headers.MSG_ID}
         headers[_headers.DEAD_REASON] = reason[:1000]
         headers[_headers.DEAD_GROUP] = self.group
@@ -155,6 +157,8 @@ class Pump:
         original = msg.headers.get(_headers.MSG_ID) or f"{msg.subject}:{id(msg)}"
         # A dead letter keeps the original id (plus a suffix): dead-lettering it twice stores it once.
         await self.events.publish_raw(self.dead, self.dead_subject, msg.data, headers, f"{original}:dead", 10.0)
+        if then is not None:
+            await then()
         await msg.term()
         self.stats.dead_lettered += 1
         self.stats.reasons = [*self.stats.reasons[-9:], reason]

@@ -171,8 +171,15 @@ class JetStreamBroker:
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.EXPLICIT, max_deliver=max_deliver, ack_wait=ack_wait, max_ack_pending=-1
         )
+        config.durable_name = config.name = group
+        config.filter_subject = subject
         try:
-            sub = await self.js.pull_subscribe(subject, durable=group, stream=stream, config=config)
+            try:
+                # Create, or update an existing group to these settings (ack_wait, max_deliver).
+                await self.js.add_consumer(stream, config)
+            except nats.js.errors.BadRequestError:
+                pass  # a setting the broker cannot change on a live group: keep the group as it is
+            sub = await self.js.pull_subscribe_bind(durable=group, stream=stream)
         except _TRANSIENT as exc:
             raise BrokerUnavailable(f"consumer {group} on {stream}: {exc!r}") from exc
         return _Pull(sub)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from rpcframe.codegen import generate
 from rpcframe.events import Events
 from tests.events.natsserver import NatsServer, nats_server_binary
 
@@ -52,3 +55,12 @@ async def events(nats: NatsServer) -> AsyncIterator[Events]:
 def unique() -> str:
     """A fresh topic-name suffix, so tests on the shared server never see each other's streams."""
     return f"t{next(_names)}"
+
+
+@pytest.fixture(scope="session")
+def orders_gen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/events/protos compiled by rpcframe codegen into a package ``evgen`` (its parent on sys.path)."""
+    root = tmp_path_factory.mktemp("evgen")
+    generate(Path(__file__).parent / "protos", root / "evgen")
+    sys.path.insert(0, str(root))
+    return root

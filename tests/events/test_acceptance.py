@@ -115,8 +115,12 @@ async def test_group_of_two_one_killed_midway_loses_nothing(nats: NatsServer, tm
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(
+    not os.environ.get("RPCFRAME_EVENTS_100K"), reason="the 100k-event run takes ~90 s: set RPCFRAME_EVENTS_100K=1"
+)
 async def test_group_of_two_one_killed_midway_100k(nats: NatsServer, tmp_path: Path, unique: str) -> None:
-    await kill_one_midway(nats, tmp_path, unique, 100_000, within=100)
+    await kill_one_midway(nats, tmp_path, unique, 100_000, within=300)
 
 
 async def test_broker_restarted_mid_stream_publishers_retry_nothing_lost_or_stored_twice(
