@@ -13,10 +13,10 @@ import os
 from typing import Any
 
 import grpc
-
-import rpcframe
 from evgen.acme.orders.v1 import orders_pb2 as pb  # type: ignore[import-not-found]
 from evgen.acme.orders.v1 import orders_pb2_grpc  # type: ignore[import-not-found]
+
+import rpcframe
 
 
 def _log_run(order_id: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -139,8 +140,11 @@ async def _killed_mid_call(url: str, gen: Path, tmp_path: Path, method: AsyncMet
 async def _eventually_file(path: Path, text: str) -> None:
     from tests.conftest import eventually
 
+    def read() -> str:
+        return path.read_text() if path.exists() else ""
+
     async def there() -> bool:
-        return path.exists() and text in path.read_text()
+        return text in await asyncio.to_thread(read)
 
     await eventually(there, within=10)
 
