@@ -10,7 +10,8 @@ The server (:mod:`benchmarks.overload_server`, its own process, started and
 stopped by PID on 127.0.0.1 port 0) does ~2 ms of pure-Python CPU work per
 unary call, so one process has a fixed capacity. Per front (thread pool,
 asyncio) and stack (``raw`` grpcio, ``rpcframe-off`` = rpcframe with
-``ServerConfig(overload=None)``, ``rpcframe`` = defaults):
+``ServerConfig(overload=None)``, ``rpcframe`` = defaults, ``rpcframe-queue`` =
+defaults plus ``OverloadConfig(accept_queue=16)``):
 
 1. capacity: a closed-loop probe (8 callers back to back) measures OK
    calls/s; the reference stack's figure (raw if run, else rpcframe-off)
@@ -24,8 +25,8 @@ asyncio) and stack (``raw`` grpcio, ``rpcframe-off`` = rpcframe with
    500 ms deadline.
 
 Per step: offered rate, goodput (OK within the deadline, per second), p50/p99
-of admitted calls (answered OK), the share rejected fast (RESOURCE_EXHAUSTED
-or UNAVAILABLE within 10 ms), the share that hit the deadline, server CPU
+of admitted calls (answered OK), the share rejected fast (RESOURCE_EXHAUSTED,
+UNAVAILABLE or CANCELLED within 10 ms), the share that hit the deadline, server CPU
 (``/proc/PID/stat``), the handler CPU spent on calls that finished past
 their deadline (counted by the server per call), and how busy the whole
 machine was and how late the generator sent (noisy neighbours show in
@@ -85,7 +86,9 @@ LOADGEN_STARTUP_S = 30.0  # on top of the plan's own length, before the load gen
 # Acceptance (issue 12), for rpcframe with default settings.
 KEEP_GOODPUT, P99_FACTOR, RECOVER_WITHIN, CRITICAL_OK = 0.90, 2.0, 2.0, 0.99
 _OK, _DEADLINE = grpc.StatusCode.OK.value[0], grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-_REJECT = {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]}
+# CANCELLED: what grpc's core answers for a call it refuses from a full accept queue.
+_REJECT = {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0],
+           grpc.StatusCode.CANCELLED.value[0]}  # fmt: skip
 _NAMES = {code.value[0]: code.name for code in grpc.StatusCode} | {CAPPED: "NOT_SENT_CAP"}
 
 
@@ -525,9 +528,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"grpc.aio client process over {s['connections']} connections (at most {MAX_OUTSTANDING} outstanding).",
         "",
         "Goodput = calls answered OK within their deadline, per second of the step. p50/p99 are of admitted "
-        "calls (answered OK), from the intended send time. Fast-rejected = RESOURCE_EXHAUSTED or UNAVAILABLE "
-        f"within {FAST_REJECT_S * 1000:g} ms. Missed CPU = handler CPU of calls whose deadline had passed when "
-        "their work ended (the server times each handler with thread_time). Recovery = seconds from the drop "
+        "calls (answered OK), from the intended send time. Fast-rejected = RESOURCE_EXHAUSTED, UNAVAILABLE or "
+        f"CANCELLED within {FAST_REJECT_S * 1000:g} ms. Missed CPU = handler CPU of calls whose deadline had passed "
+        "when their work ended (the server times each handler with thread_time). Recovery = seconds from the drop "
         f"back to {RECOVERY_LOAD:g}× until a {WINDOW_S * 1000:g} ms window of sends is ≥ {GOOD_SHARE:.0%} OK "
         "within the deadline (windows slide by 50 ms); *stable* = from when every later window of the step is. "
         f"The mixed step follows a {STEPS[MIXED_STEP].gap_before:g} s pause, so no recovery-step call waits "

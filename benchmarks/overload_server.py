@@ -2,7 +2,7 @@
 
 ::
 
-    python -m benchmarks.overload_server --stack raw|rpcframe|rpcframe-off --front sync|aio \\
+    python -m benchmarks.overload_server --stack raw|rpcframe|rpcframe-off|rpcframe-queue --front sync|aio \\
         --iterations N --stats FILE
 
 Serves ``rpcframe.bench.v1.BenchService/Unary`` on 127.0.0.1 port 0, prints
@@ -23,7 +23,8 @@ Stacks: ``raw`` is grpcio alone as its users write it (a thread pool of
 ``RAW_WORKERS``, the size of ``ServerConfig``'s default pool; grpc.aio on the
 default asyncio loop); ``rpcframe`` is ``rpcframe.Server``/``rpcframe.aio.Server``
 with default settings (on uvloop, rpcframe's default loop); ``rpcframe-off``
-the same with ``ServerConfig(overload=None)``, when the field exists.
+the same with ``ServerConfig(overload=None)``, when the field exists;
+``rpcframe-queue`` the defaults plus ``OverloadConfig(accept_queue=16)``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ import grpc.aio
 
 from generated.rpcframe.bench.v1 import bench_pb2, bench_pb2_grpc
 
-STACKS = ("raw", "rpcframe-off", "rpcframe")
+STACKS = ("raw", "rpcframe-off", "rpcframe", "rpcframe-queue")
+#: ``OverloadConfig.accept_queue`` of the ``rpcframe-queue`` stack: ~500 calls/s x 30 ms of queueing.
+ACCEPT_QUEUE = 16
 FRONTS = ("sync", "aio")
 #: Thread-pool size of the raw sync server: ``ServerConfig().max_workers``, so pool size is not the difference.
 RAW_WORKERS = 64
@@ -158,10 +161,15 @@ def overload_supported() -> bool:
 
 
 def rpcframe_config(stack: str) -> Any:
-    """``ServerConfig`` of an rpcframe stack: defaults, a short grace, and no protection for ``rpcframe-off``."""
+    """``ServerConfig`` of an rpcframe stack: defaults, a short grace; no protection for ``rpcframe-off``,
+    a short accept queue for ``rpcframe-queue``."""
     import rpcframe
 
-    extra: dict[str, Any] = {"overload": None} if stack == "rpcframe-off" and overload_supported() else {}
+    extra: dict[str, Any] = {}
+    if stack == "rpcframe-off" and overload_supported():
+        extra["overload"] = None
+    elif stack == "rpcframe-queue":
+        extra["overload"] = rpcframe.OverloadConfig(accept_queue=ACCEPT_QUEUE)
     return rpcframe.ServerConfig(grace_period=GRACE, **extra)
 
 
