@@ -28,9 +28,11 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
+from .events._codegen import write_events_modules
+
 __all__ = ["CodegenError", "GeneratedFile", "generate", "relativize_imports"]
 
-_GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+_GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi", "_events.py")
 # `from a.b import c_pb2 as alias`; `import a.b.c_pb2` (older generators);
 # `import c_pb2 as alias` (a file at the root of the proto tree, which has no package to import from).
 _FROM_IMPORT = re.compile(r"^from ([\w.]+) import (\w+_pb2(?:_grpc)?)\b", re.MULTILINE)
@@ -85,7 +87,10 @@ def _run_protoc(
     # protoc names a file in its messages by the path it was given, so the
     # inputs are passed as proto_dir/... : errors then point at files the way
     # the user reaches them from where they ran the command.
-    args = _protoc_args(proto_dir, includes, out) + [f"--descriptor_set_out={descriptors}"]
+    # Source info: rpcframe.events reads `rpcframe:topic` comments; imports: the types they refer to.
+    args = _protoc_args(proto_dir, includes, out) + [
+        f"--descriptor_set_out={descriptors}", "--include_source_info", "--include_imports",
+    ]  # fmt: skip
     proc = subprocess.run(args + [str(proto_dir / p) for p in protos], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Writing ")]
@@ -198,6 +203,7 @@ def generate(
         tmp.mkdir()
         _run_protoc(src, protos, [Path(i) for i in includes], tmp, descriptors)
         _drop_serviceless_grpc_modules(tmp, descriptors)
+        write_events_modules(tmp, descriptors)  # <file>_events.py for files that declare topics
         files = _postprocess(tmp)
         if clean and out.exists():
             for stale in out.rglob("*"):
