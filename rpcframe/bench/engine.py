@@ -22,6 +22,7 @@ allocation or logging beyond what grpc itself does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import queue
@@ -120,8 +121,31 @@ class LoadRun:
     def _multicallable(self, channel: Any, response_class: Any) -> Any:
         factory = getattr(channel, self.spec.method.kind)
         # Requests are serialized once up front: None sends the bytes as they are.
-        return factory(self.spec.method.path, request_serializer=None,
-                       response_deserializer=response_class.FromString, _registered_method=True)  # fmt: skip
+        mc = factory(self.spec.method.path, request_serializer=None,
+                     response_deserializer=response_class.FromString, _registered_method=True)  # fmt: skip
+        metadata = self._raw_metadata()
+        # rpcframe channels send the spec's metadata and token themselves (ChannelConfig).
+        return functools.partial(mc, metadata=metadata) if metadata else mc
+
+    def _raw_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        spec = self.spec
+        if spec.client != "raw":
+            return ()
+        token = (("authorization", f"Bearer {spec.token}"),) if spec.token is not None else ()
+        return (*spec.metadata, *token)
+
+    def _channel_config(self) -> ChannelConfig:
+        spec = self.spec
+        return ChannelConfig(grpc_options=_CHANNEL_OPTIONS, metadata=spec.metadata, tls=spec.tls, token=spec.token)
+
+    def _raw_secure(self) -> tuple[Any, tuple[tuple[str, Any], ...]]:
+        """Credentials and channel options of a raw TLS channel."""
+        from ..security.tls import channel_credentials
+
+        tls = self.spec.tls
+        assert tls is not None
+        override = (("grpc.ssl_target_name_override", tls.server_name),) if tls.server_name else ()
+        return channel_credentials(tls), (*_CHANNEL_OPTIONS, *override)
 
     def _connect_error(self) -> BenchError:
         return BenchError(f"cannot connect to {self.spec.target} within {self.spec.connect_timeout:g}s")
@@ -130,10 +154,13 @@ class LoadRun:
 
     def _open_sync(self) -> Any:
         if self.spec.client == "raw":
-            return grpc.insecure_channel(self.spec.target, options=_CHANNEL_OPTIONS)
+            if self.spec.tls is None:
+                return grpc.insecure_channel(self.spec.target, options=_CHANNEL_OPTIONS)
+            credentials, options = self._raw_secure()
+            return grpc.secure_channel(self.spec.target, credentials, options=options)
         from ..client._sync import connect
 
-        return connect(self.spec.target, ChannelConfig(grpc_options=_CHANNEL_OPTIONS))
+        return connect(self.spec.target, self._channel_config())
 
     def _wait_sync(self, channel: Any) -> None:
         try:
@@ -230,10 +257,13 @@ class LoadRun:
 
     def _open_aio(self) -> Any:
         if self.spec.client == "raw":
-            return grpc.aio.insecure_channel(self.spec.target, options=_CHANNEL_OPTIONS)
+            if self.spec.tls is None:
+                return grpc.aio.insecure_channel(self.spec.target, options=_CHANNEL_OPTIONS)
+            credentials, options = self._raw_secure()
+            return grpc.aio.secure_channel(self.spec.target, credentials, options=options)
         from ..client._aio import connect
 
-        return connect(self.spec.target, ChannelConfig(grpc_options=_CHANNEL_OPTIONS))
+        return connect(self.spec.target, self._channel_config())
 
     def _aio_caller(self, mc: Any) -> AioCaller:
         spec = self.spec

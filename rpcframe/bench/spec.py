@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from google.protobuf.message import Message
 
+    from ..security.tls import TLSConfig
+
 __all__ = ["DEFAULT_MAX_DURATION", "KIND_LABELS", "BenchError", "LoadSpec", "MethodInfo", "parse_duration"]
 
 Mode = Literal["sync", "aio"]
@@ -106,6 +108,9 @@ class LoadSpec:
         connect_timeout: seconds to wait for the target to become ready.
         uvloop: aio mode: run on uvloop (else the default asyncio loop).
         max_duration: hard time bound of the measured phase.
+        metadata: sent with every call (``-H``).
+        tls: connect with TLS (None: plaintext).
+        token: bearer token sent with every call (``authorization``).
     """
 
     target: str
@@ -124,6 +129,9 @@ class LoadSpec:
     connect_timeout: float = 5.0
     uvloop: bool = True
     max_duration: float = DEFAULT_MAX_DURATION
+    metadata: tuple[tuple[str, str | bytes], ...] = ()
+    tls: TLSConfig | None = None
+    token: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

@@ -23,12 +23,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 # Only the light modules at import time: `rpcframe serve` must not need the bench extra.
-from ..bench.spec import BenchError, LoadSpec, parse_duration
-from ._common import CliError
+from ..bench.spec import BenchError, LoadSpec, MethodInfo, parse_duration
+from ..config import ChannelConfig
+from ._call import headers
+from ._common import CliError, add_client_security_flags, client_security
+
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 if TYPE_CHECKING:
     from ..bench.runner import ProgressFn
+    from ..security.tls import TLSConfig
 
 __all__ = ["main", "register", "run"]
 
@@ -84,6 +91,9 @@ def register(sub: Any) -> None:
                    help="generated *_pb2 module defining the service (default: look under generated/, "
                         "then ask the server's reflection)")  # fmt: skip
     p.add_argument("--reflection", action="store_true", help="take message types only from server reflection")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'KEY: VALUE'",
+                   help="metadata sent with every call and reflection request (repeatable; "
+                        "values of -bin keys are base64)")  # fmt: skip
     load = p.add_argument_group("load")
     load.add_argument("-c", "--concurrency", type=_positive_int, default=None,
                       help=f"closed loop: concurrent callers (default 1); open loop: most calls in flight "
@@ -118,6 +128,7 @@ def register(sub: Any) -> None:
     out.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON (rpcframe.bench.report)")
     out.add_argument("--plot", default=None, metavar="PREFIX", help="write PREFIX-latency.png and PREFIX-timeline.png")
     out.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    add_client_security_flags(p)
     p.set_defaults(run=run)
 
 
@@ -131,7 +142,7 @@ def _read_data(data: str | None) -> str | None:
 
 
 def _spec(args: argparse.Namespace) -> LoadSpec:
-    from ..bench.methods import build_request, resolve_method
+    from ..bench.methods import build_request
 
     if args.rps is not None and not args.rps > 0:
         raise CliError("--rps must be > 0", 2)
@@ -142,9 +153,9 @@ def _spec(args: argparse.Namespace) -> LoadSpec:
         duration = _DEFAULT_DURATION
     concurrency = args.concurrency or (_OPEN_LOOP_CONCURRENCY if args.rps is not None else 1)
     data = _read_data(args.data)
-    method = resolve_method(args.method, args.target, proto_module=args.proto_module,
-                            reflection=True if args.reflection else None,
-                            connect_timeout=args.connect_timeout)  # fmt: skip
+    metadata = headers(args.header)
+    tls, token = client_security(args)
+    method = _resolve(args, metadata, tls, token)
     request = build_request(method, data, args.payload_size)
     return LoadSpec(
         target=args.target,
@@ -162,7 +173,37 @@ def _spec(args: argparse.Namespace) -> LoadSpec:
         call_timeout=args.timeout,
         connect_timeout=args.connect_timeout,
         uvloop=args.loop == "uvloop",
+        metadata=metadata,
+        tls=tls,
+        token=token,
     )
+
+
+def _resolve(args: argparse.Namespace, metadata: Metadata, tls: TLSConfig | None, token: str | None) -> MethodInfo:
+    """The method to load; reflection, when needed, goes over a channel with the run's TLS, token and headers."""
+    from ..bench.methods import resolve_method
+
+    reflection = True if args.reflection else None
+    if not (metadata or tls or token):
+        return resolve_method(args.method, args.target, proto_module=args.proto_module, reflection=reflection,
+                              connect_timeout=args.connect_timeout)  # fmt: skip
+    from ..client._sync import connect
+    from ..errors import ConfigError, RpcframeError
+
+    try:
+        config = ChannelConfig(default_timeout=args.connect_timeout, metadata=metadata, tls=tls, token=token)
+        channel = connect(args.target, config)
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    try:
+        return resolve_method(args.method, args.target, proto_module=args.proto_module, reflection=reflection,
+                              channel=channel)  # fmt: skip
+    except (grpc.RpcError, RpcframeError) as exc:
+        code = exc.code() if isinstance(exc, grpc.RpcError) else None
+        what = f"{code.name}: {exc.details()}" if code is not None else str(exc)  # type: ignore[union-attr]
+        raise BenchError(f"reflection request to {args.target} failed: {what}") from None
+    finally:
+        channel.close()
 
 
 @contextmanager

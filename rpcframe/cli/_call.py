@@ -121,7 +121,7 @@ def register(sub: Any) -> None:
 # --- connection ----------------------------------------------------------------------------------
 
 
-def _headers(items: Sequence[str]) -> tuple[tuple[str, str | bytes], ...]:
+def headers(items: Sequence[str]) -> tuple[tuple[str, str | bytes], ...]:
     out: list[tuple[str, str | bytes]] = []
     for item in items:
         key, sep, value = item.partition(":")
@@ -143,7 +143,7 @@ def _headers(items: Sequence[str]) -> tuple[tuple[str, str | bytes], ...]:
 def _open_channel(args: argparse.Namespace, timeout: float | None) -> Channel:
     tls, token = client_security(args)
     try:
-        config = ChannelConfig(default_timeout=timeout, metadata=_headers(args.header), tls=tls, token=token)
+        config = ChannelConfig(default_timeout=timeout, metadata=headers(args.header), tls=tls, token=token)
         return connect(args.target, config)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None

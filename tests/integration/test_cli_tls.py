@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import jwt
 import pytest
@@ -156,6 +157,23 @@ def test_jwt(pki: Pki) -> None:
         _ok(_cli(*call, "--token", _token(pki)), '{"message": "hi"}')
         assert_cli_error(_cli(*call, "--token", _token(pki, expires_in=-3600)), UNAUTHENTICATED, "JWT expired")
         _ok(_cli(*call, "-H", f"x-api-key: {API_KEY}"), '{"message": "hi"}')  # both kinds are accepted
+
+
+@pytest.mark.parametrize("client", ["rpcframe", "raw"])
+def test_bench_over_tls_with_a_key(pki: Pki, client: str, tmp_path: Path) -> None:
+    with _serve(*_tls_flags(pki), "--api-key-file", str(pki.dir / "keys.txt")) as server:
+        bench = ("bench", server.target, "--call", ECHO, "-d", '{"message": "hi"}', "-n", "20", "--no-progress",
+                 "--client", client, "--reflection", "--tls-ca", str(pki.dir / "ca.pem"))  # fmt: skip
+        for auth in (("--token", API_KEY), ("-H", f"x-api-key: {API_KEY}")):
+            out = tmp_path / f"{auth[0]}.json"
+            result = _cli(*bench, *auth, "--json", str(out))
+            assert result.returncode == 0, result.stderr
+            assert json.loads(out.read_text())["summary"]["ok"] == 20
+        # Without a key every call is refused: the summary says why and the run fails.
+        refused = _cli(*bench)
+        assert refused.returncode == 1, refused.stderr
+        assert "every call failed (20 calls, none OK)" in refused.stderr
+        assert "UNAUTHENTICATED" in refused.stdout
 
 
 # --- bad flags -------------------------------------------------------------------------------------------
