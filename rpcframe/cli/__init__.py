@@ -1,4 +1,4 @@
-"""The ``rpcframe`` command: codegen, serve, call, health, bench.
+"""The ``rpcframe`` command: codegen, serve, call, health, bench, publish, consume.
 
 Every subcommand reports bad input as one ``rpcframe: error: ...`` line on
 stderr with a non-zero exit code, never a traceback.
@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 # repeat what the CLI says in its own words, so they are off unless the user asks for them.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from . import _bench, _call, _codegen, _health, _serve  # noqa: E402 - after the environment above
+from . import _bench, _call, _codegen, _events, _health, _serve  # noqa: E402 - after the environment above
 from ._common import CliError  # noqa: E402
 
 __all__ = ["main"]
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpcframe", description="gRPC services with rpcframe")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_SubcommandParser)
-    for module in (_codegen, _serve, _call, _health, _bench):
+    for module in (_codegen, _serve, _call, _health, _bench, _events):
         module.register(sub)
     return parser
 

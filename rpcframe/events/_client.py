@@ -56,11 +56,17 @@ class Events:
         self._ready: set[str] = set()
 
     @classmethod
-    async def connect(cls, servers: str | Sequence[str], *, publisher: str | None = None) -> Events:
-        """Events on NATS JetStream at ``servers`` (``nats://127.0.0.1:4222``)."""
+    async def connect(
+        cls, servers: str | Sequence[str], *, publisher: str | None = None, within: float = 5.0
+    ) -> Events:
+        """Events on NATS JetStream at ``servers`` (``nats://127.0.0.1:4222``); gives up after ``within`` s.
+
+        Raises :class:`BrokerUnavailable` when no server answered. Once connected,
+        the connection is re-established for as long as it takes.
+        """
         from ._jetstream import connect
 
-        return cls(await connect(servers, name=publisher), publisher=publisher)
+        return cls(await connect(servers, name=publisher, within=within), publisher=publisher)
 
     async def ensure(self, spec: StreamSpec) -> None:
         """Create a stream once per connection (publishing and consuming call this)."""

@@ -20,6 +20,7 @@ __all__ = ["JetStreamBroker", "connect"]
 # Errors after which the same call may succeed once the server is back (restart, reconnect, leader change).
 _TRANSIENT = (
     nats.errors.TimeoutError,
+    nats.errors.NoServersError,
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
@@ -29,6 +30,9 @@ _TRANSIENT = (
     nats.js.errors.ServiceUnavailableError,
     TimeoutError,
 )
+
+
+_RECONNECT_WAIT = 0.1
 
 
 async def _quiet(_: Exception) -> None:
@@ -43,12 +47,14 @@ async def connect(servers: str | Sequence[str], *, name: str | None = None, with
             name=name,
             connect_timeout=within,
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.1,
+            # Bounded while connecting (nats-py would try forever), unbounded once connected (below).
+            max_reconnect_attempts=max(1, int(within / _RECONNECT_WAIT)),
+            reconnect_time_wait=_RECONNECT_WAIT,
             error_cb=_quiet,
         )
     except (OSError, *_TRANSIENT) as exc:
-        raise BrokerUnavailable(f"cannot connect to NATS at {servers}: {exc}") from exc
+        raise BrokerUnavailable(f"cannot connect to NATS at {servers}: {exc!r}") from exc
+    nc.options["max_reconnect_attempts"] = -1  # a broker restart later must not end the connection
     return JetStreamBroker(nc)
 
 
