@@ -23,7 +23,7 @@ FAILURE_PENALTY = 4.0
 #: ...and at least this long (seconds).
 MIN_FAILURE_LATENCY = 0.005
 #: Weight of each new sample in the mean latency (:attr:`EndpointStats.latency`) of a busy endpoint...
-LATENCY_WEIGHT = 0.2
+LATENCY_WEIGHT = 0.1
 #: ...growing with the time since the previous sample, to 1 after this many seconds (a stale mean is replaced).
 LATENCY_STALE = 2.0
 
@@ -74,8 +74,8 @@ class EndpointStats:
 
     __slots__ = (
         "_clock", "_lock", "_start_sum", "consecutive_failures", "ejected_until", "ejections", "endpoint",
-        "ewma", "failure_threshold", "handle", "inflight", "last_begin", "latency", "latency_at", "ready_since",
-        "streams", "throttle",
+        "ewma", "failure_threshold", "handle", "inflight", "last_begin", "latency", "latency_at", "left_out_at",
+        "ready_since", "streams", "throttle",
     )  # fmt: skip
 
     def __init__(
@@ -95,6 +95,7 @@ class EndpointStats:
         self.latency = initial_latency
         self.latency_at = -math.inf  # when it was last sampled
         self.last_begin = -math.inf  # when a call last started here
+        self.left_out_at = math.inf  # since when filtered_p2c has left it out as a latency outlier (inf: it has not)
         self.inflight = 0
         self.streams = 0  # in-flight calls that are streams (not aged, see cost())
         self._start_sum = 0.0  # sum of the start times of in-flight unary calls

@@ -220,7 +220,11 @@ class FilteredP2C:
     (in-flight + 1) spreads load by the endpoints' in-flight counts, as
     peak_ewma does, so capacity-limited backends are not herded onto.
 
-    Endpoints outside the set are probed: one real call at a time, to
+    An endpoint left out stays out until it answers again within the limit
+    (a call it had in flight, or a probe), so a stall of the client itself,
+    which ages every busy endpoint's calls and so raises the reference,
+    does not readmit idle slow endpoints on their stale means. Endpoints
+    left out are probed: one real call at a time, to
     the one idle longest, once it has had no call for PROBE_IDLE seconds,
     at most one probe per PROBE_EVERY picks (or per PROBE_GAP seconds when
     traffic is light), so probes stay a small share of the tail. A probe's
@@ -319,10 +323,21 @@ class FilteredP2C:
         candidates = []
         idlest: EndpointStats | None = None
         for latency, stats in known:
-            if latency <= limit:
+            left_out = stats.left_out_at
+            # Once left out, only an answer given since (a probe's, or a call's
+            # that was in flight) lets it back: a stall of the client itself
+            # ages every busy endpoint's calls and raises the reference, which
+            # must not readmit the idle slow ones on their stale means.
+            if latency <= limit and (left_out == math.inf or stats.latency_at > left_out):
+                stats.left_out_at = math.inf
                 candidates.append(stats)
-            elif stats.inflight == 0 and (idlest is None or stats.last_begin < idlest.last_begin):
+                continue
+            if left_out == math.inf:
+                stats.left_out_at = now
+            if stats.inflight == 0 and (idlest is None or stats.last_begin < idlest.last_begin):
                 idlest = stats
+        if not candidates:  # every endpoint within the limit waits for an answer: take them anyway
+            candidates = [stats for latency, stats in known if latency <= limit]
         if idlest is not None and self._probe_due(idlest, now):
             probes.append(idlest)
         self._candidates, self._probes = tuple(candidates), probes

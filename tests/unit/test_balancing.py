@@ -501,6 +501,18 @@ def test_filtered_p2c_probes_a_left_out_endpoint_and_takes_it_back(clock: FakeCl
     assert held["b0"] >= 6  # back to a share
 
 
+def test_filtered_p2c_client_stall_does_not_readmit_slow_endpoints(clock: FakeClock) -> None:
+    stats = _fleet(clock, 4)
+    for s in stats:
+        s.begin()
+        s.done(Outcome.SUCCESS, 0.2 if s.address == "b0" else 0.005)
+    picker = build_picker("filtered_p2c", stats, _ctx(clock))
+    held = [picker.pick() for _ in range(9)]  # b1..b3 busy, b0 left out
+    assert all(s is not stats[0] for s, _ in held)
+    clock.advance(0.3)  # the client stalls: every call in flight now looks 300 ms old, b0's mean is 200 ms
+    assert all(picker.pick()[0] is not stats[0] for _ in range(30))
+
+
 def test_filtered_p2c_probes_are_rationed(clock: FakeClock) -> None:
     stats = _fleet(clock, 4)
     for s in stats:
@@ -536,7 +548,7 @@ def test_latency_mean_weighs_samples_by_staleness(clock: FakeClock) -> None:
     assert stats.latency == pytest.approx(0.010)  # the first sample is the mean
     stats.begin()
     stats.done(Outcome.SUCCESS, 0.110)
-    assert stats.latency == pytest.approx(0.030)  # busy: a sample weighs LATENCY_WEIGHT (0.2)
+    assert stats.latency == pytest.approx(0.020)  # busy: a sample weighs LATENCY_WEIGHT (0.1)
     clock.advance(10)
     stats.begin()
     stats.done(Outcome.SUCCESS, 0.001)
