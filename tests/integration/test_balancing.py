@@ -50,7 +50,7 @@ def test_round_robin_spreads_evenly(backends: list[Backend]) -> None:
         assert _spread(stub, 30) == {"a": 10, "b": 10, "c": 10}
 
 
-@pytest.mark.parametrize("policy", ["least_request", "peak_ewma"])
+@pytest.mark.parametrize("policy", ["least_request", "peak_ewma", "filtered_p2c"])
 def test_p2c_policies_use_every_backend_under_concurrency(backends: list[Backend], policy: str) -> None:
     with rpcframe.connect(",".join(_targets(backends)), _config(policy)) as channel:
         _ready(channel, 3)
@@ -275,3 +275,54 @@ async def test_aio_killed_backend_under_load() -> None:
     finally:
         for p in procs:
             p.kill()
+
+
+class _DelayedEcho(echo_pb2_grpc.EchoServiceServicer):
+    """Answers its name after a fixed delay (asyncio sleep: calls overlap)."""
+
+    def __init__(self, name: str, delay: float) -> None:
+        self.name = name
+        self.delay = delay
+        self.calls = 0
+
+    async def Echo(self, request: pb.EchoRequest, context: object) -> pb.EchoResponse:  # type: ignore[override]
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return pb.EchoResponse(message=self.name)
+
+
+async def test_default_policy_gives_slow_backend_a_small_share() -> None:
+    # d answers in 200 ms, the others in 2 ms: round robin would send it a quarter of the calls.
+    servicers = [_DelayedEcho("a", 0.002), _DelayedEcho("b", 0.002), _DelayedEcho("c", 0.002), _DelayedEcho("d", 0.2)]
+    servers = []
+    for servicer in servicers:
+        # No admission control: shedding d's calls would hide what the balancer does.
+        server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=0, overload=None))
+        server.add(servicer)
+        port = server.bind("127.0.0.1:0")
+        await server.start()
+        servers.append((server, f"127.0.0.1:{port}"))
+    try:
+        config = rpcframe.ChannelConfig(slow_start=0, default_timeout=10)
+        assert config.policy == "filtered_p2c"
+        async with rpcframe.aio.connect([a for _, a in servers], config) as channel:
+
+            async def ready() -> bool:
+                return sum(s == "READY" for _, s in channel.endpoints()) == 4
+
+            await eventually(ready)
+            stub = channel.stub(echo_pb2_grpc.EchoServiceStub)
+            counts: collections.Counter[str] = collections.Counter()
+
+            async def caller() -> None:
+                for _ in range(40):
+                    counts[(await stub.Echo(WHOAMI)).message] += 1
+
+            await asyncio.gather(*(caller() for _ in range(16)))
+            assert sum(counts.values()) == 640
+            # The first 16 calls go out before any answer (4 may reach d), then d is left out.
+            assert counts["d"] <= 10
+            assert min(counts[n] for n in "abc") > 150
+    finally:
+        for server, _ in servers:
+            await server.stop(0)
