@@ -289,9 +289,8 @@ class Worker(Pump):
         self, entry: _Entry, request: Any, msg: BrokerMessage, left: float | None
     ) -> tuple[grpc.StatusCode, str, bytes]:
         ctx = (_AioBrokerContext if entry.is_async else BrokerContext)(msg.headers, left)
-        alive = asyncio.create_task(self.keep_alive(msg))
         try:
-            with _headers.handler_context(msg.headers, left):
+            with self.busy(msg), _headers.handler_context(msg.headers, left):
                 if entry.is_async:
                     response = await entry.call(request, ctx)
                 else:
@@ -302,8 +301,6 @@ class Worker(Pump):
             return exc.code(), exc.details(), b""
         except Exception as exc:  # noqa: BLE001 - a failing handler is the call's error status
             return _status_of(exc, entry.name)
-        finally:
-            alive.cancel()
         if ctx.code_ is not grpc.StatusCode.OK:
             return ctx.code_, ctx.details_, b""
         return grpc.StatusCode.OK, "", entry.serialize(response)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -21,15 +23,22 @@ __all__ = ["Consumer", "EventContext", "Handler", "Pump", "Stats"]
 M = TypeVar("M", bound=Message)
 
 
-@dataclass(frozen=True)
 class EventContext:
-    """What a handler knows about the event besides its payload."""
+    """What a handler knows about the event besides its payload.
 
-    msg_id: str
-    subject: str
-    attempt: int  # 1 on the first delivery
-    publisher: str
-    headers: Mapping[str, str]
+    Attributes: ``msg_id``, ``subject``, ``attempt`` (1 on the first
+    delivery), ``publisher`` (the ``rpcframe-publisher`` header) and ``headers``.
+    """
+
+    __slots__ = ("attempt", "headers", "msg_id", "publisher", "subject")
+
+    def __init__(self, msg_id: str, subject: str, attempt: int, publisher: str, headers: Mapping[str, str]) -> None:
+        self.msg_id, self.subject, self.attempt, self.publisher, self.headers = (
+            msg_id, subject, attempt, publisher, headers,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"EventContext(msg_id={self.msg_id!r}, subject={self.subject!r}, attempt={self.attempt})"
 
 
 Handler = Callable[[M, EventContext], Awaitable[None]] | Callable[[M, EventContext], None]
@@ -79,7 +88,10 @@ class Pump:
         self.stats = Stats()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._pull: Pull | None = None
+        self._refill = max(1, concurrency // 2)
+        self._busy: dict[BrokerMessage, float] = {}  # deliveries whose handler runs -> when it started
 
     async def start(self) -> None:
         """Join the group and start fetching in the background."""
@@ -91,6 +103,7 @@ class Pump:
             self.stream.name, self.subject, self.group, max_deliver=self.max_deliveries + 1, ack_wait=self.ack_wait
         )
         self._task = asyncio.create_task(self._run(self._pull), name=f"rpcframe-events-{self.group}")
+        self._ticker = asyncio.create_task(self._keep_alive(), name=f"rpcframe-events-{self.group}-alive")
 
     async def stop(self) -> None:
         """Stop fetching, finish and ack the deliveries in hand, leave the group's position on the broker."""
@@ -98,6 +111,9 @@ class Pump:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         if self._pull is not None:
             await self._pull.close()
             self._pull = None
@@ -113,7 +129,8 @@ class Pump:
         inflight: set[asyncio.Task[None]] = set()
         pause = 0.05
         while not self._stopping.is_set():
-            if len(inflight) >= self.concurrency:
+            # Fetch when half the slots are free: one round trip per batch, not per finished handler.
+            if self.concurrency - len(inflight) < self._refill:
                 await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
@@ -163,11 +180,27 @@ class Pump:
         self.stats.dead_lettered += 1
         self.stats.reasons = [*self.stats.reasons[-9:], reason]
 
-    async def keep_alive(self, msg: BrokerMessage) -> None:
-        """While a handler runs, tell the broker so before ``ack_wait`` runs out (cancelled when it ends)."""
+    @contextmanager
+    def busy(self, msg: BrokerMessage) -> Iterator[None]:
+        """While the block runs, the broker is told the delivery is in progress before ``ack_wait`` ends."""
+        self._busy[msg] = time.monotonic()
+        try:
+            yield
+        finally:
+            del self._busy[msg]
+
+    async def _keep_alive(self) -> None:
+        """One timer for every running handler (a task per delivery would cost more than short handlers)."""
+        period = self.ack_wait / 3
         while True:
-            await asyncio.sleep(self.ack_wait / 3)
-            await msg.in_progress()
+            await asyncio.sleep(period)
+            due = time.monotonic() - period
+            for msg, started in list(self._busy.items()):
+                if started <= due:
+                    try:
+                        await msg.in_progress()
+                    except Exception:  # noqa: BLE001 - broker away: the delivery may come back, as without us
+                        continue
 
 
 class Consumer(Pump, Generic[M]):
@@ -239,12 +272,8 @@ class Consumer(Pump, Generic[M]):
             self.on_acked(ctx.msg_id)
 
     async def _call(self, event: M, ctx: EventContext, msg: BrokerMessage, left: float | None) -> None:
-        alive = asyncio.create_task(self.keep_alive(msg))
-        try:
-            with _headers.handler_context(msg.headers, left):
-                if self._is_async:
-                    await self.handler(event, ctx)  # type: ignore[misc]
-                else:
-                    await asyncio.to_thread(self.handler, event, ctx)
-        finally:
-            alive.cancel()
+        with self.busy(msg), _headers.handler_context(msg.headers, left):
+            if self._is_async:
+                await self.handler(event, ctx)  # type: ignore[misc]
+            else:
+                await asyncio.to_thread(self.handler, event, ctx)

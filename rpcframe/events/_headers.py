@@ -95,6 +95,9 @@ def remaining(headers: Mapping[str, str]) -> float | None:
 @contextmanager
 def handler_context(headers: Mapping[str, str], left: float | None) -> Iterator[None]:
     """Run a handler as the event's continuation: its trace, deadline and criticality."""
+    if left is None and "traceparent" not in headers and CRITICALITY not in headers:
+        yield  # nothing to carry over (the common case): no context variables to set
+        return
     trace = {k: headers[k] for k in _TRACE_KEYS if k in headers}
     trace_token = _incoming_trace.set(trace or None)
     otel_token: Any = None
