@@ -69,6 +69,7 @@ bench: setup
 	$(PY) -m benchmarks.limiters
 	$(PY) -m benchmarks.workers
 	$(PY) -m benchmarks.compression
+	$(PY) -m benchmarks.events
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
@@ -80,6 +81,7 @@ bench-quick: setup
 	$(PY) -m benchmarks.limiters
 	$(PY) -m benchmarks.workers --quick
 	$(PY) -m benchmarks.compression --quick
+	$(PY) -m benchmarks.events --quick
 
 # Faults, hostile clients and a soak, rpcframe next to raw grpcio (benchmarks/results/reliability.md);
 # exits 1 when an acceptance check fails. The quick form (~3 min) is the CI one.

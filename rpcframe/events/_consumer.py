@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -15,12 +16,13 @@ from google.protobuf.message import DecodeError, Message
 from ..errors import ConfigError
 from . import _headers
 from ._broker import BrokerMessage, BrokerUnavailable, Pull, StreamSpec
-from ._client import Events
+from ._client import Events, PublishError
 from ._topic import Topic
 
 __all__ = ["Consumer", "EventContext", "Handler", "Pump", "Stats"]
 
 M = TypeVar("M", bound=Message)
+log = logging.getLogger("rpcframe.events")
 
 
 class EventContext:
@@ -91,6 +93,8 @@ class Pump:
         self._ticker: asyncio.Task[None] | None = None
         self._pull: Pull | None = None
         self._refill = max(1, concurrency // 2)
+        self._in_hand = 0  # deliveries fetched and not yet answered
+        self._room = asyncio.Event()  # set when a fetch may be made
         self._busy: dict[BrokerMessage, float] = {}  # deliveries whose handler runs -> when it started
 
     async def start(self) -> None:
@@ -108,6 +112,7 @@ class Pump:
     async def stop(self) -> None:
         """Stop fetching, finish and ack the deliveries in hand, leave the group's position on the broker."""
         self._stopping.set()
+        self._room.set()
         if self._task is not None:
             await self._task
             self._task = None
@@ -126,33 +131,45 @@ class Pump:
         await self.stop()
 
     async def _run(self, pull: Pull) -> None:
-        inflight: set[asyncio.Task[None]] = set()
+        # `concurrency` long-lived workers take deliveries from a queue: cheaper than a task per delivery.
+        queue: asyncio.Queue[BrokerMessage | None] = asyncio.Queue()
+        workers = [asyncio.create_task(self._work(queue)) for _ in range(self.concurrency)]
         pause = 0.05
         while not self._stopping.is_set():
             # Fetch when half the slots are free: one round trip per batch, not per finished handler.
-            if self.concurrency - len(inflight) < self._refill:
-                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            if self.concurrency - self._in_hand < self._refill:
+                self._room.clear()
+                await self._room.wait()
                 continue
             try:
-                batch = await pull.fetch(self.concurrency - len(inflight), self.fetch_wait)
+                batch = await pull.fetch(self.concurrency - self._in_hand, self.fetch_wait)
             except BrokerUnavailable:
                 # Broker restarting: the client reconnects; back off instead of spinning.
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
                 continue
             pause = 0.05
+            self._in_hand += len(batch)
             for msg in batch:
-                task = asyncio.create_task(self._guarded(msg))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-        if inflight:
-            await asyncio.wait(inflight)
+                queue.put_nowait(msg)
+        for _ in workers:
+            queue.put_nowait(None)  # after the deliveries in hand: they finish and are acked first
+        await asyncio.gather(*workers)
+
+    async def _work(self, queue: asyncio.Queue[BrokerMessage | None]) -> None:
+        while (msg := await queue.get()) is not None:
+            await self._guarded(msg)
+            self._in_hand -= 1
+            if self.concurrency - self._in_hand >= self._refill:
+                self._room.set()
 
     async def _guarded(self, msg: BrokerMessage) -> None:
         try:
             await self.process(msg)
-        except BrokerUnavailable:
-            pass  # its ack or nack did not reach the broker: it is redelivered after ack_wait
+        except (BrokerUnavailable, PublishError):
+            pass  # its ack, nack or dead letter did not reach the broker: it is redelivered after ack_wait
+        except Exception:  # noqa: BLE001 - a worker must survive anything, or the consumer stalls
+            log.exception("processing a delivery on %s failed; it will be redelivered", self.subject)
 
     async def process(self, msg: BrokerMessage) -> None:
         """Handle one delivery: ack, nak or dead-letter it."""
