@@ -27,6 +27,7 @@ from ._calls import AsyncCalls, AsyncMethod, BrokerContext, Receipt, Worker
 from ._client import Events, Published, PublishError
 from ._consumer import Consumer, EventContext, Handler, Pump, Stats
 from ._headers import CRITICALITY, DEAD_DELIVERIES, DEAD_GROUP, DEAD_REASON, DEAD_SUBJECT, DEADLINE, PUBLISHER, TYPE
+from ._host import Subscribers
 from ._idempotent import MemoryProcessedIds, ProcessedIds, SqliteProcessedIds, once
 from ._topic import Topic
 
@@ -59,6 +60,7 @@ __all__ = [
     "Stats",
     "StoredMessage",
     "StreamSpec",
+    "Subscribers",
     "SqliteProcessedIds",
     "Topic",
     "Worker",

@@ -121,5 +121,9 @@ class Broker(Protocol):
     def listen(self, subject: str) -> AbstractAsyncContextManager[Listener]:
         """Receive messages on ``subject`` as they are published while the block runs."""
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (it comes back on its own after a broker restart)."""
+
     async def close(self) -> None:
         """Flush and disconnect."""

@@ -109,12 +109,20 @@ class Pump:
         self._task = asyncio.create_task(self._run(self._pull), name=f"rpcframe-events-{self.group}")
         self._ticker = asyncio.create_task(self._keep_alive(), name=f"rpcframe-events-{self.group}-alive")
 
-    async def stop(self) -> None:
-        """Stop fetching, finish and ack the deliveries in hand, leave the group's position on the broker."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop fetching, finish and ack the deliveries in hand, leave the group's position on the broker.
+
+        Handlers still running after ``grace`` seconds (``None``: no limit) are
+        cancelled; their deliveries come back after ``ack_wait``, to this group.
+        """
         self._stopping.set()
         self._room.set()
         if self._task is not None:
-            await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._ticker is not None:
             self._ticker.cancel()
@@ -122,6 +130,16 @@ class Pump:
         if self._pull is not None:
             await self._pull.close()
             self._pull = None
+
+    @property
+    def name(self) -> str:
+        """How health and logs name this member: ``events:<subject>/<group>``."""
+        return f"events:{self.subject}/{self.group}"
+
+    @property
+    def healthy(self) -> bool:
+        """Fetching, and connected to the broker."""
+        return self._task is not None and not self._task.done() and self.events.broker.connected
 
     async def __aenter__(self) -> Pump:
         await self.start()
@@ -149,6 +167,10 @@ class Pump:
                 pause = min(pause * 2, 1.0)
                 continue
             pause = 0.05
+            if self._stopping.is_set():
+                # Fetched while stopping: hand them back at once rather than start new work.
+                await asyncio.gather(*(msg.nak(0) for msg in batch), return_exceptions=True)
+                break
             self._in_hand += len(batch)
             for msg in batch:
                 queue.put_nowait(msg)

@@ -209,6 +209,11 @@ class JetStreamBroker:
         finally:
             await sub.unsubscribe()
 
+    @property
+    def connected(self) -> bool:
+        """Whether nats-py is connected now."""
+        return bool(self.nc.is_connected)
+
     async def close(self) -> None:
         """Drain and close the connection."""
         if not self.nc.is_closed:
