@@ -210,10 +210,13 @@ class FilteredP2C:
     P2C alone picks a slow endpoint whenever both random choices are slow:
     with k slow endpoints of n, about (k/n)^2 of calls, the whole tail when
     several are slow. Here the candidates come from a filtered set, rebuilt
-    every REFRESH seconds in O(n) (no per-pick scan): an endpoint whose
-    effective latency (mean latency, or the mean age of its calls in flight
-    when longer) exceeds OUTLIER_FACTOR x the fleet's lower-quartile
-    latency plus OUTLIER_SLACK is left out. The lower quartile is the
+    every REFRESH seconds in O(n) (no per-pick scan): an endpoint is left
+    out when its effective latency (mean latency, or the mean age of its
+    calls in flight when longer) exceeds the fastest endpoint's by more than
+    OUTLIER_FACTOR x the lower quartile's excess (and more than the fastest's
+    own latency), plus OUTLIER_SLACK. Excesses, not ratios: a busy client's
+    own queueing adds the same to every endpoint's latency and would make a
+    50x slower backend look 3x slower. The lower quartile (the second endpoint of 2-7) is the
     reference so that a quarter of the fleet always qualifies (no herding
     onto one endpoint), and several slow endpoints cannot drag it up as
     they drag a mean or a median. Within the set, P2C on latency x
@@ -236,10 +239,11 @@ class FilteredP2C:
 
     #: Seconds between rebuilds of the candidate set.
     REFRESH = 0.01
-    #: An endpoint slower than this many times the fleet's lower-quartile latency...
+    #: An endpoint whose latency exceeds the fastest one's by more than this many times the lower quartile's
+    #: excess...
     OUTLIER_FACTOR = 4.0
-    #: ...plus this many seconds (so that sub-millisecond jitter excludes nothing) is left out.
-    OUTLIER_SLACK = 0.002
+    #: ...plus this many seconds (so that jitter excludes nothing) is left out.
+    OUTLIER_SLACK = 0.003
     #: Seconds without a call before a left-out endpoint is probed...
     PROBE_IDLE = 2.0
     #: ...and picks between two probes (a probe of a still-slow endpoint is a slow call: this keeps them
@@ -317,9 +321,18 @@ class FilteredP2C:
             self._next_refresh = now
             return
         ordered = sorted(latency for latency, _ in known)
-        reference = ordered[len(ordered) // 4]
+        fastest, reference = ordered[0], ordered[max(1, len(ordered) // 4) if len(ordered) > 1 else 0]
         self._unknown = reference
-        limit = reference * self.OUTLIER_FACTOR + self.OUTLIER_SLACK
+        # Measured from the fastest: what every call shares (the client's own
+        # queueing when it is busy, the network) is no sign of a slow backend;
+        # and twice the fastest never is (in a fleet of equals the spread
+        # is load: queueing must not evict them one by one onto the rest).
+        spread = (reference - fastest) * self.OUTLIER_FACTOR
+        limit = fastest + (spread if spread > fastest else fastest) + self.OUTLIER_SLACK
+        # A left-out endpoint is judged on one or a few fresh answers, which
+        # scatter more than a busy endpoint's mean: it comes back within twice
+        # the excess (one that is still slow soon leaves again).
+        readmit = fastest + 2.0 * (limit - fastest)
         candidates = []
         idlest: EndpointStats | None = None
         for latency, stats in known:
@@ -328,7 +341,7 @@ class FilteredP2C:
             # that was in flight) lets it back: a stall of the client itself
             # ages every busy endpoint's calls and raises the reference, which
             # must not readmit the idle slow ones on their stale means.
-            if latency <= limit and (left_out == math.inf or stats.latency_at > left_out):
+            if latency <= limit if left_out == math.inf else (latency <= readmit and stats.latency_at > left_out):
                 stats.left_out_at = math.inf
                 candidates.append(stats)
                 continue
