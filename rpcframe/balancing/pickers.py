@@ -112,6 +112,13 @@ class PickFirst:
         return first, first.done
 
 
+def _idler(a: EndpointStats | None, b: EndpointStats) -> EndpointStats | None:
+    """Of two endpoints left out, the one to probe first: none in flight, idle longest."""
+    if b.inflight:
+        return a
+    return b if a is None or b.last_begin < a.last_begin else a
+
+
 def _warm_until(endpoints: Sequence[EndpointStats], ctx: PickerContext) -> float:
     """Until when some endpoint is still ramping up (-inf if none is)."""
     if ctx.slow_start <= 0:
@@ -212,9 +219,9 @@ class FilteredP2C:
     several are slow. Here the candidates come from a filtered set, rebuilt
     every REFRESH seconds in O(n) (no per-pick scan): an endpoint is left
     out when its effective latency (mean latency, or the mean age of its
-    calls in flight when longer) exceeds the fastest endpoint's by more than
-    OUTLIER_FACTOR x the lower quartile's excess (and more than the fastest's
-    own latency), plus OUTLIER_SLACK. Excesses, not ratios: a busy client's
+    calls in flight when longer) exceeds the fastest endpoint's mean by more than
+    OUTLIER_FACTOR x the lower quartile's excess (and more than MIN_EXCESS x
+    the fastest's own latency), plus OUTLIER_SLACK. Excesses, not ratios: a busy client's
     own queueing adds the same to every endpoint's latency and would make a
     50x slower backend look 3x slower. The lower quartile (the second endpoint of 2-7) is the
     reference so that a quarter of the fleet always qualifies (no herding
@@ -223,10 +230,11 @@ class FilteredP2C:
     (in-flight + 1) spreads load by the endpoints' in-flight counts, as
     peak_ewma does, so capacity-limited backends are not herded onto.
 
-    An endpoint left out stays out until it answers again within the limit
-    (a call it had in flight, or a probe), so a stall of the client itself,
-    which ages every busy endpoint's calls and so raises the reference,
-    does not readmit idle slow endpoints on their stale means. Endpoints
+    An endpoint clearly slow (SLOW_FACTOR x the limit's excess) stays out
+    until it answers again (a call it had in flight, or a probe): a stall
+    of the client itself inflates every busy endpoint's latency, which must
+    not readmit idle slow endpoints on their stale means; one just over the
+    limit (load) comes back as soon as the fleet's latency rises. Endpoints
     left out are probed: one real call at a time, to
     the one idle longest, once it has had no call for PROBE_IDLE seconds,
     at most one probe per PROBE_EVERY picks (or per PROBE_GAP seconds when
@@ -242,8 +250,12 @@ class FilteredP2C:
     #: An endpoint whose latency exceeds the fastest one's by more than this many times the lower quartile's
     #: excess...
     OUTLIER_FACTOR = 4.0
+    #: ...(but at least this many times the fastest's own latency)...
+    MIN_EXCESS = 1.5
     #: ...plus this many seconds (so that jitter excludes nothing) is left out.
     OUTLIER_SLACK = 0.003
+    #: An endpoint whose excess is this many times the limit's is clearly slow: it stays out until it answers again.
+    SLOW_FACTOR = 4.0
     #: Seconds without a call before a left-out endpoint is probed...
     PROBE_IDLE = 2.0
     #: ...and picks between two probes (a probe of a still-slow endpoint is a slow call: this keeps them
@@ -307,11 +319,11 @@ class FilteredP2C:
     def _refresh(self, now: float) -> None:
         """Rebuild the candidate set and the probes due."""
         self._next_refresh = now + self.REFRESH
-        known: list[tuple[float, EndpointStats]] = []
+        known: list[EndpointStats] = []
         probes = []
         for stats in self.endpoints:
             if stats.latency > 0:
-                known.append((stats.effective_latency(now, 0.0), stats))
+                known.append(stats)
             elif stats.inflight == 0:
                 probes.append(stats)  # never answered: one call at a time until it has
         if not known:
@@ -320,40 +332,44 @@ class FilteredP2C:
             self._candidates, self._probes = self.endpoints, []
             self._next_refresh = now
             return
-        ordered = sorted(latency for latency, _ in known)
+        limit, slow = self._limits(sorted(stats.latency for stats in known))
+        candidates = []
+        idlest: EndpointStats | None = None
+        for stats in known:
+            if stats.left_out_at != math.inf:
+                if stats.latency_at <= stats.left_out_at:
+                    idlest = _idler(idlest, stats)
+                    continue  # slow when left out, and no answer since
+                stats.left_out_at = math.inf
+            if stats.latency > slow:
+                # Clearly slow: out until it answers again (a probe, or a call
+                # that was in flight), not back on a stale mean because a
+                # stall of the client itself raised everyone else's.
+                stats.left_out_at = now
+                idlest = _idler(idlest, stats)
+            elif stats.effective_latency(now, 0.0) <= limit:
+                candidates.append(stats)
+            else:
+                idlest = _idler(idlest, stats)  # back as soon as the fleet's latency or its own allows
+        if not candidates:
+            candidates = [min(known, key=lambda stats: stats.latency)]
+        if idlest is not None and self._probe_due(idlest, now):
+            probes.append(idlest)
+        self._candidates, self._probes = tuple(candidates), probes
+
+    def _limits(self, ordered: list[float]) -> tuple[float, float]:
+        """(outlier limit, clearly-slow limit) from the sorted mean latencies of the endpoints that answered."""
         fastest, reference = ordered[0], ordered[max(1, len(ordered) // 4) if len(ordered) > 1 else 0]
         self._unknown = reference
         # Measured from the fastest: what every call shares (the client's own
         # queueing when it is busy, the network) is no sign of a slow backend;
-        # and twice the fastest never is (in a fleet of equals the spread
-        # is load: queueing must not evict them one by one onto the rest).
+        # and MIN_EXCESS x the fastest never is (in a fleet of equals the
+        # spread is load: queueing must not evict them one by one onto the
+        # rest, nor a somewhat slower one's capacity be thrown away).
         spread = (reference - fastest) * self.OUTLIER_FACTOR
-        limit = fastest + (spread if spread > fastest else fastest) + self.OUTLIER_SLACK
-        # A left-out endpoint is judged on one or a few fresh answers, which
-        # scatter more than a busy endpoint's mean: it comes back within twice
-        # the excess (one that is still slow soon leaves again).
-        readmit = fastest + 2.0 * (limit - fastest)
-        candidates = []
-        idlest: EndpointStats | None = None
-        for latency, stats in known:
-            left_out = stats.left_out_at
-            # Once left out, only an answer given since (a probe's, or a call's
-            # that was in flight) lets it back: a stall of the client itself
-            # ages every busy endpoint's calls and raises the reference, which
-            # must not readmit the idle slow ones on their stale means.
-            if latency <= limit if left_out == math.inf else (latency <= readmit and stats.latency_at > left_out):
-                stats.left_out_at = math.inf
-                candidates.append(stats)
-                continue
-            if left_out == math.inf:
-                stats.left_out_at = now
-            if stats.inflight == 0 and (idlest is None or stats.last_begin < idlest.last_begin):
-                idlest = stats
-        if not candidates:  # every endpoint within the limit waits for an answer: take them anyway
-            candidates = [stats for latency, stats in known if latency <= limit]
-        if idlest is not None and self._probe_due(idlest, now):
-            probes.append(idlest)
-        self._candidates, self._probes = tuple(candidates), probes
+        floor = fastest * self.MIN_EXCESS
+        excess = (spread if spread > floor else floor) + self.OUTLIER_SLACK
+        return fastest + excess, fastest + self.SLOW_FACTOR * excess
 
     def _probe_due(self, stats: EndpointStats, now: float) -> bool:
         if now - stats.last_begin < self.PROBE_IDLE:

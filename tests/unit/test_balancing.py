@@ -530,15 +530,18 @@ def test_filtered_p2c_probes_are_rationed(clock: FakeClock) -> None:
 
 
 def test_filtered_p2c_does_not_herd_on_capacity_limited_backends(clock: FakeClock) -> None:
-    stats = _fleet(clock)
-
     def service(address: str, now: float, rng: random.Random) -> float:
         return 0.06 if address == "b0" else 0.02  # b0 3x slower per call
 
-    picker = build_picker("filtered_p2c", stats, _ctx(clock))
-    counts, in_flight = _simulate(clock, picker, service, 20000, capacity=4)
+    def run(policy: str) -> tuple[float, dict[str, float]]:
+        start = clock()
+        picker = build_picker(policy, _fleet(clock), _ctx(clock))
+        _, in_flight = _simulate(clock, picker, service, 20000, capacity=4)
+        return 20000 / (clock() - start), in_flight
+
+    throughput, in_flight = run("filtered_p2c")
     assert max(in_flight.values()) < 1.5 * 50 / 10  # nobody holds more than 1.5x its fair share
-    assert counts["b0"] > 200  # the slow one still serves (capacity is not thrown away)
+    assert throughput >= 0.95 * run("least_request")[0]
 
 
 def test_latency_mean_weighs_samples_by_staleness(clock: FakeClock) -> None:
