@@ -117,6 +117,13 @@ class Events:
         if within <= 0:
             raise ConfigError(f"publish within must be > 0, got {within!r}")
         msg_id = msg_id or uuid.uuid4().hex
+        if stream.name not in self._ready:
+            await self._ensure_retrying(stream, within)
+        try:  # the common case: acknowledged at the first try
+            seq, dup = await self.broker.publish(subject, data, headers, msg_id=msg_id, within=min(2.0, within))
+            return Published(msg_id, seq, dup)
+        except BrokerUnavailable:
+            pass
         end = time.monotonic() + within
         pause = 0.05
         while True:
@@ -129,6 +136,18 @@ class Events:
                 if left <= pause:
                     raise PublishError(f"{subject}: not acknowledged within {within} s: {exc}") from exc
                 # The same id on every try: the stream's duplicate window stores it once.
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    async def _ensure_retrying(self, stream: StreamSpec, within: float) -> None:
+        """Create the stream, retrying while the broker is away (bounded by ``within``)."""
+        end, pause = time.monotonic() + within, 0.05
+        while True:
+            try:
+                return await self.ensure(stream)
+            except BrokerUnavailable as exc:
+                if end - time.monotonic() <= pause:
+                    raise PublishError(f"stream {stream.name}: broker unavailable for {within} s: {exc}") from exc
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
 

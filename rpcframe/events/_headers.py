@@ -56,7 +56,8 @@ except ImportError:  # pragma: no cover - the dev extra installs it
 
 
 def _trace_headers(headers: dict[str, str]) -> None:
-    if _otel_propagate is not None:
+    # An empty OpenTelemetry context (no span, no baggage) injects nothing: skip the propagators' work.
+    if _otel_propagate is not None and _otel_context is not None and _otel_context.get_current():
         _otel_propagate.inject(headers)
     if "traceparent" not in headers:
         incoming = _incoming_trace.get()
