@@ -29,6 +29,7 @@ from ._consumer import Consumer, EventContext, Handler, Pump, Stats
 from ._headers import CRITICALITY, DEAD_DELIVERIES, DEAD_GROUP, DEAD_REASON, DEAD_SUBJECT, DEADLINE, PUBLISHER, TYPE
 from ._host import Subscribers
 from ._idempotent import MemoryProcessedIds, ProcessedIds, SqliteProcessedIds, once
+from ._sync import SyncEvents
 from ._topic import Topic
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "StoredMessage",
     "StreamSpec",
     "Subscribers",
+    "SyncEvents",
     "SqliteProcessedIds",
     "Topic",
     "Worker",
