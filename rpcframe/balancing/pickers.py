@@ -234,7 +234,8 @@ class FilteredP2C:
     until it answers again (a call it had in flight, or a probe): a stall
     of the client itself inflates every busy endpoint's latency, which must
     not readmit idle slow endpoints on their stale means; one just over the
-    limit (load) comes back as soon as the fleet's latency rises. Endpoints
+    limit (load) comes back as soon as the fleet's latency rises, or as its
+    mean decays toward the fastest's while it has no calls (DECAY). Endpoints
     left out are probed: one real call at a time, to
     the one idle longest, once it has had no call for PROBE_IDLE seconds,
     at most one probe per PROBE_EVERY picks (or per PROBE_GAP seconds when
@@ -256,6 +257,8 @@ class FilteredP2C:
     OUTLIER_SLACK = 0.003
     #: An endpoint whose excess is this many times the limit's is clearly slow: it stays out until it answers again.
     SLOW_FACTOR = 4.0
+    #: Seconds over which the mean of one just over the limit decays toward the fastest's while it has no calls.
+    DECAY = 1.0
     #: Seconds without a call before a left-out endpoint is probed...
     PROBE_IDLE = 2.0
     #: ...and picks between two probes (a probe of a still-slow endpoint is a slow call: this keeps them
@@ -332,7 +335,9 @@ class FilteredP2C:
             self._candidates, self._probes = self.endpoints, []
             self._next_refresh = now
             return
-        limit, slow = self._limits(sorted(stats.latency for stats in known))
+        ordered = sorted(stats.latency for stats in known)
+        fastest = ordered[0]
+        limit, slow = self._limits(ordered)
         candidates = []
         idlest: EndpointStats | None = None
         for stats in known:
@@ -347,15 +352,25 @@ class FilteredP2C:
                 # stall of the client itself raised everyone else's.
                 stats.left_out_at = now
                 idlest = _idler(idlest, stats)
-            elif stats.effective_latency(now, 0.0) <= limit:
+            elif stats.effective_latency(now, 0.0) <= limit or self._decayed(stats, fastest, now) <= limit:
                 candidates.append(stats)
             else:
-                idlest = _idler(idlest, stats)  # back as soon as the fleet's latency or its own allows
+                idlest = _idler(idlest, stats)
         if not candidates:
             candidates = [min(known, key=lambda stats: stats.latency)]
         if idlest is not None and self._probe_due(idlest, now):
             probes.append(idlest)
         self._candidates, self._probes = tuple(candidates), probes
+
+    def _decayed(self, stats: EndpointStats, fastest: float, now: float) -> float:
+        """The mean of an endpoint without calls, decayed toward the fastest's since its last answer.
+
+        So that one left out just over the limit (a burst of load, a stall)
+        comes back within a second or two without a probe.
+        """
+        if stats.inflight:
+            return math.inf
+        return fastest + (stats.latency - fastest) * math.exp((stats.latency_at - now) / self.DECAY)
 
     def _limits(self, ordered: list[float]) -> tuple[float, float]:
         """(outlier limit, clearly-slow limit) from the sorted mean latencies of the endpoints that answered."""

@@ -513,6 +513,20 @@ def test_filtered_p2c_client_stall_does_not_readmit_slow_endpoints(clock: FakeCl
     assert all(picker.pick()[0] is not stats[0] for _ in range(30))
 
 
+def test_filtered_p2c_endpoint_just_over_the_limit_comes_back_without_a_probe(clock: FakeClock) -> None:
+    stats = _fleet(clock, 4)
+    for s in stats:
+        s.begin()
+        s.done(Outcome.SUCCESS, 0.02 if s.address == "b0" else 0.005)  # b0 4x: over the limit, not clearly slow
+    picker = build_picker("filtered_p2c", stats, _ctx(clock))
+    held = [picker.pick() for _ in range(12)]
+    assert all(s is not stats[0] for s, _ in held)
+    for _, done in held:
+        done(Outcome.SUCCESS, 0.005)
+    clock.advance(1.5)  # before any probe (PROBE_IDLE): its mean has decayed toward the fastest's
+    assert any(picker.pick()[0] is stats[0] for _ in range(12))
+
+
 def test_filtered_p2c_probes_are_rationed(clock: FakeClock) -> None:
     stats = _fleet(clock, 4)
     for s in stats:
