@@ -297,7 +297,7 @@ def report(
         f"| end to end at {rate}/s for {seconds:.0f} s, p99 ms | {lat_raw[1]:.2f} | {lat_rf[1]:.2f} | | | |",
         "",
         "Publish: rpcframe adds the type check, the headers (type, publisher, trace, deadline, criticality) and "
-        "its retry loop. Consume: rpcframe runs each event as a task under the concurrency bound, with the "
+        "its retry loop. Consume: rpcframe runs each event on one of its `concurrency` workers, with the "
         "deadline/trace context and the in-progress keep-alive; the raw loop parses and acks inline. faststream: "
         "`broker.publish(..., stream=)` with a Nats-Msg-Id header, and a durable pull subscriber (batch 64) that "
         "parses the protobuf and acks after the handler (its default); the consume CPU column includes its "
