@@ -234,8 +234,9 @@ class FilteredP2C:
     until it answers again (a call it had in flight, or a probe): a stall
     of the client itself inflates every busy endpoint's latency, which must
     not readmit idle slow endpoints on their stale means; one just over the
-    limit (load) comes back as soon as the fleet's latency rises, or as its
-    mean decays toward the fastest's while it has no calls (DECAY). Endpoints
+    limit (load) comes back as soon as the fleet's latency rises, and is
+    probed (unrationed) once its mean, decayed toward the fastest's while it
+    has no calls (DECAY), is within the limit. Endpoints
     left out are probed: one real call at a time, to
     the one idle longest, once it has had no call for PROBE_IDLE seconds,
     at most one probe per PROBE_EVERY picks (or per PROBE_GAP seconds when
@@ -257,7 +258,8 @@ class FilteredP2C:
     OUTLIER_SLACK = 0.003
     #: An endpoint whose excess is this many times the limit's is clearly slow: it stays out until it answers again.
     SLOW_FACTOR = 4.0
-    #: Seconds over which the mean of one just over the limit decays toward the fastest's while it has no calls.
+    #: Seconds over which the mean of one just over the limit decays toward the fastest's while it has no calls
+    #: (it is probed once that is within the limit).
     DECAY = 1.0
     #: Seconds without a call before a left-out endpoint is probed...
     PROBE_IDLE = 2.0
@@ -352,8 +354,10 @@ class FilteredP2C:
                 # stall of the client itself raised everyone else's.
                 stats.left_out_at = now
                 idlest = _idler(idlest, stats)
-            elif stats.effective_latency(now, 0.0) <= limit or self._decayed(stats, fastest, now) <= limit:
+            elif stats.effective_latency(now, 0.0) <= limit:
                 candidates.append(stats)
+            elif self._decayed(stats, fastest, now) <= limit:
+                probes.append(stats)  # just over the limit a while ago: one call to see (not rationed)
             else:
                 idlest = _idler(idlest, stats)
         if not candidates:
@@ -365,8 +369,9 @@ class FilteredP2C:
     def _decayed(self, stats: EndpointStats, fastest: float, now: float) -> float:
         """The mean of an endpoint without calls, decayed toward the fastest's since its last answer.
 
-        So that one left out just over the limit (a burst of load, a stall)
-        comes back within a second or two without a probe.
+        One left out just over the limit (a burst of load, a stall) is
+        probed once this is within the limit: within a second or two, sooner
+        than the rationed probes of the clearly slow.
         """
         if stats.inflight:
             return math.inf

@@ -513,7 +513,7 @@ def test_filtered_p2c_client_stall_does_not_readmit_slow_endpoints(clock: FakeCl
     assert all(picker.pick()[0] is not stats[0] for _ in range(30))
 
 
-def test_filtered_p2c_endpoint_just_over_the_limit_comes_back_without_a_probe(clock: FakeClock) -> None:
+def test_filtered_p2c_endpoint_just_over_the_limit_is_probed_early(clock: FakeClock) -> None:
     stats = _fleet(clock, 4)
     for s in stats:
         s.begin()
@@ -523,8 +523,12 @@ def test_filtered_p2c_endpoint_just_over_the_limit_comes_back_without_a_probe(cl
     assert all(s is not stats[0] for s, _ in held)
     for _, done in held:
         done(Outcome.SUCCESS, 0.005)
-    clock.advance(1.5)  # before any probe (PROBE_IDLE): its mean has decayed toward the fastest's
-    assert any(picker.pick()[0] is stats[0] for _ in range(12))
+    clock.advance(1.5)  # before a rationed probe (PROBE_IDLE): its mean has decayed toward the fastest's
+    probe, done = picker.pick()
+    assert probe is stats[0]
+    done(Outcome.SUCCESS, 0.005)  # fast again: the answer replaces most of its stale mean
+    clock.advance(FilteredP2C.REFRESH)
+    assert sum(picker.pick()[0] is stats[0] for _ in range(12)) >= 2
 
 
 def test_filtered_p2c_probes_are_rationed(clock: FakeClock) -> None:
