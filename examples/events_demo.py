@@ -110,16 +110,23 @@ async def act(nats: NatsServer, gen: str, workdir: Path) -> int:
     try:
         async with rpcframe.aio.connect(target, rpcframe.ChannelConfig(default_timeout=10)) as channel:
             stub = channel.stub(orders_pb2_grpc.OrderServiceStub)
-            killed_at = -1
-            for base in range(0, ORDERS, 50):
-                await asyncio.gather(*(stub.PlaceOrder(orders_pb2.PlaceOrderRequest(order_id=f"o-{i}", cents=100 + i))
-                                       for i in range(base, base + 50)))  # fmt: skip
-                if killed_at < 0 and billed(db)[1] >= ORDERS // 4:
-                    killed_at = billed(db)[1]
-                    os.kill(members[0].pid, signal.SIGKILL)  # mid-stream, with events in its hands
-                    members[0].wait()
-                    print(f"billing pid {members[0].pid} killed with SIGKILL after {killed_at} orders were billed")
-                    members[0] = start_member(nats.url, db, gen)
+
+            async def place_all() -> None:
+                for base in range(0, ORDERS, 50):
+                    requests = [
+                        orders_pb2.PlaceOrderRequest(order_id=f"o-{i}", cents=100 + i) for i in range(base, base + 50)
+                    ]
+                    await asyncio.gather(*(stub.PlaceOrder(request) for request in requests))
+
+            placing = asyncio.create_task(place_all())
+            # Kill one member mid-stream, with events in its hands, once a quarter are billed.
+            if not await wait_for(lambda: billed(db)[1] >= ORDERS // 4, 60):
+                raise SystemExit("billing made no progress")
+            os.kill(members[0].pid, signal.SIGKILL)
+            members[0].wait()
+            print(f"billing pid {members[0].pid} killed with SIGKILL after {billed(db)[1]} orders were billed")
+            members[0] = start_member(nats.url, db, gen)
+            await placing
         print(f"{ORDERS} orders placed through the RPC, each publishing OrderCreated")
         done = await wait_for(lambda: billed(db)[1] >= ORDERS, 60)
         rows, distinct = billed(db)
@@ -129,7 +136,7 @@ async def act(nats: NatsServer, gen: str, workdir: Path) -> int:
         topic: Topic[Any] = orders_events.ORDER_CREATED
         await events.publish_raw(topic.stream, topic.name, b"\xff\x00 not an OrderCreated", {}, "poison-1")
         dead = None
-        for _ in range(100):
+        for _ in range(400):  # 20 s at most
             dead = await events.broker.last(topic.dead_letters.name, topic.dead_letter_subject)
             if dead is not None:
                 break

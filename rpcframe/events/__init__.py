@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from ._broker import Broker, BrokerMessage, BrokerUnavailable, Pull, StoredMessage, StreamSpec
 from ._calls import AsyncCalls, AsyncMethod, BrokerContext, Receipt, Worker
-from ._client import Events, Published, PublishError
+from ._client import BaseEvents, Published, PublishError
 from ._consumer import Consumer, EventContext, Handler, Pump, Stats
+from ._events import Events
 from ._headers import CRITICALITY, DEAD_DELIVERIES, DEAD_GROUP, DEAD_REASON, DEAD_SUBJECT, DEADLINE, PUBLISHER, TYPE
 from ._host import Subscribers
 from ._idempotent import MemoryProcessedIds, ProcessedIds, SqliteProcessedIds, once
@@ -43,6 +44,7 @@ __all__ = [
     "TYPE",
     "AsyncCalls",
     "AsyncMethod",
+    "BaseEvents",
     "Broker",
     "BrokerContext",
     "BrokerMessage",

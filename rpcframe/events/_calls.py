@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 from ..errors import DEFAULT_EXCEPTION_STATUS, ConfigError, RpcError, error_for
 from . import _headers
 from ._broker import BrokerMessage, StreamSpec
-from ._client import Events
+from ._client import BaseEvents
 from ._consumer import Pump
 from ._topic import stream_name
 
@@ -102,7 +102,7 @@ class Receipt(Generic[Resp]):
 class AsyncCalls:
     """The caller's side: queue calls, then wait for or fetch their results."""
 
-    def __init__(self, events: Events) -> None:
+    def __init__(self, events: BaseEvents) -> None:
         self.events = events
 
     async def submit(
@@ -232,7 +232,7 @@ class Worker(Pump):
     ``ack_wait`` ...).
     """
 
-    def __init__(self, events: Events, servicer: object, *, group: str = "workers", **options: Any) -> None:
+    def __init__(self, events: BaseEvents, servicer: object, *, group: str = "workers", **options: Any) -> None:
         from ..server._common import record_services
 
         services = record_services(servicer)

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Self, TypeVar
 
 from google.protobuf.message import Message
 
@@ -18,10 +18,7 @@ from . import _headers
 from ._broker import Broker, BrokerUnavailable, StreamSpec
 from ._topic import Topic
 
-if TYPE_CHECKING:
-    from ._consumer import Consumer, Handler
-
-__all__ = ["Events", "PublishError", "Published"]
+__all__ = ["BaseEvents", "PublishError", "Published"]
 
 M = TypeVar("M", bound=Message)
 
@@ -43,8 +40,8 @@ def _default_identity() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
-class Events:
-    """Typed publish and consume over one broker connection.
+class BaseEvents:
+    """Typed publishing over one broker connection (:class:`~rpcframe.events.Events` adds consumers).
 
     ``publisher`` names this process in every event's ``rpcframe-publisher``
     header (default ``host/pid``).
@@ -58,7 +55,7 @@ class Events:
     @classmethod
     async def connect(
         cls, servers: str | Sequence[str], *, publisher: str | None = None, within: float = 5.0
-    ) -> Events:
+    ) -> Self:
         """Events on NATS JetStream at ``servers`` (``nats://127.0.0.1:4222``); gives up after ``within`` s.
 
         Raises :class:`BrokerUnavailable` when no server answered. Once connected,
@@ -150,12 +147,6 @@ class Events:
                     raise PublishError(f"stream {stream.name}: broker unavailable for {within} s: {exc}") from exc
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
-
-    def consumer(self, topic: Topic[M], group: str, handler: Handler[M], **options: Any) -> Consumer[M]:
-        """A member of consumer group ``group`` on ``topic`` (see :class:`Consumer` for options)."""
-        from ._consumer import Consumer
-
-        return Consumer(self, topic, group, handler, **options)
 
     async def close(self) -> None:
         """Close the broker connection."""

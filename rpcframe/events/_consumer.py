@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 from ..errors import ConfigError
 from . import _headers
 from ._broker import BrokerMessage, BrokerUnavailable, Pull, StreamSpec
-from ._client import Events, PublishError
+from ._client import BaseEvents, PublishError
 from ._topic import Topic
 
 __all__ = ["Consumer", "EventContext", "Handler", "Pump", "Stats"]
@@ -65,7 +65,7 @@ class Pump:
 
     def __init__(
         self,
-        events: Events,
+        events: BaseEvents,
         stream: StreamSpec,
         subject: str,
         group: str,
@@ -260,7 +260,7 @@ class Consumer(Pump, Generic[M]):
     redelivers only events whose ack was not confirmed), ``fetch_wait``.
     """
 
-    def __init__(self, events: Events, topic: Topic[M], group: str, handler: Handler[M], **options: object) -> None:
+    def __init__(self, events: BaseEvents, topic: Topic[M], group: str, handler: Handler[M], **options: object) -> None:
         super().__init__(
             events,
             topic.stream,

@@ -17,7 +17,8 @@ from google.protobuf.message import Message
 
 from ..errors import ConfigError
 from . import _headers
-from ._client import Events, Published
+from ._client import Published
+from ._events import Events
 from ._topic import Topic
 
 __all__ = ["SyncEvents"]
