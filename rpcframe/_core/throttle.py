@@ -48,7 +48,9 @@ class ThrottleConfig:
 class AdaptiveThrottle:
     """Requests and accepts of one endpoint over a sliding window of 10 buckets."""
 
-    __slots__ = ("_accepts", "_k", "_min", "_requests", "_slot", "_span", "accepted", "p", "requested")
+    __slots__ = (
+        "_accepts", "_index", "_k", "_min", "_next", "_requests", "_slot", "_span", "accepted", "p", "requested",
+    )  # fmt: skip
 
     BUCKETS = 10
 
@@ -59,21 +61,26 @@ class AdaptiveThrottle:
         self._requests = [0] * self.BUCKETS
         self._accepts = [0] * self.BUCKETS
         self._slot = int(now / self._span)
+        self._index = self._slot % self.BUCKETS  # the bucket of the current slot
+        self._next = (self._slot + 1) * self._span  # when the next slot starts
         self.requested = 0  #: requests in the window
         self.accepted = 0  #: accepts in the window
         self.p = 0.0  #: the probability of refusing the next request locally
 
     def record(self, accepted: bool, now: float) -> None:
         """One request, accepted by the endpoint or not (refused as overloaded, or locally)."""
-        slot = int(now / self._span)
-        if slot != self._slot:
-            self._roll(slot)
-        index = slot % self.BUCKETS
+        if now >= self._next:
+            self._roll(int(now / self._span))
+        index = self._index
         self._requests[index] += 1
         self.requested += 1
         if accepted:
             self._accepts[index] += 1
             self.accepted += 1
+            # Every call of a healthy endpoint lands here: an accept cannot
+            # raise p from 0 once the formula applies, so skip recomputing it.
+            if self.p == 0.0 and self.requested > self._min:
+                return
         self._update()
 
     def _update(self) -> None:
@@ -88,4 +95,6 @@ class AdaptiveThrottle:
             self.accepted -= self._accepts[index]
             self._requests[index] = self._accepts[index] = 0
         self._slot = slot
+        self._index = slot % self.BUCKETS
+        self._next = (slot + 1) * self._span
         self._update()
