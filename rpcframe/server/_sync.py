@@ -264,7 +264,8 @@ class Server(ServerBase):
         # (stream_write_timeout / stream_read_timeout) so they free their thread.
         self._stalls = StallWatch(cfg.stream_write_timeout, cfg.stream_read_timeout)
         self.health = _Health() if cfg.health else None
-        self._idle = threading.Condition()
+        # A plain lock (not the default RLock): taken twice per call, never re-entered.
+        self._idle = threading.Condition(threading.Lock())
         self._inflight = 0
         self._stopping = False
         self._stopped = threading.Event()
