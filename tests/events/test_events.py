@@ -158,10 +158,10 @@ async def test_long_handler_extends_its_ack_deadline(events: Events, unique: str
 
     async def handle(event: pb.EchoRequest, ctx: EventContext) -> None:
         attempts.append(ctx.attempt)
-        await asyncio.sleep(1.6)  # longer than ack_wait: in-progress keeps it from being redelivered
+        await asyncio.sleep(2.2)  # over twice ack_wait: in-progress keeps it from being redelivered
 
     await events.publish(t, pb.EchoRequest(message="slow"))
-    async with events.consumer(t, "g", handle, ack_wait=0.6) as consumer:
+    async with events.consumer(t, "g", handle, ack_wait=1.0) as consumer:
         await eventually(lambda: _true(consumer.stats.handled == 1), within=5)
     assert attempts == [1]
 
