@@ -112,13 +112,6 @@ class PickFirst:
         return first, first.done
 
 
-def _idler(a: EndpointStats | None, b: EndpointStats) -> EndpointStats | None:
-    """Of two endpoints left out, the one to probe first: none in flight, idle longest."""
-    if b.inflight:
-        return a
-    return b if a is None or b.last_begin < a.last_begin else a
-
-
 def _warm_until(endpoints: Sequence[EndpointStats], ctx: PickerContext) -> float:
     """Until when some endpoint is still ramping up (-inf if none is)."""
     if ctx.slow_start <= 0:
@@ -216,35 +209,36 @@ class FilteredP2C:
 
     P2C alone picks a slow endpoint whenever both random choices are slow:
     with k slow endpoints of n, about (k/n)^2 of calls, the whole tail when
-    several are slow. Here the candidates come from a filtered set, rebuilt
-    every REFRESH seconds in O(n) (no per-pick scan): an endpoint is left
-    out when its effective latency (mean latency, or the mean age of its
-    calls in flight when longer) exceeds the fastest endpoint's mean by more than
-    OUTLIER_FACTOR x the lower quartile's excess (and more than MIN_EXCESS x
-    the fastest's own latency), plus OUTLIER_SLACK. Excesses, not ratios: a busy client's
-    own queueing adds the same to every endpoint's latency and would make a
-    50x slower backend look 3x slower. The lower quartile (the second endpoint of 2-7) is the
-    reference so that a quarter of the fleet always qualifies (no herding
-    onto one endpoint), and several slow endpoints cannot drag it up as
-    they drag a mean or a median. Within the set, P2C on latency x
-    (in-flight + 1) spreads load by the endpoints' in-flight counts, as
-    peak_ewma does, so capacity-limited backends are not herded onto.
+    several are slow. Here the two candidates come from a filtered set,
+    rebuilt every REFRESH seconds in O(n) (no per-pick scan). An endpoint is
+    left out when its effective latency (mean latency, or the mean age of
+    its calls in flight when longer, so a backend that turns slow is seen
+    before its first slow answer) exceeds the fastest endpoint's mean by
+    more than OUTLIER_FACTOR x the lower quartile's excess (and more than
+    MIN_EXCESS x the fastest's own latency), plus OUTLIER_SLACK.
+
+    - Excesses, not ratios: a busy client's own queueing adds the same to
+      every endpoint's latency and would make a 50x slower backend look 3x
+      slower.
+    - The lower quartile (the second endpoint of 2-7) is the reference, so a
+      quarter of the fleet always qualifies and several slow endpoints
+      cannot drag it up as they drag a mean or a median.
+    - Within the set, P2C on latency x (in-flight + 1) spreads load by
+      in-flight counts, as peak_ewma does: no herding onto the fastest.
 
     An endpoint clearly slow (SLOW_FACTOR x the limit's excess) stays out
-    until it answers again (a call it had in flight, or a probe): a stall
-    of the client itself inflates every busy endpoint's latency, which must
-    not readmit idle slow endpoints on their stale means; one just over the
-    limit (load) comes back as soon as the fleet's latency rises, and is
-    probed (unrationed) once its mean, decayed toward the fastest's while it
-    has no calls (DECAY), is within the limit. Endpoints
-    left out are probed: one real call at a time, to
-    the one idle longest, once it has had no call for PROBE_IDLE seconds,
-    at most one probe per PROBE_EVERY picks (or per PROBE_GAP seconds when
-    traffic is light), so probes stay a small share of the tail. A probe's
-    answer replaces the stale mean, so a recovered endpoint rejoins as
-    soon as it is probed. An endpoint that has never answered (cold start,
-    a new endpoint) gets one call at a time until it has; while no
-    endpoint has answered, P2C on in-flight counts spreads calls.
+    until it answers again: a stall of the client itself inflates every
+    busy endpoint's latency, and must not readmit idle slow endpoints on
+    their stale means. The left-out are probed with one real call at a time:
+    at most one probe per PROBE_EVERY picks (or PROBE_GAP seconds), so that
+    probes stay a small share of the tail, to the endpoint without a call
+    for PROBE_IDLE seconds whose mean, decayed toward the fastest's over
+    DECAY seconds, is lowest; one just over the limit (load, a stall) is
+    probed, unrationed, as soon as that decayed mean is within the limit.
+    A probe's answer replaces the stale mean (:meth:`EndpointStats.done`),
+    so a recovered endpoint rejoins at once. An endpoint that has never
+    answered (cold start, a new one) gets one call at a time until it has;
+    while none has answered, P2C on in-flight counts spreads calls.
     """
 
     #: Seconds between rebuilds of the candidate set.
@@ -341,11 +335,11 @@ class FilteredP2C:
         fastest = ordered[0]
         limit, slow = self._limits(ordered)
         candidates = []
-        idlest: EndpointStats | None = None
+        probe: EndpointStats | None = None  # the left-out endpoint most likely back to normal
         for stats in known:
             if stats.left_out_at != math.inf:
                 if stats.latency_at <= stats.left_out_at:
-                    idlest = _idler(idlest, stats)
+                    probe = self._likelier(probe, stats, fastest, now)
                     continue  # slow when left out, and no answer since
                 stats.left_out_at = math.inf
             if stats.latency > slow:
@@ -353,17 +347,17 @@ class FilteredP2C:
                 # that was in flight), not back on a stale mean because a
                 # stall of the client itself raised everyone else's.
                 stats.left_out_at = now
-                idlest = _idler(idlest, stats)
+                probe = self._likelier(probe, stats, fastest, now)
             elif stats.effective_latency(now, 0.0) <= limit:
                 candidates.append(stats)
             elif self._decayed(stats, fastest, now) <= limit:
                 probes.append(stats)  # just over the limit a while ago: one call to see (not rationed)
             else:
-                idlest = _idler(idlest, stats)
+                probe = self._likelier(probe, stats, fastest, now)
         if not candidates:
             candidates = [min(known, key=lambda stats: stats.latency)]
-        if idlest is not None and self._probe_due(idlest, now):
-            probes.append(idlest)
+        if probe is not None and self._probe_due(now):
+            probes.append(probe)
         self._candidates, self._probes = tuple(candidates), probes
 
     def _decayed(self, stats: EndpointStats, fastest: float, now: float) -> float:
@@ -391,9 +385,17 @@ class FilteredP2C:
         excess = (spread if spread > floor else floor) + self.OUTLIER_SLACK
         return fastest + excess, fastest + self.SLOW_FACTOR * excess
 
-    def _probe_due(self, stats: EndpointStats, now: float) -> bool:
-        if now - stats.last_begin < self.PROBE_IDLE:
-            return False
+    def _likelier(
+        self, best: EndpointStats | None, stats: EndpointStats, fastest: float, now: float
+    ) -> EndpointStats | None:
+        """Of two endpoints left out, the one to probe first: idle PROBE_IDLE, the lowest decayed mean."""
+        if stats.inflight or now - stats.last_begin < self.PROBE_IDLE:
+            return best
+        if best is None or self._decayed(stats, fastest, now) < self._decayed(best, fastest, now):
+            return stats
+        return best
+
+    def _probe_due(self, now: float) -> bool:
         picks = self._picks()
         if picks - self._probe_pick < self.PROBE_EVERY and now - self._probe_at < self.PROBE_GAP:
             return False
