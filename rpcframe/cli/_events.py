@@ -45,6 +45,8 @@ def register(sub: Any) -> None:
     _common(pub)
     pub.add_argument("-d", "--data", default="{}", metavar="JSON|-", help="the event as protobuf JSON (- for stdin)")
     pub.add_argument("--msg-id", default=None, help="message id: publishing it again stores it once")
+    pub.add_argument("--key", default=None, help="ordering key (topics with partitions)")
+    pub.add_argument("--partitions", type=int, default=0, help="the topic's partitions (ordered by --key)")
     pub.add_argument("--ttl", type=_seconds, default=None, help="seconds the event stays worth handling")
     pub.set_defaults(run=run_publish)
     con: argparse.ArgumentParser = sub.add_parser(
@@ -88,7 +90,7 @@ def _topic(args: argparse.Namespace) -> Any:
     from ..events import Topic
 
     try:
-        return Topic(args.topic, _message_class(args))
+        return Topic(args.topic, _message_class(args), partitions=getattr(args, "partitions", 0))
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
 
@@ -115,13 +117,16 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 async def _publish(args: argparse.Namespace, topic: Any, event: Message) -> int:
+    from ..errors import ConfigError
     from ..events import PublishError
 
     events = await _connect(args.server)
     try:
-        ack = await events.publish(topic, event, msg_id=args.msg_id, ttl=args.ttl, within=10.0)
+        ack = await events.publish(topic, event, msg_id=args.msg_id, key=args.key, ttl=args.ttl, within=10.0)
     except PublishError as exc:
         raise CliError(str(exc)) from None
+    except ConfigError as exc:  # a key for an unordered topic, or none for an ordered one
+        raise CliError(str(exc), 2) from None
     finally:
         await events.close()
     print(json.dumps({"stream": topic.stream.name, "sequence": ack.sequence, "duplicate": ack.duplicate,

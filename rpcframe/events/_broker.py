@@ -112,8 +112,13 @@ class Broker(Protocol):
         Raises :class:`BrokerUnavailable` when the broker did not confirm in time.
         """
 
-    async def pull(self, stream: str, subject: str, group: str, *, max_deliver: int, ack_wait: float) -> Pull:
-        """Join (creating if needed) the durable consumer ``group`` of ``subject``."""
+    async def pull(
+        self, stream: str, subject: str, group: str, *, max_deliver: int, ack_wait: float, max_ack_pending: int = -1
+    ) -> Pull:
+        """Join (creating if needed) the durable consumer ``group`` of ``subject``.
+
+        ``max_ack_pending``: deliveries the whole group may hold unanswered (-1: no limit; 1: in order).
+        """
 
     async def last(self, stream: str, subject: str) -> StoredMessage | None:
         """The last stored message on ``subject``, or ``None``."""

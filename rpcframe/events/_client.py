@@ -53,9 +53,7 @@ class BaseEvents:
         self._ready: set[str] = set()
 
     @classmethod
-    async def connect(
-        cls, servers: str | Sequence[str], *, publisher: str | None = None, within: float = 5.0
-    ) -> Self:
+    async def connect(cls, servers: str | Sequence[str], *, publisher: str | None = None, within: float = 5.0) -> Self:
         """Events on NATS JetStream at ``servers`` (``nats://127.0.0.1:4222``); gives up after ``within`` s.
 
         Raises :class:`BrokerUnavailable` when no server answered. Once connected,
@@ -77,11 +75,14 @@ class BaseEvents:
         event: M,
         *,
         msg_id: str | None = None,
+        key: str | None = None,
         ttl: float | None = None,
         inherit_deadline: bool = True,
         within: float = 30.0,
     ) -> Published:
         """Store ``event`` on ``topic``; returns once the stream acknowledged it.
+
+        ``key``: for a topic with ``partitions``, events of one key are handled in publish order.
 
         ``msg_id`` (default a random one) makes a retried publish store once: pass
         your own (an order id, say) to make a republish after a crash a no-op.
@@ -98,8 +99,11 @@ class BaseEvents:
             raise ConfigError(f"ttl must be > 0 seconds, got {ttl!r}")
         if type(event) is not topic.message:
             raise TypeError(f"topic {topic.name} carries {topic.type_name}, not {type(event).__name__}")
+        subject = topic.subject_for(key)
         headers = _headers.outgoing(topic.type_name, self.publisher, ttl, inherit_deadline)
-        return await self.publish_raw(topic.stream, topic.name, event.SerializeToString(), headers, msg_id, within)
+        if key is not None:
+            headers[_headers.KEY] = key
+        return await self.publish_raw(topic.stream, subject, event.SerializeToString(), headers, msg_id, within)
 
     async def publish_raw(
         self,

@@ -1,7 +1,8 @@
 """``rpcframe codegen``'s events part: typed topics, publishers, subscriber bases and asynchronous-call stubs.
 
 The convention: a top-level message whose leading comment has a line
-``rpcframe:topic <name>`` is the type of the topic ``<name>``::
+``rpcframe:topic <name>`` (optionally ``partitions=N``: ordered per key) is
+the type of the topic ``<name>``::
 
     // rpcframe:topic acme.orders.created
     message OrderCreated { string order_id = 1; }
@@ -30,7 +31,7 @@ from google.protobuf import descriptor_pb2
 
 __all__ = ["TOPIC_MARK", "events_module", "write_events_modules"]
 
-TOPIC_MARK = re.compile(r"^\s*rpcframe:topic\s+(\S+)\s*$", re.MULTILINE)
+TOPIC_MARK = re.compile(r"^\s*rpcframe:topic\s+(\S+)(?:\s+partitions=(\d+))?\s*$", re.MULTILINE)
 _MESSAGE_FIELD = 4  # FileDescriptorProto.message_type
 
 
@@ -42,8 +43,8 @@ def _camel(stem: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in re.split(r"[_\W]+", stem) if part)
 
 
-def topics_of(proto: descriptor_pb2.FileDescriptorProto) -> list[tuple[str, str]]:
-    """(message name, topic name) of the file's annotated top-level messages."""
+def topics_of(proto: descriptor_pb2.FileDescriptorProto) -> list[tuple[str, str, int]]:
+    """(message name, topic name, partitions) of the file's annotated top-level messages."""
     comments = {
         loc.path[1]: loc.leading_comments
         for loc in proto.source_code_info.location
@@ -53,7 +54,7 @@ def topics_of(proto: descriptor_pb2.FileDescriptorProto) -> list[tuple[str, str]
     for index, message in enumerate(proto.message_type):
         match = TOPIC_MARK.search(comments.get(index, ""))
         if match:
-            found.append((message.name, match.group(1)))
+            found.append((message.name, match.group(1), int(match.group(2) or 0)))
     return found
 
 
@@ -95,12 +96,13 @@ def events_module(proto: descriptor_pb2.FileDescriptorProto, types: _Types) -> s
     prefix = f".{proto.package}" if proto.package else ""
     body: list[str] = []
     stem = Path(proto.name).stem
-    for message, topic in topics:
+    for message, topic, partitions in topics:
         t = types.ref(f"{prefix}.{message}")
-        body += [f"{_snake(message).upper()}: Topic[{t}] = Topic({topic!r}, {t})"]
+        ordered = f", partitions={partitions}" if partitions else ""
+        body += [f"{_snake(message).upper()}: Topic[{t}] = Topic({topic!r}, {t}{ordered})"]
     body += ["", ""]
     body += _publisher(stem, topics, prefix, types)
-    for message, _ in topics:
+    for message, _, _ in topics:
         body += _subscriber(message, types.ref(f"{prefix}.{message}"))
     for service in proto.service:
         body += _calls(proto.package, service, types)
@@ -121,7 +123,7 @@ def events_module(proto: descriptor_pb2.FileDescriptorProto, types: _Types) -> s
     return "\n".join(head + body).rstrip() + "\n"
 
 
-def _publisher(stem: str, topics: list[tuple[str, str]], prefix: str, types: _Types) -> list[str]:
+def _publisher(stem: str, topics: list[tuple[str, str, int]], prefix: str, types: _Types) -> list[str]:
     lines = [
         f"class {_camel(stem)}Publisher:",
         f'    """Publishes the topics of {stem}.proto, each typed by its message."""',
@@ -129,12 +131,12 @@ def _publisher(stem: str, topics: list[tuple[str, str]], prefix: str, types: _Ty
         "    def __init__(self, events: Events) -> None:",
         "        self.events = events",
     ]
-    for message, topic in topics:
+    for message, topic, _ in topics:
         t = types.ref(f"{prefix}.{message}")
         lines += [
             "",
             f"    async def {_snake(message)}(self, event: {t}, **options: Any) -> Published:",
-            f'        """Publish on {topic} (options as Events.publish: msg_id, ttl, within)."""',
+            f'        """Publish on {topic} (options as Events.publish: msg_id, key, ttl, within)."""',
             f"        return await self.events.publish({_snake(message).upper()}, event, **options)",
         ]
     return [*lines, "", ""]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -78,6 +78,7 @@ class Pump:
         backoff: tuple[float, ...] = (0.1, 0.5, 2.0),
         confirm_acks: bool = False,
         fetch_wait: float = 0.5,
+        partitions: int = 0,
     ) -> None:
         if max_deliveries < 1 or concurrency < 1 or ack_wait <= 0 or fetch_wait <= 0:
             raise ConfigError("max_deliveries and concurrency must be >= 1, ack_wait and fetch_wait > 0")
@@ -87,11 +88,12 @@ class Pump:
         self.dead, self.dead_subject = dead, dead_subject
         self.max_deliveries, self.concurrency, self.ack_wait = max_deliveries, concurrency, ack_wait
         self.backoff, self.confirm_acks, self.fetch_wait = backoff or (0.0,), confirm_acks, fetch_wait
+        self.partitions = partitions
         self.stats = Stats()
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Future[Any] | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self._pull: Pull | None = None
+        self._pulls: list[Pull] = []
         self._refill = max(1, concurrency // 2)
         self._in_hand = 0  # deliveries fetched and not yet answered
         self._room = asyncio.Event()  # set when a fetch may be made
@@ -103,10 +105,20 @@ class Pump:
         await self.events.ensure(self.dead)
         # One more delivery than handler runs: a message whose handler never answered (crash, ack_wait)
         # comes back once more and is dead-lettered here with the reason, instead of vanishing.
-        self._pull = await self.events.broker.pull(
-            self.stream.name, self.subject, self.group, max_deliver=self.max_deliveries + 1, ack_wait=self.ack_wait
-        )
-        self._task = asyncio.create_task(self._run(self._pull), name=f"rpcframe-events-{self.group}")
+        pull = self.events.broker.pull
+        deliver = self.max_deliveries + 1
+        if self.partitions:
+            # One durable per partition, one delivery of it in flight across the group: in order.
+            for i in range(self.partitions):
+                self._pulls.append(await pull(
+                    self.stream.name, f"{self.subject}.{i}", f"{self.group}-p{i}", max_deliver=deliver,
+                    ack_wait=self.ack_wait, max_ack_pending=1,
+                ))  # fmt: skip
+            self._task = asyncio.gather(*(self._run_in_order(p) for p in self._pulls))
+        else:
+            self._pulls.append(await pull(self.stream.name, self.subject, self.group, max_deliver=deliver,
+                                          ack_wait=self.ack_wait))  # fmt: skip
+            self._task = asyncio.create_task(self._run(self._pulls[0]), name=f"rpcframe-events-{self.group}")
         self._ticker = asyncio.create_task(self._keep_alive(), name=f"rpcframe-events-{self.group}-alive")
 
     async def stop(self, grace: float | None = None) -> None:
@@ -127,9 +139,9 @@ class Pump:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        if self._pull is not None:
-            await self._pull.close()
-            self._pull = None
+        for pull in self._pulls:
+            await pull.close()
+        self._pulls = []
 
     @property
     def name(self) -> str:
@@ -177,6 +189,20 @@ class Pump:
         for _ in workers:
             queue.put_nowait(None)  # after the deliveries in hand: they finish and are acked first
         await asyncio.gather(*workers)
+
+    async def _run_in_order(self, pull: Pull) -> None:
+        """One partition: fetch one delivery, handle it, answer it, then the next."""
+        pause = 0.05
+        while not self._stopping.is_set():
+            try:
+                batch = await pull.fetch(1, self.fetch_wait)
+            except BrokerUnavailable:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            pause = 0.05
+            for msg in batch:
+                await self._guarded(msg)
 
     async def _work(self, queue: asyncio.Queue[BrokerMessage | None]) -> None:
         while (msg := await queue.get()) is not None:
@@ -254,6 +280,9 @@ class Consumer(Pump, Generic[M]):
     handler never answered ``max_deliveries`` times (crashes) is dead-lettered
     without running. Long handlers extend their ack deadline on their own.
 
+    On a topic with ``partitions`` each partition's events are handled one at a
+    time, in order (``concurrency`` does not apply: up to one per partition).
+
     Options: ``max_deliveries`` (5), ``concurrency`` (16 handlers at once),
     ``ack_wait`` (30 s), ``backoff`` (delays of the 1st, 2nd... redelivery),
     ``confirm_acks`` (wait for the broker to confirm each ack; a crash then
@@ -268,6 +297,7 @@ class Consumer(Pump, Generic[M]):
             group,
             topic.dead_letters,
             topic.dead_letter_subject,
+            partitions=topic.partitions,
             **options,  # type: ignore[arg-type]
         )
         self.topic = topic

@@ -23,6 +23,7 @@ __all__ = [
     "DEAD_GROUP",
     "DEAD_REASON",
     "DEAD_SUBJECT",
+    "KEY",
     "MSG_ID",
     "PUBLISHER",
     "TYPE",
@@ -34,6 +35,7 @@ MSG_ID = "Nats-Msg-Id"
 TYPE = "rpcframe-type"
 PUBLISHER = "rpcframe-publisher"
 DEADLINE = "rpcframe-deadline"
+KEY = "rpcframe-key"
 CRITICALITY = CRITICALITY_KEY
 DEAD_REASON = "rpcframe-dead-reason"
 DEAD_GROUP = "rpcframe-dead-group"

@@ -172,10 +172,15 @@ class JetStreamBroker:
             raise BrokerUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
         return int(ack.seq), bool(ack.duplicate)
 
-    async def pull(self, stream: str, subject: str, group: str, *, max_deliver: int, ack_wait: float) -> _Pull:
+    async def pull(
+        self, stream: str, subject: str, group: str, *, max_deliver: int, ack_wait: float, max_ack_pending: int = -1
+    ) -> _Pull:
         """A pull subscription on the durable consumer ``group`` (explicit acks)."""
         config = api.ConsumerConfig(
-            ack_policy=api.AckPolicy.EXPLICIT, max_deliver=max_deliver, ack_wait=ack_wait, max_ack_pending=-1
+            ack_policy=api.AckPolicy.EXPLICIT,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
         )
         config.durable_name = config.name = group
         config.filter_subject = subject

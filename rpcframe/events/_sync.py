@@ -60,6 +60,7 @@ class SyncEvents:
         event: M,
         *,
         msg_id: str | None = None,
+        key: str | None = None,
         ttl: float | None = None,
         inherit_deadline: bool = True,
         within: float = 30.0,
@@ -70,8 +71,11 @@ class SyncEvents:
         if type(event) is not topic.message:
             raise TypeError(f"topic {topic.name} carries {topic.type_name}, not {type(event).__name__}")
         # Headers here, in the caller's thread: its context variables hold the deadline and trace.
+        subject = topic.subject_for(key)
         headers = _headers.outgoing(topic.type_name, self.events.publisher, ttl, inherit_deadline)
-        coro = self.events.publish_raw(topic.stream, topic.name, event.SerializeToString(), headers, msg_id, within)
+        if key is not None:
+            headers[_headers.KEY] = key
+        coro = self.events.publish_raw(topic.stream, subject, event.SerializeToString(), headers, msg_id, within)
         return self.run(coro, within + 5)
 
     def run(self, coro: Coroutine[Any, Any, T], within: float) -> T:

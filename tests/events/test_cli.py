@@ -71,6 +71,8 @@ async def test_bad_input_is_one_error_line(nats: NatsServer) -> None:
     code, _, err = await rpcframe("publish", nats.url, "cli.x", "--type", TYPE, "-d", '{"nope": 1}')
     assert code == 2
     assert err.startswith("rpcframe: error: -d: not a valid rpcframe.echo.v1.EchoRequest")
+    code, _, err = await rpcframe("publish", nats.url, "cli.ordered", "--type", TYPE, "--partitions", "2")
+    assert (code, err) == (2, "rpcframe: error: topic cli.ordered is ordered by key: publish with key=\n")
     code, _, err = await rpcframe("publish", nats.url, "bad topic", "--type", TYPE)
     assert code == 2
     assert "topic name must be dotted words" in err

@@ -32,6 +32,7 @@ async def test_generated_publisher_subscriber_and_calls_work_end_to_end(orders_g
 
     assert isinstance(ev.ORDER_CREATED, Topic)
     assert (ev.ORDER_CREATED.name, ev.ORDER_CREATED.message) == ("acme.orders.created", pb.OrderCreated)
+    assert (ev.ORDER_CREATED.partitions, ev.ORDER_SHIPPED.partitions) == (0, 4)  # "partitions=4" in its comment
     got: list[Any] = []
 
     class Billing(ev.OrderCreatedSubscriber):  # type: ignore[misc]
