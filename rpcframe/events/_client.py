@@ -7,9 +7,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from google.protobuf.message import Message
 
@@ -53,15 +53,25 @@ class BaseEvents:
         self._ready: set[str] = set()
 
     @classmethod
-    async def connect(cls, servers: str | Sequence[str], *, publisher: str | None = None, within: float = 5.0) -> Self:
+    async def connect(
+        cls,
+        servers: str | Sequence[str],
+        *,
+        publisher: str | None = None,
+        within: float = 5.0,
+        nats_options: Mapping[str, Any] | None = None,
+    ) -> Self:
         """Events on NATS JetStream at ``servers`` (``nats://127.0.0.1:4222``); gives up after ``within`` s.
 
-        Raises :class:`BrokerUnavailable` when no server answered. Once connected,
-        the connection is re-established for as long as it takes.
+        ``nats_options``: passed to ``nats.connect`` (TLS context, token, user
+        credentials ...). Raises :class:`BrokerUnavailable` when no server
+        answered or it refused the credentials. Once connected, the connection
+        is re-established for as long as it takes.
         """
         from ._jetstream import connect
 
-        return cls(await connect(servers, name=publisher, within=within), publisher=publisher)
+        broker = await connect(servers, name=publisher, within=within, nats_options=nats_options)
+        return cls(broker, publisher=publisher)
 
     async def ensure(self, spec: StreamSpec) -> None:
         """Create a stream once per connection (publishing and consuming call this)."""

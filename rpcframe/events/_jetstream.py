@@ -39,10 +39,22 @@ async def _quiet(_: Exception) -> None:
     """nats-py reports each failed reconnect attempt; the caller sees BrokerUnavailable instead."""
 
 
-async def connect(servers: str | Sequence[str], *, name: str | None = None, within: float = 5.0) -> JetStreamBroker:
-    """Connect to NATS (reconnecting forever on loss) and return the JetStream broker."""
+async def connect(
+    servers: str | Sequence[str],
+    *,
+    name: str | None = None,
+    within: float = 5.0,
+    nats_options: Mapping[str, Any] | None = None,
+) -> JetStreamBroker:
+    """Connect to NATS (reconnecting forever on loss) and return the JetStream broker.
+
+    ``nats_options`` go to ``nats.connect`` as they are: ``tls`` (an
+    ``ssl.SSLContext``), ``tls_hostname``, ``user``/``password``, ``token``,
+    ``user_credentials``, ``nkeys_seed`` ... (the broker's own authentication).
+    """
     try:
         nc = await nats.connect(
+            **(nats_options or {}),
             servers=list(servers) if not isinstance(servers, str) else servers,
             name=name,
             connect_timeout=within,
@@ -52,7 +64,7 @@ async def connect(servers: str | Sequence[str], *, name: str | None = None, with
             reconnect_time_wait=_RECONNECT_WAIT,
             error_cb=_quiet,
         )
-    except (OSError, *_TRANSIENT) as exc:
+    except (OSError, nats.errors.Error, *_TRANSIENT) as exc:  # refused, unreachable, or not authorized
         raise BrokerUnavailable(f"cannot connect to NATS at {servers}: {exc!r}") from exc
     nc.options["max_reconnect_attempts"] = -1  # a broker restart later must not end the connection
     return JetStreamBroker(nc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -39,13 +39,22 @@ class SyncEvents:
         self._loop, self._thread, self.events = loop, thread, events
 
     @classmethod
-    def connect(cls, servers: str | Sequence[str], *, publisher: str | None = None, within: float = 5.0) -> SyncEvents:
+    def connect(
+        cls,
+        servers: str | Sequence[str],
+        *,
+        publisher: str | None = None,
+        within: float = 5.0,
+        nats_options: Mapping[str, Any] | None = None,
+    ) -> SyncEvents:
         """Start the loop thread and connect (raises BrokerUnavailable like :meth:`Events.connect`)."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="rpcframe-events", daemon=True)
         thread.start()
         try:
-            future = asyncio.run_coroutine_threadsafe(Events.connect(servers, publisher=publisher, within=within), loop)
+            future = asyncio.run_coroutine_threadsafe(
+                Events.connect(servers, publisher=publisher, within=within, nats_options=nats_options), loop
+            )
             events = future.result(within + 5)
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)

@@ -24,8 +24,9 @@ def nats_server_binary() -> str | None:
 class NatsServer:
     """One nats-server with JetStream and a temporary store; :meth:`restart` keeps port and store."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary
+        self.extra = extra  # more nats-server flags, e.g. ("--auth", TOKEN)
         self.store = tempfile.mkdtemp(prefix="rpcframe-nats-")
         self.port = -1  # nats-server picks a free port on the first start
         self.proc: subprocess.Popen[bytes] | None = None
@@ -39,7 +40,19 @@ class NatsServer:
         """Start and wait until it accepts clients (reads its log, bounded)."""
         log = Path(self.store) / "nats.log"
         log.write_text("")
-        args = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store, "-l", str(log)]
+        args = [
+            self.binary,
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            self.store,
+            "-l",
+            str(log),
+            *self.extra,
+        ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.monotonic() + within
         while time.monotonic() < end:
