@@ -60,7 +60,8 @@ class Pump:
     """Fetches deliveries for a durable group and processes each under a concurrency bound.
 
     Subclasses implement :meth:`process`. :meth:`stop` stops fetching, lets the
-    deliveries in hand finish (and ack), then returns.
+    deliveries in hand finish (and ack), then returns; a stopped member is not
+    started again (make a new one).
     """
 
     def __init__(
@@ -202,7 +203,10 @@ class Pump:
                 continue
             pause = 0.05
             for msg in batch:
-                await self._guarded(msg)
+                if self._stopping.is_set():
+                    await msg.nak(0)  # fetched while stopping: back to the partition, still first in line
+                else:
+                    await self._guarded(msg)
 
     async def _work(self, queue: asyncio.Queue[BrokerMessage | None]) -> None:
         while (msg := await queue.get()) is not None:
