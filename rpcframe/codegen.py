@@ -28,8 +28,6 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from .events._codegen import write_events_modules
-
 __all__ = ["CodegenError", "GeneratedFile", "generate", "relativize_imports"]
 
 _GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi", "_events.py")
@@ -203,6 +201,8 @@ def generate(
         tmp.mkdir()
         _run_protoc(src, protos, [Path(i) for i in includes], tmp, descriptors)
         _drop_serviceless_grpc_modules(tmp, descriptors)
+        from .events._codegen import write_events_modules  # on use: rpcframe.events is optional
+
         write_events_modules(tmp, descriptors)  # <file>_events.py for files that declare topics
         files = _postprocess(tmp)
         if clean and out.exists():
