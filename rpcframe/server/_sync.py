@@ -252,7 +252,7 @@ class Server(ServerBase):
         super().__init__(config or ServerConfig())
         cfg = self.config
         self._executor = _Executor(max_workers=cfg.max_workers, thread_name_prefix="rpcframe-handler")
-        self.governor.queued = self._executor.queued
+        self.governor.queued = self._executor._work_queue.qsize  # calls waiting for a worker
         self._refusing = False
         self._drain: Drain | None = None
         self._grpc_server = grpc.server(
@@ -265,7 +265,8 @@ class Server(ServerBase):
         self._stalls = StallWatch(cfg.stream_write_timeout, cfg.stream_read_timeout)
         self.health = _Health() if cfg.health else None
         # A plain lock (not the default RLock): taken twice per call, never re-entered.
-        self._idle = threading.Condition(threading.Lock())
+        self._count_lock = threading.Lock()
+        self._idle = threading.Condition(self._count_lock)
         self._inflight = 0
         self._stopping = False
         self._stopped = threading.Event()
@@ -372,13 +373,13 @@ class Server(ServerBase):
     # -- the one per-call wrapper -------------------------------------------
 
     def _enter(self) -> None:
-        with self._idle:
+        with self._count_lock:  # the condition's own lock, without its Python-level __enter__
             self._inflight += 1
 
     def _leave(self) -> None:
-        with self._idle:
+        with self._count_lock:
             self._inflight -= 1
-            if self._inflight == 0:
+            if self._inflight == 0 and self._stopping:  # only stop() waits on it
                 self._idle.notify_all()
 
     def _fail(self, exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
