@@ -57,6 +57,7 @@ test-fast: setup
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
+	@sh scripts/install-nats-server.sh  # the events act's broker (skipped, with a note, without it)
 	$(PY) -m examples.demo
 
 bench: setup

@@ -1,10 +1,11 @@
-"""`make demo`: every call kind, balancing and failover, deadlines, retries and hedging, traces and metrics.
+"""`make demo`: call kinds, balancing and failover, deadlines, retries and hedging, traces and metrics, events.
 
 Part 1 starts ``rpcframe serve examples.echo:aio_servicer`` on a free port,
 runs the four call kinds through the sync and the asyncio client, checks
 health, then sends SIGTERM and shows the server draining. Part 2 is
 :mod:`examples.balancing_demo`, part 3 :mod:`examples.resilience_demo`, part 4
-:mod:`examples.observability_demo`.
+:mod:`examples.observability_demo`, part 5 :mod:`examples.events_demo` (skipped,
+with a note, where nats-server is not installed).
 Exits non-zero if anything fails.
 """
 
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import rpcframe
 import rpcframe.aio
-from examples import balancing_demo, observability_demo, resilience_demo
+from examples import balancing_demo, events_demo, observability_demo, resilience_demo
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 
@@ -139,7 +140,10 @@ def main() -> int:
         if resilience_demo.main() != 0:
             return 1
         print("\n== observability: a trace of a retried call across a relay, and /metrics ==\n")
-        return observability_demo.main()
+        if observability_demo.main() != 0:
+            return 1
+        print("\n== events: an order service publishes, a billing group consumes, one member is killed ==\n")
+        return events_demo.main()
     finally:
         if proc.poll() is None:
             proc.kill()
