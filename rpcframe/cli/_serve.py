@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
 import sys
@@ -23,6 +24,7 @@ from ..server._workers import (
     WorkerError,
     announced,
     cpu_count,
+    is_async,
     serve_here,
     servicers_of,
     stop_within,
@@ -76,6 +78,9 @@ def register(sub: Any) -> None:
                         "at once (default: RATE); ':per-caller' gives each authenticated caller its own (repeatable)")
     p.add_argument("--no-overload-protection", action="store_true",
                    help="admit every call, however overloaded the server (default: adaptive admission control)")
+    p.add_argument("--subscribers", default=None, metavar="MODULE:FUNCTION",
+                   help="an async function returning event consumers/workers (rpcframe.events) to host beside the "
+                        "servicers, on the asyncio server: each in the health service, drained on SIGTERM")  # fmt: skip
     p.add_argument("--accept-queue", type=int, default=None, metavar="N",
                    help="calls grpc may hold before the server takes them; more are refused (CANCELLED) before "
                         "any Python runs, which keeps goodput up under CPU saturation (default: grpc's 1000)")
@@ -121,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if workers == 1:
         # Loaded first, as always: a target that does not load is the first error reported.
         servicers = _servicers(load_object(args.target))
+        _subscribers(args, servicers)  # its errors now, before binding
         for address in binds:
             split_host_port(address)
         config = _config(args)
@@ -192,12 +198,26 @@ def _serve(args: argparse.Namespace, config: ServerConfig, binds: list[str], ser
                 return
             print("".join(f"serving on {a}\n" for a in announced(binds, ports)) + metrics_line, end="", flush=True)
 
-        serve_here(found, config, binds, aio=args.aio, uvloop=not args.no_uvloop, on_ready=ready_lines)
+        serve_here(found, config, binds, aio=args.aio, uvloop=not args.no_uvloop, on_ready=ready_lines,
+                   subscribers=_subscribers(args, found))  # fmt: skip
     except ConfigError as exc:
         raise bind_error(exc, binds) from None
     finally:
         if telemetry is not None:
             telemetry.shutdown()  # export the spans and metrics of the last calls
+
+
+def _subscribers(args: argparse.Namespace, servicers: list[Any]) -> Any:
+    """The ``--subscribers`` factory (None without the flag); CliError when it cannot be hosted."""
+    if args.subscribers is None:
+        return None
+    factory = load_object(args.subscribers)
+    if not inspect.iscoroutinefunction(factory):
+        raise CliError(f"--subscribers {args.subscribers}: expected an async function returning consumers/workers", 2)
+    if args.aio is False or not is_async(servicers):
+        raise CliError("--subscribers runs on the asyncio server: serve asyncio servicers (async def methods), "
+                       "not --sync ones", 2)  # fmt: skip
+    return factory
 
 
 def _telemetry() -> Any:

@@ -34,6 +34,7 @@ over the sockets sharing a port. Unix-socket addresses cannot be shared
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -47,7 +48,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal, NoReturn
@@ -62,6 +63,8 @@ __all__ = [
 ]  # fmt: skip
 
 _LOG = logging.getLogger("rpcframe.workers")
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 #: Serves on the given addresses, calls ``ready()`` once serving, returns after draining on SIGTERM.
 WorkerMain = Callable[[list[str], Callable[[], None]], None]
@@ -137,27 +140,62 @@ def serve_here(
     aio: bool | None = None,
     uvloop: bool = True,
     on_ready: Callable[[tuple[int, ...]], None] | None = None,
+    subscribers: Callable[[], Awaitable[Iterable[Any]]] | None = None,
 ) -> None:
     """Serve ``servicers`` in this process until SIGTERM/SIGINT, then drain.
 
     ``on_ready`` gets the bound ports (in ``binds`` order) once the server
     accepts calls. The asyncio server is used when ``aio`` says so, or when
-    it is None and the servicers' methods are coroutines.
+    it is None and the servicers' methods are coroutines. ``subscribers``
+    (asyncio server only): a coroutine function returning event consumers
+    and workers (:mod:`rpcframe.events`) to host beside the servicers.
     """
     from . import _aio, _sync  # grpc is imported by the worker, after the fork
 
-    if is_async(servicers) if aio is None else aio:
+    if subscribers is not None or (is_async(servicers) if aio is None else aio):
 
         async def serve_aio() -> None:
             server = _aio.Server(config)
             _add_and_bind(server, servicers, binds)
-            await server.run(on_ready=None if on_ready is None else lambda: on_ready(server.ports))
+            ready = None if on_ready is None else lambda: on_ready(server.ports)
+            if subscribers is None:
+                await server.run(on_ready=ready)
+            else:
+                await _run_with_subscribers(server, subscribers, ready)
 
         _loop.run(serve_aio(), use_uvloop=uvloop)
         return
     server = _sync.Server(config)
     _add_and_bind(server, servicers, binds)
     server.run(on_ready=None if on_ready is None else lambda: on_ready(server.ports))
+
+
+async def _run_with_subscribers(
+    server: Any, factory: Callable[[], Awaitable[Iterable[Any]]], on_ready: Callable[[], None] | None
+) -> None:
+    """Like ``server.run()``, with event subscribers: each in the health service, stopped with the server."""
+    from ..events import Subscribers  # the events extra: only servers that host subscribers need it
+
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for s in _STOP_SIGNALS:
+        loop.add_signal_handler(s, stop_requested.set)
+    hosted = None
+    try:
+        await server.start()
+        try:
+            hosted = Subscribers(*(await factory()), server=server, grace=server.config.grace_period)
+            await hosted.start()
+        except Exception as exc:  # noqa: BLE001 - the user's factory or the broker: one error, the server stops
+            raise ConfigError(f"the subscribers did not start: {type(exc).__name__}: {exc}") from exc
+        if on_ready is not None:
+            on_ready()
+        await stop_requested.wait()
+    finally:
+        for s in _STOP_SIGNALS:
+            loop.remove_signal_handler(s)
+        # Both drain at once: subscribers stop fetching and finish their handlers while calls finish.
+        await asyncio.gather(server.stop(), *(() if hosted is None else (hosted.stop(),)))
 
 
 def _add_and_bind(server: Any, servicers: Sequence[Any], binds: Sequence[str]) -> None:
