@@ -522,7 +522,6 @@ def _mix_section(mix: dict[str, Any], key: str) -> list[str]:
     if "switch_s" in mix:
         slow, back, end = mix["switch_s"]
         lines += [
-            "",
             f"b0 slow from {slow} s to {back} s of {end} s. Share in 100 ms windows.",
             "",
             "| policy | b0 share while slow (%) | share < 5 % for good after (s) | first call after recovery (s) "
