@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 # Only the light modules at import time: `rpcframe serve` must not need the bench extra.
 from ..bench.spec import BenchError, LoadSpec, MethodInfo, parse_duration
 from ..config import ChannelConfig
@@ -188,7 +186,7 @@ def _resolve(args: argparse.Namespace, metadata: Metadata, tls: TLSConfig | None
         return resolve_method(args.method, args.target, proto_module=args.proto_module, reflection=reflection,
                               connect_timeout=args.connect_timeout)  # fmt: skip
     from ..client._sync import connect
-    from ..errors import ConfigError, RpcframeError
+    from ..errors import ConfigError, RpcError
 
     try:
         config = ChannelConfig(default_timeout=args.connect_timeout, metadata=metadata, tls=tls, token=token)
@@ -198,10 +196,8 @@ def _resolve(args: argparse.Namespace, metadata: Metadata, tls: TLSConfig | None
     try:
         return resolve_method(args.method, args.target, proto_module=args.proto_module, reflection=reflection,
                               channel=channel)  # fmt: skip
-    except (grpc.RpcError, RpcframeError) as exc:
-        code = exc.code() if isinstance(exc, grpc.RpcError) else None
-        what = f"{code.name}: {exc.details()}" if code is not None else str(exc)  # type: ignore[union-attr]
-        raise BenchError(f"reflection request to {args.target} failed: {what}") from None
+    except RpcError as exc:  # what an rpcframe channel raises
+        raise BenchError(f"reflection request to {args.target} failed: {exc.code().name}: {exc.details()}") from None
     finally:
         channel.close()
 
