@@ -16,14 +16,18 @@ import rpcframe.aio
 REPO = Path(__file__).resolve().parents[1]
 
 
-async def serve_until_sigterm(servicers: Sequence[object]) -> None:
-    """In the child: one asyncio server per servicer on a free port, each announced, until SIGTERM."""
+async def serve_until_sigterm(servicers: Sequence[object], config: rpcframe.ServerConfig | None = None) -> None:
+    """In the child: one asyncio server per servicer on a free port, each announced, until SIGTERM.
+
+    ``config`` defaults to no reflection and no grace period.
+    """
+    config = config or rpcframe.ServerConfig(reflection=False, grace_period=0)
     # Handle SIGTERM before saying "serving on": a parent may stop us at once.
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     servers = []
     for servicer in servicers:
-        server = rpcframe.aio.Server(rpcframe.ServerConfig(reflection=False, grace_period=0))
+        server = rpcframe.aio.Server(config)
         server.add(servicer)
         port = server.bind("127.0.0.1:0")
         await server.start()

@@ -61,7 +61,7 @@ from hdrh.histogram import HdrHistogram
 
 import rpcframe
 import rpcframe.aio
-from benchmarks._children import ChildServers
+from benchmarks._children import ChildServers, serve_until_sigterm
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
 from rpcframe import _loop
@@ -106,24 +106,12 @@ class DelayedEcho(echo_pb2_grpc.EchoServiceServicer):
 async def _serve(delays: Sequence[float], capacity: int) -> None:
     """In the child: one server per backend, each announced, until SIGTERM.
 
-    Like ``serve_until_sigterm`` but with admission control off: a server
-    that sheds calls its handler would take long (or that queue) hands them
-    to the client's failover, and the benchmark would measure that instead
-    of the balancing policy.
+    Admission control off: a server that sheds calls its handler would take
+    long (or that queue) hands them to the client's failover, and the
+    benchmark would measure that instead of the balancing policy.
     """
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # before "serving on"
-    servers = []
-    for i, delay in enumerate(delays):
-        server = rpcframe.aio.Server(rpcframe.ServerConfig(reflection=False, grace_period=0, overload=None))
-        server.add(DelayedEcho(delay, f"b{i}", capacity))
-        port = server.bind("127.0.0.1:0")
-        await server.start()
-        servers.append(server)
-        print(f"serving on 127.0.0.1:{port}", flush=True)
-    await stop.wait()
-    for server in servers:
-        await server.stop(0)
+    config = rpcframe.ServerConfig(reflection=False, grace_period=0, overload=None)
+    await serve_until_sigterm([DelayedEcho(delay, f"b{i}", capacity) for i, delay in enumerate(delays)], config)
 
 
 class Backends(ChildServers):
