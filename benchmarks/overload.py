@@ -61,7 +61,7 @@ from typing import IO, Any
 import grpc
 
 from benchmarks.overload_load import CAPPED, CLASSES, Records, decode_records
-from benchmarks.overload_server import FRONTS, MAX_STEPS, STACKS, calibrate, overload_supported
+from benchmarks.overload_server import ACCEPT_QUEUE, FRONTS, MAX_STEPS, STACKS, calibrate, overload_supported
 from rpcframe.bench.cpu import process_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +125,7 @@ class Settings:
     connections: int
     capacity: float | None  # calls/s given on the command line instead of the probe's
     iterations: int
+    accept_queue: int  # OverloadConfig.accept_queue of the rpcframe-queue stack
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -133,9 +134,10 @@ class Settings:
 class ServerProcess:
     """One :mod:`benchmarks.overload_server` process, known by PID."""
 
-    def __init__(self, stack: str, front: str, iterations: int, stats: Path, log: IO[str]) -> None:
+    def __init__(self, stack: str, front: str, iterations: int, stats: Path, log: IO[str], accept_queue: int) -> None:
         argv = [sys.executable, "-m", "benchmarks.overload_server", "--stack", stack, "--front", front,
-                "--iterations", str(iterations), "--stats", str(stats)]  # fmt: skip
+                "--iterations", str(iterations), "--stats", str(stats),
+                "--accept-queue", str(accept_queue)]  # fmt: skip
         self.name, self.stats, self._log = f"{stack}/{front}", stats, log
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
         self.pid = self.proc.pid
@@ -437,7 +439,7 @@ def load_plan(target: str, capacity: float, settings: Settings) -> dict[str, Any
 def run_stack(stack: str, front: str, capacity: float | None, settings: Settings) -> dict[str, Any]:
     """Start the stack's server, probe it, load it (at the reference ``capacity``, or its own), stop it."""
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp, tempfile.TemporaryFile("w+") as log:
-        server = ServerProcess(stack, front, settings.iterations, Path(tmp) / "stats.json", log)
+        server = ServerProcess(stack, front, settings.iterations, Path(tmp) / "stats.json", log, settings.accept_queue)
         sampler: CpuSampler | None = None
         try:
             probed = probe(server.target, settings)
@@ -659,6 +661,8 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
     parser.add_argument("--step-seconds", type=float, default=None, help="seconds per step (default 30, quick 5)")
     parser.add_argument("--capacity", type=float, default=None, help="calls/s to offer multiples of (no probe)")
     parser.add_argument("--connections", type=int, default=CONNECTIONS, help="client connections (default 64)")
+    parser.add_argument("--accept-queue", type=int, default=ACCEPT_QUEUE,
+                        help=f"accept_queue of the rpcframe-queue stack (default {ACCEPT_QUEUE})")
     parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="default benchmarks/results")
     parser.add_argument("--strict", action="store_true", help="exit 1 when rpcframe fails an acceptance check")
     args = parser.parse_args(argv)
@@ -673,7 +677,7 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
     iterations = calibrate(WORK_S)
     probe_s, warmup_s = (3.0, 1.0) if args.quick else (5.0, 3.0)
     settings = Settings(args.quick, step_s, probe_s, warmup_s, fronts, stacks, args.connections, args.capacity,
-                        iterations)  # fmt: skip
+                        iterations, args.accept_queue)  # fmt: skip
     return settings, args.out, args.strict
 
 

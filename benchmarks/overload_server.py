@@ -160,7 +160,7 @@ def overload_supported() -> bool:
     return "overload" in rpcframe.ServerConfig.__dataclass_fields__
 
 
-def rpcframe_config(stack: str) -> Any:
+def rpcframe_config(stack: str, accept_queue: int = ACCEPT_QUEUE) -> Any:
     """``ServerConfig`` of an rpcframe stack: defaults, a short grace; no protection for ``rpcframe-off``,
     a short accept queue for ``rpcframe-queue``."""
     import rpcframe
@@ -169,7 +169,7 @@ def rpcframe_config(stack: str) -> Any:
     if stack == "rpcframe-off" and overload_supported():
         extra["overload"] = None
     elif stack == "rpcframe-queue":
-        extra["overload"] = rpcframe.OverloadConfig(accept_queue=ACCEPT_QUEUE)
+        extra["overload"] = rpcframe.OverloadConfig(accept_queue=accept_queue)
     return rpcframe.ServerConfig(grace_period=GRACE, **extra)
 
 
@@ -185,7 +185,7 @@ def _wait_for_signal() -> None:
         pass
 
 
-def serve_sync(stack: str, servicer: CpuServicer) -> None:
+def serve_sync(stack: str, servicer: CpuServicer, accept_queue: int = ACCEPT_QUEUE) -> None:
     """The thread-pool server of ``stack`` until SIGTERM/SIGINT."""
     if stack == "raw":
         server = grpc.server(ThreadPoolExecutor(max_workers=RAW_WORKERS))
@@ -198,13 +198,13 @@ def serve_sync(stack: str, servicer: CpuServicer) -> None:
         return
     import rpcframe
 
-    rf = rpcframe.Server(rpcframe_config(stack))
+    rf = rpcframe.Server(rpcframe_config(stack, accept_queue))
     rf.add(servicer)
     port = rf.bind("127.0.0.1:0")
     rf.run(on_ready=lambda: _announce(port))
 
 
-async def serve_aio(stack: str, servicer: AioCpuServicer) -> None:
+async def serve_aio(stack: str, servicer: AioCpuServicer, accept_queue: int = ACCEPT_QUEUE) -> None:
     """The asyncio server of ``stack`` until SIGTERM/SIGINT."""
     if stack == "raw":
         server = grpc.aio.server()
@@ -220,7 +220,7 @@ async def serve_aio(stack: str, servicer: AioCpuServicer) -> None:
         return
     import rpcframe.aio
 
-    rf = rpcframe.aio.Server(rpcframe_config(stack))
+    rf = rpcframe.aio.Server(rpcframe_config(stack, accept_queue))
     rf.add(servicer)
     port = rf.bind("127.0.0.1:0")
     await rf.run(on_ready=lambda: _announce(port))
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--front", choices=FRONTS, required=True)
     parser.add_argument("--iterations", type=int, required=True, help="spin() rounds per call (see calibrate)")
     parser.add_argument("--stats", type=Path, required=True, help="JSON file the per-step totals go to")
+    parser.add_argument("--accept-queue", type=int, default=ACCEPT_QUEUE, help="the rpcframe-queue stack's queue")
     args = parser.parse_args(argv)
     if args.iterations < 1:
         parser.error("--iterations must be >= 1")
@@ -259,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     stop_stats = _stats_writer(ledger, args.stats)
     try:
         if args.front == "sync":
-            serve_sync(args.stack, CpuServicer(args.iterations, ledger))  # type: ignore[abstract]
+            serve_sync(args.stack, CpuServicer(args.iterations, ledger), args.accept_queue)  # type: ignore[abstract]
         elif args.stack == "raw":
-            asyncio.run(serve_aio(args.stack, AioCpuServicer(args.iterations, ledger)))  # type: ignore[abstract]
+            asyncio.run(serve_aio(args.stack, AioCpuServicer(args.iterations, ledger), args.accept_queue))  # type: ignore[abstract]
         else:
             import uvloop
 
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(serve_aio(args.stack, AioCpuServicer(args.iterations, ledger)))  # type: ignore[abstract]
+                runner.run(serve_aio(args.stack, AioCpuServicer(args.iterations, ledger), args.accept_queue))  # type: ignore[abstract]
     finally:
         stop_stats()
     return 0
