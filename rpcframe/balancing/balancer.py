@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .._core.throttle import AdaptiveThrottle, ThrottleConfig
 from .endpoint import Endpoint, EndpointStats, backend_address
 from .outlier import OutlierConfig, update_ejections
-from .pickers import Picker, PickerContext, build_picker
+from .pickers import Picker, PickerContext, build_picker, uses_peak_ewma
 
 __all__ = ["BalancerCore", "Connectivity", "EndpointEntry"]
 
@@ -146,6 +146,7 @@ class BalancerCore:
         stats = EndpointStats(
             endpoint, self.context.clock, decay=self._ewma_decay, failure_threshold=self.outlier.consecutive_failures,
         )  # fmt: skip
+        stats.peak_ewma = uses_peak_ewma(self.policy)
         if self._throttle is not None:
             stats.throttle = AdaptiveThrottle(self._throttle, self.context.clock())
         return EndpointEntry(stats)

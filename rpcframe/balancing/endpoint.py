@@ -75,7 +75,7 @@ class EndpointStats:
     __slots__ = (
         "_clock", "_lock", "_start_sum", "consecutive_failures", "ejected_until", "ejections", "endpoint",
         "ewma", "failure_threshold", "handle", "inflight", "last_begin", "latency", "latency_at", "left_out_at",
-        "ready_since", "streams", "throttle",
+        "peak_ewma", "ready_since", "streams", "throttle",
     )  # fmt: skip
 
     def __init__(
@@ -91,6 +91,8 @@ class EndpointStats:
         self._clock = clock
         self._lock = threading.Lock()
         self.ewma = PeakEWMA(decay, initial_latency, clock())
+        #: Whether :attr:`ewma` is kept (the balancer clears it for policies that never read it).
+        self.peak_ewma = True
         #: Mean latency of recent successful calls (seconds; 0 until the first answer), see :meth:`done`.
         self.latency = initial_latency
         self.latency_at = -math.inf  # when it was last sampled
@@ -150,14 +152,16 @@ class EndpointStats:
             if latency < 0:
                 return False
             if outcome is Outcome.SUCCESS:
-                self.ewma.observe(latency, now)
+                if self.peak_ewma:
+                    self.ewma.observe(latency, now)
                 self._sample(latency, now)
                 self.consecutive_failures = 0
                 return False
             # A failing endpoint often fails fast; counted as fast it would
             # attract more calls (a "black hole"), so a failure costs at least
             # several times the current estimate.
-            self.ewma.observe(max(latency, FAILURE_PENALTY * self.ewma.value, MIN_FAILURE_LATENCY), now)
+            if self.peak_ewma:
+                self.ewma.observe(max(latency, FAILURE_PENALTY * self.ewma.value, MIN_FAILURE_LATENCY), now)
             self._sample(max(latency, FAILURE_PENALTY * self.latency, MIN_FAILURE_LATENCY), now)
             self.consecutive_failures += 1
             return self.consecutive_failures == self.failure_threshold

@@ -36,6 +36,7 @@ __all__ = [
     "available_policies",
     "build_picker",
     "register_policy",
+    "uses_peak_ewma",
 ]
 
 Done = Callable[[Outcome, float], bool]
@@ -425,11 +426,22 @@ _POLICIES: dict[str, PickerFactory] = {
     "peak_ewma": PeakEwma,
     "filtered_p2c": FilteredP2C,
 }
+_BUILT_IN = dict(_POLICIES)  # a built-in name re-registered by a user is a user policy
 
 
 def register_policy(name: str, factory: PickerFactory) -> None:
     """Make a user policy available as ``ChannelConfig(policy=name)``."""
     _POLICIES[name] = factory
+
+
+#: Built-in policies that never read an endpoint's peak-EWMA (:meth:`EndpointStats.cost`): their
+#: endpoints skip updating it on every call. User policies may read it, so they keep it.
+_WITHOUT_PEAK_EWMA = frozenset({"pick_first", "round_robin", "weighted_round_robin", "least_request", "filtered_p2c"})
+
+
+def uses_peak_ewma(policy: str) -> bool:
+    """Whether ``policy``'s pickers may read the endpoints' peak-EWMA latency."""
+    return policy not in _WITHOUT_PEAK_EWMA or _POLICIES.get(policy) is not _BUILT_IN.get(policy)
 
 
 def available_policies() -> tuple[str, ...]:

@@ -69,7 +69,7 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
         return Future(self, unary_flow(self, plan), request)
 
     def _flow(self, plan: CallPlan) -> Flow:
-        delay = self._hedge_delay(plan.scope)
+        delay = None if self._hedge_state is None else self._hedge_delay(plan.scope)  # no call when unhedged
         return unary_flow(self, plan) if delay is None else hedged_flow(self, plan, delay)
 
 

@@ -579,3 +579,19 @@ def test_latency_mean_weighs_samples_by_staleness(clock: FakeClock) -> None:
 def test_default_policy_is_filtered_p2c() -> None:
     assert ChannelConfig().policy == "filtered_p2c"
     assert {"round_robin", "least_request", "peak_ewma", "filtered_p2c"} <= set(available_policies())
+
+
+def test_only_policies_that_read_it_keep_the_peak_ewma() -> None:
+    from rpcframe.balancing.pickers import register_policy, uses_peak_ewma
+
+    assert uses_peak_ewma("peak_ewma")
+    assert not uses_peak_ewma("filtered_p2c")
+    assert not uses_peak_ewma("round_robin")
+    register_policy("test-own-ewma-reader", lambda endpoints, ctx: build_picker("peak_ewma", endpoints, ctx))
+    assert uses_peak_ewma("test-own-ewma-reader")  # a user policy may call cost()
+    stats = EndpointStats(Endpoint("a:1"), lambda: 0.0)
+    stats.peak_ewma = False
+    stats.begin()
+    stats.done(Outcome.SUCCESS, 0.5)
+    assert stats.ewma.value == 0.0  # not kept
+    assert stats.latency > 0.0  # the mean filtered_p2c reads still is
