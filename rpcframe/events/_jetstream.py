@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
+from ..errors import ConfigError
 from ._broker import BrokerUnavailable, Listener, StoredMessage, StreamSpec
 
 __all__ = ["JetStreamBroker", "connect"]
@@ -167,8 +168,12 @@ class JetStreamBroker:
         except nats.js.errors.NotFoundError:
             try:
                 await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                await self.js.stream_info(spec.name)  # created meanwhile by another process
+            except nats.js.errors.BadRequestError as refused:
+                try:
+                    await self.js.stream_info(spec.name)  # created meanwhile by another process
+                except nats.js.errors.NotFoundError:  # refused for its own sake, e.g. subjects another stream holds
+                    raise ConfigError(f"the broker refused stream {spec.name} for {', '.join(spec.subjects)}: "
+                                      f"{refused.description}") from None  # fmt: skip
         except _TRANSIENT as exc:
             raise BrokerUnavailable(f"stream {spec.name}: {exc!r}") from exc
 
