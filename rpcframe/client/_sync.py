@@ -40,6 +40,7 @@ __all__ = ["Channel", "ResponseStream", "connect"]
 _CY_STATES = {state.value[0]: state for state in grpc.ChannelConnectivity}
 _CY_READY = grpc.ChannelConnectivity.READY.value[0]
 _POLL_EXIT = 10.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s; slow under load)
+_RETIRE_QUIET = 0.1  # seconds without a call in flight before a replaced connection is closed
 
 
 class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
@@ -265,10 +266,24 @@ class Channel(BalancedChannelBase, grpc.Channel):  # type: ignore[misc]
             threading.Thread(target=self._retire, args=(old,), daemon=True).start()
 
     def _retire(self, entry: EndpointEntry) -> None:
-        """Close a removed endpoint once its in-flight calls are done."""
+        """Close a removed endpoint once it has had no call in flight for a moment.
+
+        grpc's close() cancels the channel's active calls (CANCELLED, the
+        caller cannot know whether it ran). A caller that took the picker
+        just before the endpoint left it may still begin a call on it a
+        thread switch or two later, so "no call in flight" must hold for
+        ``_RETIRE_QUIET`` seconds, not for one look.
+        """
         deadline = time.monotonic() + self.config.close_grace
-        while entry.stats.inflight > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        quiet_since: float | None = None
+        while (now := time.monotonic()) < deadline:
+            if entry.stats.inflight > 0:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= _RETIRE_QUIET:
+                break
+            time.sleep(0.02)
         entry.stats.handle.close()
 
     def _on_picker(self) -> None:
