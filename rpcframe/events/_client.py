@@ -105,15 +105,24 @@ class BaseEvents:
             TypeError: ``event`` is not the topic's message type.
             PublishError: not acknowledged within ``within`` s.
         """
+        subject, headers = self.outgoing(topic, event, key, ttl, inherit_deadline)
+        return await self.publish_raw(topic.stream, subject, event.SerializeToString(), headers, msg_id, within)
+
+    def outgoing(
+        self, topic: Topic[M], event: M, key: str | None, ttl: float | None, inherit_deadline: bool
+    ) -> tuple[str, dict[str, str]]:
+        """The subject and headers ``event`` is published with (checks its type and ``ttl``).
+
+        Reads the caller's deadline and trace context: call it in the caller's thread.
+        """
         if ttl is not None and ttl <= 0:
             raise ConfigError(f"ttl must be > 0 seconds, got {ttl!r}")
         if type(event) is not topic.message:
             raise TypeError(f"topic {topic.name} carries {topic.type_name}, not {type(event).__name__}")
-        subject = topic.subject_for(key)
         headers = _headers.outgoing(topic.type_name, self.publisher, ttl, inherit_deadline)
         if key is not None:
             headers[_headers.KEY] = key
-        return await self.publish_raw(topic.stream, subject, event.SerializeToString(), headers, msg_id, within)
+        return topic.subject_for(key), headers
 
     async def publish_raw(
         self,

@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from ..errors import ConfigError
-from . import _headers
 from ._client import Published
 from ._events import Events
 from ._topic import Topic
@@ -75,15 +73,8 @@ class SyncEvents:
         within: float = 30.0,
     ) -> Published:
         """Store ``event`` on ``topic`` and wait for the acknowledgement (see :meth:`Events.publish`)."""
-        if ttl is not None and ttl <= 0:
-            raise ConfigError(f"ttl must be > 0 seconds, got {ttl!r}")
-        if type(event) is not topic.message:
-            raise TypeError(f"topic {topic.name} carries {topic.type_name}, not {type(event).__name__}")
         # Headers here, in the caller's thread: its context variables hold the deadline and trace.
-        subject = topic.subject_for(key)
-        headers = _headers.outgoing(topic.type_name, self.events.publisher, ttl, inherit_deadline)
-        if key is not None:
-            headers[_headers.KEY] = key
+        subject, headers = self.events.outgoing(topic, event, key, ttl, inherit_deadline)
         coro = self.events.publish_raw(topic.stream, subject, event.SerializeToString(), headers, msg_id, within)
         return self.run(coro, within + 5)
 
