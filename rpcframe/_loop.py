@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["run", "uvloop_available"]
+__all__ = ["STOP_SIGNALS", "run", "stop_signals", "uvloop_available"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def uvloop_available() -> bool:
@@ -28,3 +32,17 @@ def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(main)
     return asyncio.run(main)
+
+
+@contextlib.asynccontextmanager
+async def stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> AsyncIterator[asyncio.Event]:
+    """An event set by any of ``signals`` while the block runs; the previous handling returns after it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -13,10 +13,10 @@ connection is down or its fetch loop has ended, and once it is stopping.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Sequence
 from typing import Any
 
+from .._loop import STOP_SIGNALS, stop_signals
 from ._consumer import Pump
 
 __all__ = ["Subscribers"]
@@ -68,15 +68,8 @@ class Subscribers:
         await self._report(stopping=True)
         await asyncio.gather(*(pump.stop(self.grace) for pump in self.pumps))
 
-    async def run_until_signal(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    async def run_until_signal(self, signals: Sequence[int] = STOP_SIGNALS) -> None:
         """Wait for one of ``signals``, then :meth:`stop`."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in signals:
-            loop.add_signal_handler(sig, stop.set)
-        try:
+        async with stop_signals(signals) as stop:
             await stop.wait()
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
         await self.stop()

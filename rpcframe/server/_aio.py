@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -17,6 +16,7 @@ import grpc.aio
 from grpc._cython import cygrpc  # ExecuteBatchError, which grpc.aio does not re-export
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .. import _loop
 from .._core.deadline import CallScope, scope_var
 from .._core.overload import Admission
 from ..config import ServerConfig, is_small
@@ -201,19 +201,13 @@ class Server(ServerBase):
 
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
         """Start, wait for SIGTERM or SIGINT, then drain and stop."""
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for s in signals:
-            loop.add_signal_handler(s, stop_requested.set)
         try:
-            await self.start()
-            if on_ready is not None:
-                on_ready()
-            await stop_requested.wait()
+            async with _loop.stop_signals() as stop_requested:
+                await self.start()
+                if on_ready is not None:
+                    on_ready()
+                await stop_requested.wait()
         finally:
-            for s in signals:
-                loop.remove_signal_handler(s)
             await self.stop()
 
     async def __aenter__(self) -> Server:

@@ -64,8 +64,6 @@ __all__ = [
 
 _LOG = logging.getLogger("rpcframe.workers")
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 #: Serves on the given addresses, calls ``ready()`` once serving, returns after draining on SIGTERM.
 WorkerMain = Callable[[list[str], Callable[[], None]], None]
 
@@ -176,24 +174,19 @@ async def _run_with_subscribers(
     """Like ``server.run()``, with event subscribers: each in the health service, stopped with the server."""
     from ..events import Subscribers  # the events extra: only servers that host subscribers need it
 
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for s in _STOP_SIGNALS:
-        loop.add_signal_handler(s, stop_requested.set)
     hosted = None
     try:
-        await server.start()
-        try:
-            hosted = Subscribers(*(await factory()), server=server, grace=server.config.grace_period)
-            await hosted.start()
-        except Exception as exc:  # noqa: BLE001 - the user's factory or the broker: one error, the server stops
-            raise ConfigError(f"the subscribers did not start: {type(exc).__name__}: {exc}") from exc
-        if on_ready is not None:
-            on_ready()
-        await stop_requested.wait()
+        async with _loop.stop_signals() as stop_requested:
+            await server.start()
+            try:
+                hosted = Subscribers(*(await factory()), server=server, grace=server.config.grace_period)
+                await hosted.start()
+            except Exception as exc:  # noqa: BLE001 - the user's factory or the broker: one error, the server stops
+                raise ConfigError(f"the subscribers did not start: {type(exc).__name__}: {exc}") from exc
+            if on_ready is not None:
+                on_ready()
+            await stop_requested.wait()
     finally:
-        for s in _STOP_SIGNALS:
-            loop.remove_signal_handler(s)
         # Both drain at once: subscribers stop fetching and finish their handlers while calls finish.
         await asyncio.gather(server.stop(), *(() if hosted is None else (hosted.stop(),)))
 
