@@ -49,6 +49,8 @@ class UnaryUnary(MethodBase, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> Call:  # fmt: skip
         plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
+        if self._direct:
+            return Call(self, None, request, plan)
         delay = None if self._hedge_state is None else self._hedge_delay(plan.scope)  # no call when unhedged
         return Call(self, unary_flow(self, plan) if delay is None else hedged_flow(self, plan, delay), request)
 

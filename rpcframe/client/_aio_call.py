@@ -9,6 +9,7 @@ per call.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
@@ -19,7 +20,21 @@ from ..balancing.endpoint import EndpointStats, Outcome
 from ..balancing.pickers import NoEndpointError, Pick
 from ..errors import Cancelled, Unavailable, from_grpc
 from ._common import CallPlan, Metadata, MethodBase
-from ._flow import CALL, CANCEL, DELIVER, OPEN, PICK, SLEEP, START, WAIT, Flow, details_of, status_of, trailers_of
+from ._flow import (
+    CALL,
+    CANCEL,
+    DELIVER,
+    OPEN,
+    PICK,
+    SLEEP,
+    START,
+    WAIT,
+    Flow,
+    details_of,
+    status_of,
+    trailers_of,
+    unary_flow,
+)
 
 __all__ = ["Call"]
 
@@ -94,11 +109,12 @@ class Call:
     """
 
     __slots__ = (
-        "_call", "_cancelled", "_delivered", "_driving", "_ended", "_flow", "_hedges", "_method", "_outcome",
-        "_pending", "_request",
+        "_call", "_cancelled", "_delivered", "_driving", "_ended", "_first", "_flow", "_hedges", "_method",
+        "_outcome", "_pending", "_request",
     )  # fmt: skip
 
-    def __init__(self, method: MethodBase, flow: Flow, request: Any) -> None:
+    def __init__(self, method: MethodBase, flow: Flow | None, request: Any, plan: CallPlan | None = None) -> None:
+        """Start the call: ``flow``'s first steps, or without a flow the fast path's first attempt of ``plan``."""
         self._method, self._flow, self._request = method, flow, request
         self._call: Any = None
         self._pending: tuple[Any, ...] | None = None
@@ -106,13 +122,92 @@ class Call:
         self._hedges: _Hedges | None = None
         self._cancelled = self._delivered = self._driving = False
         self._ended: asyncio.Event | None = None
-        self._step(None, None)
+        #: The fast path's first attempt in flight, (plan, stats, done, start); None once settled or handed over.
+        self._first: tuple[CallPlan, EndpointStats, Any, float] | None = None
+        if flow is None:
+            self._start(plan)  # type: ignore[arg-type]
+        else:
+            self._step(None, None)
+
+    def __del__(self) -> None:
+        first = self._first
+        if first is not None:  # dropped unawaited: release the pick, as closing the flow at its CALL would
+            first[2](Outcome.IGNORED, time.perf_counter() - first[3])
+
+    # -- the fast path (MethodBase._direct): a unary call's first attempt without a flow --------
+
+    def _start(self, plan: CallPlan) -> None:
+        """Pick and send as :meth:`_step` does for ``unary_flow``'s first PICK and CALL."""
+        try:
+            stats, done = self._pick_now(plan, None)
+        except _MustWait:
+            self._flow = flow = unary_flow(self._method, plan)
+            self._pending = flow.send(None)  # its first PICK, awaited
+            return
+        except BaseException as exc:  # as it ends an unobserved flow
+            return self._end((False, exc))
+        start = time.perf_counter()
+        try:
+            self._call = _send(self._method, stats, plan, self._request)
+        except BaseException as exc:
+            done(Outcome.IGNORED, time.perf_counter() - start)
+            return self._end((False, exc))
+        self._pending = (_AWAIT, plan.scope)
+        self._first = (plan, stats, done, start)
+        return None
+
+    async def _direct(self) -> Any:
+        """Await the first attempt; its answer is reported here, anything else resumes the flow (as :meth:`_run`)."""
+        call = self._call
+        plan, _, done, start = self._first  # type: ignore[misc]
+        if plan.scope is not None:
+            plan.scope.untrack(call)
+        self._driving = True
+        try:
+            reply: Any = None
+            error: BaseException | None = None
+            if call.cancelled():
+                reply = (False, Cancelled("cancelled"))
+            else:
+                try:
+                    response = await call
+                except grpc.RpcError as exc:
+                    reply = (False, exc)
+                except asyncio.CancelledError as exc:
+                    if not self._cancelled:
+                        self._resume()
+                        self._step(None, exc)  # the awaiting task was cancelled: the flow lets go first
+                        raise
+                    error = self._cancellation()
+                except BaseException as exc:
+                    error = exc
+                else:
+                    if not self._cancelled:
+                        self._first = None
+                        done(Outcome.SUCCESS, time.perf_counter() - start)
+                        self._end((True, response))
+                        return response
+                    reply = (True, response)
+            if self._cancelled and error is None:
+                error = self._cancellation()
+            self._resume()
+            self._step(reply, error)
+            return await self._awaited()
+        finally:
+            self._driving = False
+
+    def _resume(self) -> None:
+        """Hand the call to ``unary_flow``, primed at the first attempt's CALL (already sent)."""
+        plan, stats, done, start = self._first  # type: ignore[misc]
+        self._first = None
+        self._flow = flow = unary_flow(self._method, plan, (stats, done, start))
+        flow.send(None)
 
     # -- the driver ---------------------------------------------------------
 
     def _step(self, reply: Any, error: BaseException | None) -> None:
         """Perform the flow's non-blocking actions; stop at one that must be awaited."""
-        flow = self._flow
+        flow: Any = self._flow
         while True:
             try:
                 action = flow.send(reply) if error is None else flow.throw(error)
@@ -179,6 +274,8 @@ class Call:
 
     async def _run(self) -> Any:
         """Drive the flow to its end, or to its next DELIVER; return or raise its outcome."""
+        if self._first is not None:
+            return await self._direct()
         self._driving = True
         try:
             while self._pending is not None and self._pending[0] is not DELIVER:
@@ -208,7 +305,7 @@ class Call:
         return Cancelled(f"{self._method.method}: cancelled")
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._awaited().__await__()
+        return (self._awaited() if self._first is None else self._direct()).__await__()
 
     async def _awaited(self) -> Any:
         result = await self._run()

@@ -461,8 +461,9 @@ class MethodBase:
     """One stub method's wrapper: its identity and the channel's call policy."""
 
     __slots__ = (
-        "_budget", "_channel", "_compression", "_criticality", "_failovers", "_hedge_state", "_margin", "_metadata",
-        "_observer", "_retry", "_threshold", "_timeout", "_token", "deserializer", "idempotent", "method", "serializer",
+        "_budget", "_channel", "_compression", "_criticality", "_direct", "_failovers", "_hedge_state", "_margin",
+        "_metadata", "_observer", "_retry", "_threshold", "_timeout", "_token", "deserializer", "idempotent", "method",
+        "serializer",
     )  # fmt: skip
 
     kind = ""
@@ -500,6 +501,9 @@ class MethodBase:
         # methods whose contract says that is harmless, and only unary ones.
         hedge = policy.hedge if self.idempotent and self.kind == "unary_unary" else None
         self._hedge_state = None if hedge is None else channel.method_state(method, hedge)
+        #: A unary call's fast path: with no observer to tell each step and no hedging, the front picks and
+        #: sends the first attempt itself and reports its answer; anything else resumes ``unary_flow`` there.
+        self._direct = self._observer is None and self._hedge_state is None and self.kind == "unary_unary"
 
     def _prepare(
         self,

@@ -22,6 +22,11 @@ into the flow, which releases what it holds and re-raises.
 The decisions (what may be retried, when, where) are in
 :class:`Attempts` and :mod:`rpcframe._core.retry`; the events go to the
 channel's observer (:mod:`rpcframe.observe`) when one is set.
+
+A unary call with no observer and no hedging (``MethodBase._direct``, most
+calls) costs no generator round trips when its first attempt answers: the
+front performs that PICK and CALL itself, reports the answer, and starts
+:func:`unary_flow` at that CALL (``sent``) only for anything else.
 """
 
 from __future__ import annotations
@@ -207,8 +212,15 @@ def _again(method: MethodBase, plan: CallPlan, tries: Attempts | None,
     return plan.next(tries.number), tries
 
 
-def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
-    """A unary-response call: one attempt at a time, retried or failed over as :class:`Attempts` decides."""
+def unary_flow(method: MethodBase, plan: CallPlan, sent: tuple[Any, Any, float] | None = None) -> Flow:
+    """A unary-response call: one attempt at a time, retried or failed over as :class:`Attempts` decides.
+
+    ``sent`` is ``(stats, done, start)`` of a first attempt a front's fast
+    path (:attr:`MethodBase._direct`: no observer, no hedging) already
+    picked and sent, and that did not simply answer: the flow begins at that
+    attempt's CALL, which the driver primes it to with ``send(None)`` and
+    does not perform again.
+    """
     channel = method._channel
     info = None
     if method._observer is not None:
@@ -219,12 +231,17 @@ def unary_flow(method: MethodBase, plan: CallPlan) -> Flow:
     error: BaseException | None = None
     try:
         while True:
-            stats, done = yield (PICK, plan, avoid)
-            # Observer calls are guarded inline: unobserved calls pay no call for them.
-            attempt = None if info is None else _attempt_info(method, info, stats, number, tries)
-            start = time.perf_counter()
+            if sent is None:
+                stats, done = yield (PICK, plan, avoid)
+                # Observer calls are guarded inline: unobserved calls pay no call for them.
+                attempt = None if info is None else _attempt_info(method, info, stats, number, tries)
+                start = time.perf_counter()
+                action = (CALL, stats, plan if attempt is None else _sent(plan, attempt))
+            else:  # the fast path's first attempt (never observed)
+                (stats, done, start), sent, attempt = sent, None, None
+                action = (CALL, stats, plan)
             try:
-                ok, value = yield (CALL, stats, plan if attempt is None else _sent(plan, attempt))
+                ok, value = yield action
             except BaseException as exc:  # cancelled, or the driver failed
                 done(Outcome.IGNORED, time.perf_counter() - start)
                 if info is not None:

@@ -32,7 +32,7 @@ from ._common import (
     connectivity_of,
 )
 from ._flow import Flow, hedged_flow, stream_flow, unary_flow
-from ._sync_calls import Future, ResponseStream, drive
+from ._sync_calls import Future, ResponseStream, direct, drive
 
 __all__ = ["Channel", "ResponseStream", "connect"]
 
@@ -53,6 +53,8 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> Any:  # fmt: skip
         plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
+        if self._direct:
+            return direct(self, plan, request)
         return drive(self, self._flow(plan), request)
 
     def with_call(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,
@@ -60,6 +62,8 @@ class UnaryUnary(MethodBase, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc
                   compression: grpc.Compression | None = None) -> tuple[Any, grpc.Call]:  # fmt: skip
         """Like calling the method, but also return the call (for metadata)."""
         plan = self._prepare(request, timeout, metadata, credentials, wait_for_ready, compression)
+        if self._direct:
+            return direct(self, plan, request, with_call=True)  # type: ignore[no-any-return]
         return drive(self, self._flow(plan), request, with_call=True)  # type: ignore[no-any-return]
 
     def future(self, request: Any, timeout: float | None = None, metadata: Metadata | None = None,

@@ -17,9 +17,23 @@ import grpc
 from ..balancing.endpoint import EndpointStats, Outcome
 from ..errors import Cancelled
 from ._common import CallPlan, Metadata, MethodBase
-from ._flow import CALL, CANCEL, DELIVER, OPEN, PICK, SLEEP, START, WAIT, Flow, details_of, status_of, trailers_of
+from ._flow import (
+    CALL,
+    CANCEL,
+    DELIVER,
+    OPEN,
+    PICK,
+    SLEEP,
+    START,
+    WAIT,
+    Flow,
+    details_of,
+    status_of,
+    trailers_of,
+    unary_flow,
+)
 
-__all__ = ["Future", "ResponseStream", "drive"]
+__all__ = ["Future", "ResponseStream", "direct", "drive"]
 
 
 def _args(plan: CallPlan) -> tuple[Any, ...]:
@@ -139,12 +153,37 @@ class _Hedges:
                 self.scope.untrack(future)
 
 
-def drive(method: MethodBase, flow: Flow, request: Any, with_call: bool = False) -> Any:
-    """Run a unary flow to its end on this thread."""
+def direct(method: MethodBase, plan: CallPlan, request: Any, with_call: bool = False) -> Any:
+    """A unary call on the fast path (:attr:`MethodBase._direct`): its first attempt without a flow.
+
+    Picks and sends as :func:`drive` does for ``unary_flow``'s first PICK
+    and CALL, and reports an answer as the flow would; anything else (a
+    failure, an exception) resumes the flow at that CALL, which decides.
+    A pick that raises ends the call as it ends an unobserved flow.
+    """
     channel: Any = method._channel
-    hedges: _Hedges | None = None
+    stats, done = channel._pick(plan.wait_for_ready, plan.deadline, None)
+    start = time.perf_counter()
     reply: Any = None
     error: BaseException | None = None
+    try:
+        reply = _call(method, stats, plan, request, with_call)
+    except BaseException as exc:
+        error = exc
+    else:
+        if reply[0]:
+            done(Outcome.SUCCESS, time.perf_counter() - start)
+            return reply[1]
+    flow = unary_flow(method, plan, (stats, done, start))
+    flow.send(None)  # to the CALL performed above
+    return drive(method, flow, request, with_call, reply, error)
+
+
+def drive(method: MethodBase, flow: Flow, request: Any, with_call: bool = False, reply: Any = None,
+          error: BaseException | None = None) -> Any:  # fmt: skip
+    """Run a unary flow to its end on this thread (first sending it ``reply``, or throwing ``error``)."""
+    channel: Any = method._channel
+    hedges: _Hedges | None = None
     while True:
         try:
             action = flow.send(reply) if error is None else flow.throw(error)
