@@ -91,7 +91,8 @@ class BalancerCore:
         self.all_failed = False
         self.reason = f"{target}: resolving"
         self.picker: Picker = build_picker(policy, (), context, f"{target}: resolving")
-        self._expires_at = math.inf
+        #: When the earliest ejection ends (``inf``: none is ejected); :meth:`current` rebuilds the picker then.
+        self.expires_at = math.inf
 
     # -- reports from the fronts --------------------------------------------
 
@@ -184,7 +185,7 @@ class BalancerCore:
 
     def current(self) -> Picker:
         """The picker to use now (rebuilt first if an ejection has expired)."""
-        if self._expires_at <= self.context.clock():
+        if self.expires_at <= self.context.clock():
             self.refresh()
         return self.picker
 
@@ -215,7 +216,7 @@ class BalancerCore:
     def _rebuild(self) -> None:
         now = self.context.clock()
         ready = [e for e in self._entries.values() if e.connectivity is Connectivity.READY]
-        self._expires_at = update_ejections([e.stats for e in ready], self.outlier, now)
+        self.expires_at = update_ejections([e.stats for e in ready], self.outlier, now)
         usable = [e.stats for e in ready if e.serving and e.stats.ejected_until <= now]
         # Counted in servers: a server with some connections serving (the others reach a worker that drains) is healthy.
         self.panic = bool(ready) and _servers(usable) < self.panic_threshold * _servers(e.stats for e in ready)

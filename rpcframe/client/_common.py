@@ -13,6 +13,7 @@ contract and the budget allow (:class:`Attempts`, policy in
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -381,10 +382,11 @@ class BalancedChannelBase:
         """
         core = self._core
         for _ in range(_READY_TRIES):
-            picker = core.current()
+            # core.current() without a call while no ejection is due to end (nearly always).
+            picker = core.picker if core.expires_at == math.inf else core.current()
             if core.all_failed and not wait_for_ready:
                 raise Unavailable(core.reason)
-            stats, done = _pick_other(picker, avoid)
+            stats, done = picker.pick() if avoid is None else _pick_other(picker, avoid)
             if core.fallback or stats.handle.ready():
                 break
             done(Outcome.IGNORED, 0.0)
