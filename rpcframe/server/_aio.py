@@ -227,6 +227,11 @@ class Server(ServerBase):
         await context.abort(*NOT_RUN)
         raise AssertionError("unreachable: abort() raises")  # pragma: no cover
 
+    def _refuse_quietly(self, context: grpc.aio.ServicerContext) -> None:
+        if self._drainer is not None:
+            self._drainer.refused(time.monotonic())
+        _end_unrun(context, *NOT_RUN)
+
     def _leave(self) -> None:
         self._inflight -= 1
 
@@ -264,14 +269,19 @@ class Server(ServerBase):
         small = response_threshold(self.config)  # None unless the server compresses responses
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            # Refusals end the call before its request is read, and without
+            # abort(): under overload refusing is most of the work (see
+            # _end_unrun), and an unauthenticated caller's bytes stay unparsed.
             if self._refusing:
-                await self._refuse(context)
+                return self._refuse_quietly(context)
             if guard is not None and (denied := guard(context)) is not None:
-                await context.abort(*denied)
+                return _end_unrun(context, *denied)
             if limiters and (refused := governor.limit(limiters, context)) is not None:
-                await context.abort(*refused)
+                return _end_unrun(context, *refused)
             if admission is not None and (refused := governor.admit(admission, context)) is not None:
-                await context.abort(*refused)
+                return _end_unrun(context, *refused)
+            if request is _UNREAD:
+                request = await _one_request(context)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:
@@ -308,6 +318,8 @@ class Server(ServerBase):
                 if info is not None:
                     observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
+        if not streamed:
+            setattr(call, _READS_ITS_REQUEST, True)  # see _reading_request
         return call
 
     def _wrap_generator(self, method: str, behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
@@ -410,6 +422,30 @@ def _write_failure() -> type[Exception]:
 _WRITE_FAILED = _write_failure()
 
 
+#: A wrapper marked with this attribute reads its unary request itself, after
+#: its refusals (it is passed :data:`_UNREAD` instead of the request).
+_READS_ITS_REQUEST = "_rpcframe_reads_its_request"
+_UNREAD = object()
+
+
+def _end_unrun(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()
+) -> None:
+    """End a call with a status without raising; the handler then returns None.
+
+    grpc.aio's abort() raises through the handler's frames and sends the
+    status in a batch of its own; setting it and returning sends it with
+    the handler's end. Refusing is most of what an overloaded server does,
+    and this is its cheapest form on this front: with the request left
+    unread, a refused call costs the process ~510k instructions instead of
+    ~587k (callgrind, all threads; an empty echo costs ~575k).
+    """
+    context.set_code(code)
+    context.set_details(details)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+
+
 async def _one_request(context: Any) -> Any:
     """The call's single request message, or INVALID_ARGUMENT when none arrived whole."""
     request = await context.read()
@@ -453,6 +489,12 @@ def _reading_request(handler: Any) -> Any:
         return _writing_responses(handler)
     if not handler.response_streaming:
         unary = handler.unary_unary
+        if getattr(unary, _READS_ITS_REQUEST, False):  # rpcframe's wrapper: it reads once it has not refused
+
+            async def reads_later(_requests: Any, context: Any) -> Any:
+                return await unary(_UNREAD, context)
+
+            return handler._replace(request_streaming=True, unary_unary=None, stream_unary=reads_later)
         if not inspect.iscoroutinefunction(unary):
             return handler
 

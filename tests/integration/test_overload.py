@@ -25,6 +25,7 @@ from rpcframe.prometheus import PrometheusObserver
 from rpcframe.security import ApiKeys, AuthConfig, StaticToken
 from tests.cli import ServeProcess
 from tests.conftest import wait_until
+from tests.h2raw import grpc_frame, open_connection, read_answer, send_request
 from tests.servicers import AioScriptedEcho, ScriptedEcho
 
 ONE_AT_A_TIME = rpcframe.OverloadConfig(initial_limit=1, max_limit=1, queue_target=10.0)
@@ -317,3 +318,40 @@ async def test_aio_accept_queue_refuses_calls_grpc_holds_before_python_sees_them
     finally:
         servicer.release.set()
         await server.stop(0)
+
+
+async def test_aio_refuses_before_reading_the_request() -> None:
+    """A call the server refuses is answered from its headers: the request message is never awaited.
+
+    The raw HTTP/2 client sends a call's headers and no message, keeping its
+    side open; refused calls (no credentials; over the rate limit) are
+    answered at once, and the server never parses what was not read.
+    """
+    keys = {"alice": "k-alice-0123456789"}
+    auth = AuthConfig(api_keys=ApiKeys.from_plain(keys))
+    limit = rpcframe.RateLimit(rate=1e-6, burst=1, method=ECHO)  # one call, then none
+    server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=0, auth=auth, rate_limits=(limit,)))
+    servicer = AioScriptedEcho("a")
+    server.add(servicer)
+    port = server.bind("127.0.0.1:0")
+    await server.start()
+    key = (("x-api-key", keys["alice"]),)
+    conn = await asyncio.to_thread(open_connection, port)
+    try:
+        no_key = send_request(conn, f"/{ECHO}", b"", end_stream=False)
+        answer = await asyncio.to_thread(read_answer, conn, no_key, 5)
+        assert answer.grpc_status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+        first = send_request(
+            conn, f"/{ECHO}", grpc_frame(pb.EchoRequest(message="x").SerializeToString()), metadata=key
+        )
+        assert (await asyncio.to_thread(read_answer, conn, first, 5)).grpc_status == 0  # the one token
+        over = send_request(conn, f"/{ECHO}", b"", end_stream=False, metadata=key)
+        answer = await asyncio.to_thread(read_answer, conn, over, 5)
+        assert answer.grpc_status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert answer.trailers is not None or answer.headers is not None
+        assert (answer.trailers or answer.headers or {}).get("rpcframe-not-run") == "1"
+    finally:
+        conn.close()
+        await server.stop(0)
+    assert server.shed() == {"rate_limit": 1}
+    assert servicer.calls == 1
