@@ -42,7 +42,8 @@ _AWAIT = -1  # the driver's own step: await the attempt a CALL started
 
 
 def _send(method: MethodBase, stats: EndpointStats, plan: CallPlan, request: Any) -> Any:
-    call = stats.handle.call(method)(
+    handle = stats.handle
+    call = (handle.calls.get(method) or handle.call(method))(
         request, timeout=plan.timeout, metadata=plan.metadata, credentials=plan.credentials,
         wait_for_ready=plan.wait_for_ready, compression=plan.compression,
     )  # fmt: skip
@@ -137,18 +138,29 @@ class Call:
     # -- the fast path (MethodBase._direct): a unary call's first attempt without a flow --------
 
     def _start(self, plan: CallPlan) -> None:
-        """Pick and send as :meth:`_step` does for ``unary_flow``'s first PICK and CALL."""
+        """Pick and send as :meth:`_step` does for ``unary_flow``'s first PICK and CALL (:meth:`_pick_now`,
+        :func:`_send`, inlined: once per call)."""
+        method = self._method
+        channel = method._channel
         try:
-            stats, done = self._pick_now(plan, None)
-        except _MustWait:
-            self._flow = flow = unary_flow(self._method, plan)
+            stats, done = channel._pick_now(plan.wait_for_ready, None)
+        except NoEndpointError:
+            if not plan.wait_for_ready:
+                return self._end((False, Unavailable(channel.balancer.reason)))
+            self._flow = flow = unary_flow(method, plan)
             self._pending = flow.send(None)  # its first PICK, awaited
-            return
+            return None
         except BaseException as exc:  # as it ends an unobserved flow
             return self._end((False, exc))
         start = time.perf_counter()
+        handle = stats.handle
         try:
-            self._call = _send(self._method, stats, plan, self._request)
+            self._call = call = (handle.calls.get(method) or handle.call(method))(
+                self._request, timeout=plan.timeout, metadata=plan.metadata, credentials=plan.credentials,
+                wait_for_ready=plan.wait_for_ready, compression=plan.compression,
+            )  # fmt: skip
+            if plan.scope is not None:
+                plan.scope.track(call)
         except BaseException as exc:
             done(Outcome.IGNORED, time.perf_counter() - start)
             return self._end((False, exc))
@@ -185,7 +197,9 @@ class Call:
                     if not self._cancelled:
                         self._first = None
                         done(Outcome.SUCCESS, time.perf_counter() - start)
-                        self._end((True, response))
+                        self._outcome, self._pending = (True, response), None  # self._end(), inlined
+                        if self._ended is not None:
+                            self._ended.set()
                         return response
                     reply = (True, response)
             if self._cancelled and error is None:

@@ -92,6 +92,9 @@ class CallPlan(NamedTuple):
         )  # fmt: skip
 
 
+_new_plan = tuple.__new__
+
+
 def remaining_timeout(deadline: float | None) -> float | None:
     """Time left for another attempt; DeadlineExceeded when none is."""
     if deadline is None:
@@ -183,7 +186,8 @@ class SubchannelBase:
         self._health_request = health_pb2.HealthCheckRequest(service=config.health_service)
         # Keyed by wrapper object: two wrappers of one method path may carry
         # different serializers (a typed stub and a raw-bytes call).
-        self._calls: dict[MethodBase, Any] = {}
+        #: grpc multicallables by method wrapper (see :meth:`call`; the per-call send reads it first).
+        self.calls: dict[MethodBase, Any] = {}
         #: Told each health status (address, serving) when the channel replaces connections that reach a
         #: draining worker (``connections_per_endpoint`` > 1); None otherwise.
         self.renew: Callable[[str, bool], None] | None = None
@@ -212,11 +216,11 @@ class SubchannelBase:
 
     def call(self, method: MethodBase) -> Any:
         """The grpc multicallable of ``method`` on this endpoint (cached)."""
-        mc = self._calls.get(method)
+        mc = self.calls.get(method)
         if mc is None:
             factory = getattr(self.channel, method.kind)
             mc = factory(method.method, method.serializer, method.deserializer, True)
-            self._calls[method] = mc
+            self.calls[method] = mc
         return mc
 
 
@@ -544,7 +548,9 @@ class MethodBase:
         if compression is None and self._compression is not None:  # the caller's choice wins
             compression = self._compressed(request)
         deadline = None if timeout is None else now + timeout
-        return CallPlan(deadline, timeout, metadata, credentials, wait_for_ready, compression, scope, metadata, request)
+        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function (a frame per call).
+        fields = (deadline, timeout, metadata, credentials, wait_for_ready, compression, scope, metadata, request, 1)
+        return _new_plan(CallPlan, fields)
 
     def _compressed(self, request: Any) -> grpc.Compression | None:
         """The configured algorithm, or ``None`` for a unary request under the threshold.

@@ -56,11 +56,14 @@ def _outcome(method: MethodBase, future: Any, with_call: bool) -> tuple[bool, An
 
 def _call(method: MethodBase, stats: EndpointStats, plan: CallPlan, request: Any, with_call: bool) -> tuple[bool, Any]:
     """One blocking attempt; cancellable from the incoming call when sent while handling one."""
-    mc = stats.handle.call(method)
+    handle = stats.handle
+    mc = handle.calls.get(method) or handle.call(method)
     scope = plan.scope
     try:
         if scope is None:
-            return True, (mc.with_call if with_call else mc)(request, *_args(plan))
+            return True, (mc.with_call if with_call else mc)(
+                request, plan.timeout, plan.metadata, plan.credentials, plan.wait_for_ready, plan.compression
+            )
         future = mc.future(request, *_args(plan))
         scope.track(future)
         try:

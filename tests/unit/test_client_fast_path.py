@@ -19,6 +19,7 @@ import rpcframe
 import rpcframe.aio
 from generated.rpcframe.echo.v1 import echo_pb2 as pb
 from generated.rpcframe.echo.v1 import echo_pb2_grpc
+from rpcframe.client._common import ATTEMPT_KEY, CallPlan
 from tests.conftest import Running, eventually, wait_until
 from tests.servicers import Backend
 
@@ -155,3 +156,19 @@ def test_sync_application_error_is_not_retried(sync_server: Running) -> None:
             channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="raise:NotFound:gone"))
         assert channel.counters()["retries"] == 0
         assert _inflight(channel) == 0
+
+
+def test_the_plan_is_a_whole_call_plan(sync_server: Running) -> None:
+    with rpcframe.connect(sync_server.target, _CONFIG) as channel:
+        method = channel.stub(echo_pb2_grpc.EchoServiceStub).Echo
+        request = pb.EchoRequest(message="p")
+        plan = method._prepare(request, 3.0, (("k", "v"),), None, True, None)
+        assert type(plan) is CallPlan
+        assert plan.timeout == 3.0
+        assert plan.wait_for_ready is True
+        assert plan.request is request
+        assert plan.metadata == plan.base_metadata == (("k", "v"),)
+        assert plan.attempt == 1
+        assert plan.scope is None
+        assert plan.deadline is not None
+        assert plan.next(2).metadata == (("k", "v"), (ATTEMPT_KEY, "2"))
