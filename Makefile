@@ -67,6 +67,7 @@ bench: setup
 	$(PY) -m benchmarks.retries
 	$(PY) -m benchmarks.observability
 	$(PY) -m benchmarks.overload
+	$(PY) -m benchmarks.refusal
 	$(PY) -m benchmarks.limiters
 	$(PY) -m benchmarks.workers
 	$(PY) -m benchmarks.compression
@@ -80,6 +81,7 @@ bench-quick: setup
 	$(PY) -m benchmarks.retries --quick
 	$(PY) -m benchmarks.observability --quick
 	$(PY) -m benchmarks.overload --quick
+	$(PY) -m benchmarks.refusal --quick
 	$(PY) -m benchmarks.limiters
 	$(PY) -m benchmarks.workers --quick
 	$(PY) -m benchmarks.compression --quick
