@@ -63,6 +63,11 @@ class Outcome(enum.IntEnum):
     REJECTED = 3  # refused unrun as overloaded: a failure, and what client throttling counts
 
 
+# Members as module constants for the per-call path: on Python 3.11 ``Outcome.X`` goes through the
+# enum metaclass's ``__getattr__`` hook, about 1,000 instructions a lookup.
+_SUCCESS, _IGNORED, _REJECTED = Outcome.SUCCESS, Outcome.IGNORED, Outcome.REJECTED
+
+
 class EndpointStats:
     """Live state of one endpoint, shared by every picker snapshot.
 
@@ -117,10 +122,15 @@ class EndpointStats:
     def begin(self) -> None:
         """Count a call as started on this endpoint."""
         now = self._clock()
-        with self._lock:
+        # acquire/release rather than `with`: half the instructions (the lock is taken twice per call).
+        lock = self._lock
+        lock.acquire()
+        try:
             self.inflight += 1
             self._start_sum += now
             self.last_begin = now
+        finally:
+            lock.release()
 
     def as_stream(self) -> None:
         """Mark the call just begun as a stream: its age says nothing of latency."""
@@ -136,7 +146,9 @@ class EndpointStats:
         a stream (see :meth:`as_stream`).
         """
         now = self._clock()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self.inflight -= 1
             if latency < 0:
                 self.streams -= 1
@@ -144,14 +156,14 @@ class EndpointStats:
                 self._start_sum = 0.0  # nothing aged in flight: drop rounding drift
             else:
                 self._start_sum -= now - latency
-            if outcome is Outcome.IGNORED:
+            if outcome is _IGNORED:
                 return False
             throttle = self.throttle
             if throttle is not None:
-                throttle.record(outcome is not Outcome.REJECTED, now)
+                throttle.record(outcome is not _REJECTED, now)
             if latency < 0:
                 return False
-            if outcome is Outcome.SUCCESS:
+            if outcome is _SUCCESS:
                 if self.peak_ewma:
                     self.ewma.observe(latency, now)
                 self._sample(latency, now)
@@ -165,6 +177,8 @@ class EndpointStats:
             self._sample(max(latency, FAILURE_PENALTY * self.latency, MIN_FAILURE_LATENCY), now)
             self.consecutive_failures += 1
             return self.consecutive_failures == self.failure_threshold
+        finally:
+            lock.release()
 
     def _sample(self, latency: float, now: float) -> None:
         """Fold a sample into :attr:`latency` (caller holds the lock).
