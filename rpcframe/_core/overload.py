@@ -302,19 +302,28 @@ class Admission:
 
     def enter(self) -> int:
         """An admitted call's handler starts; returns the stamp :meth:`leave` wants."""
-        with self._lock:
+        # acquire/release, not `with`: about half the instructions, twice per call.
+        lock = self._lock
+        lock.acquire()
+        try:
             alone = self.running == 0
             self.running += 1
             self._admitted += 1
             return self._admitted if alone else -1
+        finally:
+            lock.release()
 
     def leave(self, stamp: int, latency: float, now: float) -> None:
         """The handler of the call :meth:`enter` stamped ended after ``latency`` seconds."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self.running -= 1
             self.latency.add(latency)
             # Alone: it started with none running and none started since.
             self.limiter.sample_locked(latency, stamp == self._admitted, now)
+        finally:
+            lock.release()
 
     def admit(
         self, queue_delay: float, remaining: float | None, now: float,

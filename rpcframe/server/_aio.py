@@ -253,12 +253,16 @@ class Server(ServerBase):
         else:
             streaming = handler.response_streaming or handler.request_streaming
             admission = self.governor.admission(method, streaming)  # None: streams, or protection off
-            wrapped = self._wrap_function(method, behaviour, handler.request_streaming, admission)
+            reads_itself = key == "unary_unary"  # registered request-streaming: see _reading_request
+            wrapped = self._wrap_function(method, behaviour, handler.request_streaming, admission, reads_itself)
+            if reads_itself:
+                setattr(wrapped, _READS_ITS_REQUEST, True)
         return handler._replace(**{key: wrapped})
 
     def _wrap_function(
-        self, method: str, behaviour: Callable[..., Any], streamed: bool, admission: Admission | None
-    ) -> Callable[..., Any]:
+        self, method: str, behaviour: Callable[..., Any], streamed: bool, admission: Admission | None,
+        reads_itself: bool = False,
+    ) -> Callable[..., Any]:  # fmt: skip
         # Plain functions are the generated base's "not implemented" stubs
         # (or handlers that write with context.write); they run inline.
         is_async = inspect.iscoroutinefunction(behaviour)
@@ -280,7 +284,7 @@ class Server(ServerBase):
                 return _end_unrun(context, *refused)
             if admission is not None and (refused := governor.admit(admission, context)) is not None:
                 return _end_unrun(context, *refused)
-            if request is _UNREAD:
+            if reads_itself:
                 request = await _one_request(context)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
@@ -318,8 +322,6 @@ class Server(ServerBase):
                 if info is not None:
                     observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
-        if not streamed:
-            setattr(call, _READS_ITS_REQUEST, True)  # see _reading_request
         return call
 
     def _wrap_generator(self, method: str, behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
@@ -422,10 +424,10 @@ def _write_failure() -> type[Exception]:
 _WRITE_FAILED = _write_failure()
 
 
-#: A wrapper marked with this attribute reads its unary request itself, after
-#: its refusals (it is passed :data:`_UNREAD` instead of the request).
+#: rpcframe's unary_unary wrappers carry this attribute: registered as
+#: request-streaming as they are, they read the request themselves once
+#: they have not refused the call (the request iterator grpc passes is unused).
 _READS_ITS_REQUEST = "_rpcframe_reads_its_request"
-_UNREAD = object()
 
 
 def _end_unrun(
@@ -490,11 +492,7 @@ def _reading_request(handler: Any) -> Any:
     if not handler.response_streaming:
         unary = handler.unary_unary
         if getattr(unary, _READS_ITS_REQUEST, False):  # rpcframe's wrapper: it reads once it has not refused
-
-            async def reads_later(_requests: Any, context: Any) -> Any:
-                return await unary(_UNREAD, context)
-
-            return handler._replace(request_streaming=True, unary_unary=None, stream_unary=reads_later)
+            return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
         if not inspect.iscoroutinefunction(unary):
             return handler
 
