@@ -49,7 +49,7 @@ class AdaptiveThrottle:
     """Requests and accepts of one endpoint over a sliding window of 10 buckets."""
 
     __slots__ = (
-        "_accepts", "_index", "_k", "_min", "_next", "_requests", "_slot", "_span", "accepted", "p", "requested",
+        "_index", "_k", "_min", "_next", "_refusals", "_requests", "_slot", "_span", "p", "refused", "requested",
     )  # fmt: skip
 
     BUCKETS = 10
@@ -59,13 +59,19 @@ class AdaptiveThrottle:
         self._min = config.min_requests
         self._span = config.window / self.BUCKETS
         self._requests = [0] * self.BUCKETS
-        self._accepts = [0] * self.BUCKETS
+        # Refusals rather than accepts are counted: an accept, nearly every call, is then one count less.
+        self._refusals = [0] * self.BUCKETS
         self._slot = int(now / self._span)
         self._index = self._slot % self.BUCKETS  # the bucket of the current slot
         self._next = (self._slot + 1) * self._span  # when the next slot starts
         self.requested = 0  #: requests in the window
-        self.accepted = 0  #: accepts in the window
+        self.refused = 0  #: requests in the window the endpoint did not accept
         self.p = 0.0  #: the probability of refusing the next request locally
+
+    @property
+    def accepted(self) -> int:
+        """Accepts in the window."""
+        return self.requested - self.refused
 
     def record(self, accepted: bool, now: float) -> None:
         """One request, accepted by the endpoint or not (refused as overloaded, or locally)."""
@@ -75,25 +81,27 @@ class AdaptiveThrottle:
         self._requests[index] += 1
         self.requested += 1
         if accepted:
-            self._accepts[index] += 1
-            self.accepted += 1
             # Every call of a healthy endpoint lands here: an accept cannot
             # raise p from 0 once the formula applies, so skip recomputing it.
             if self.p == 0.0 and self.requested > self._min:
                 return
+        else:
+            self._refusals[index] += 1
+            self.refused += 1
         self._update()
 
     def _update(self) -> None:
         requested = self.requested
-        self.p = 0.0 if requested < self._min else max(0.0, (requested - self._k * self.accepted) / (requested + 1))
+        accepted = requested - self.refused
+        self.p = 0.0 if requested < self._min else max(0.0, (requested - self._k * accepted) / (requested + 1))
 
     def _roll(self, slot: int) -> None:
         """Drop the buckets older than the window."""
         for gone in range(max(self._slot + 1, slot - self.BUCKETS + 1), slot + 1):
             index = gone % self.BUCKETS
             self.requested -= self._requests[index]
-            self.accepted -= self._accepts[index]
-            self._requests[index] = self._accepts[index] = 0
+            self.refused -= self._refusals[index]
+            self._requests[index] = self._refusals[index] = 0
         self._slot = slot
         self._index = slot % self.BUCKETS
         self._next = (slot + 1) * self._span

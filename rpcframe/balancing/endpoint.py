@@ -166,38 +166,34 @@ class EndpointStats:
             if outcome is _SUCCESS:
                 if self.peak_ewma:
                     self.ewma.observe(latency, now)
-                self._sample(latency, now)
                 self.consecutive_failures = 0
-                return False
-            # A failing endpoint often fails fast; counted as fast it would
-            # attract more calls (a "black hole"), so a failure costs at least
-            # several times the current estimate.
-            if self.peak_ewma:
-                self.ewma.observe(max(latency, FAILURE_PENALTY * self.ewma.value, MIN_FAILURE_LATENCY), now)
-            self._sample(max(latency, FAILURE_PENALTY * self.latency, MIN_FAILURE_LATENCY), now)
-            self.consecutive_failures += 1
-            return self.consecutive_failures == self.failure_threshold
+                ejection_due = False
+            else:
+                # A failing endpoint often fails fast; counted as fast it would
+                # attract more calls (a "black hole"), so a failure costs at least
+                # several times the current estimate.
+                if self.peak_ewma:
+                    self.ewma.observe(max(latency, FAILURE_PENALTY * self.ewma.value, MIN_FAILURE_LATENCY), now)
+                latency = max(latency, FAILURE_PENALTY * self.latency, MIN_FAILURE_LATENCY)
+                self.consecutive_failures += 1
+                ejection_due = self.consecutive_failures == self.failure_threshold
+            # The sample folded into the mean latency (inline: once per call). An exponential mean
+            # whose sample weight is LATENCY_WEIGHT for a busy endpoint and grows with the time since
+            # the previous sample: the first answer after seconds without calls (a probe of an
+            # endpoint the picker avoided) replaces a stale mean, so a recovered backend is seen as
+            # recovered at once. Floored at 1 us: 0 means "not known yet".
+            if latency < 1e-6:
+                latency = 1e-6
+            weight = (now - self.latency_at) / LATENCY_STALE
+            if weight < LATENCY_WEIGHT:
+                weight = LATENCY_WEIGHT
+            elif weight > 1.0:
+                weight = 1.0
+            self.latency += weight * (latency - self.latency)
+            self.latency_at = now
+            return ejection_due
         finally:
             lock.release()
-
-    def _sample(self, latency: float, now: float) -> None:
-        """Fold a sample into :attr:`latency` (caller holds the lock).
-
-        An exponential mean whose sample weight is LATENCY_WEIGHT for a busy
-        endpoint and grows with the time since the previous sample: the
-        first answer after seconds without calls (a probe of an endpoint the
-        picker avoided) replaces a stale mean, so a recovered backend is
-        seen as recovered at once. Floored at 1 µs: 0 means "not known yet".
-        """
-        if latency < 1e-6:
-            latency = 1e-6
-        weight = (now - self.latency_at) / LATENCY_STALE
-        if weight < LATENCY_WEIGHT:
-            weight = LATENCY_WEIGHT
-        elif weight > 1.0:
-            weight = 1.0
-        self.latency += weight * (latency - self.latency)
-        self.latency_at = now
 
     def cost(self, now: float) -> float:
         """Peak-EWMA load score: latency estimate x (in-flight + 1).
