@@ -172,8 +172,8 @@ class Call:
 
     async def _direct(self) -> Any:
         """Await the first attempt; its answer is reported here, anything else resumes the flow (as :meth:`_run`)."""
-        call = self._call
-        plan, _, done, start = self._first  # type: ignore[misc]
+        call, first = self._call, self._first
+        plan, _, done, start = first  # type: ignore[misc]
         if plan.scope is not None:
             plan.scope.untrack(call)
         self._driving = True
@@ -188,15 +188,17 @@ class Call:
                 except grpc.RpcError as exc:
                     reply = (False, exc)
                 except asyncio.CancelledError as exc:
-                    if not self._cancelled:
+                    if not self._cancelled and self._first is first:
                         self._resume()
                         self._step(None, exc)  # the awaiting task was cancelled: the flow lets go first
+                        raise
+                    if self._first is not first:  # another awaiter of this call took it over meanwhile
                         raise
                     error = self._cancellation()
                 except BaseException as exc:
                     error = exc
                 else:
-                    if not self._cancelled:
+                    if not self._cancelled and self._first is first:
                         self._first = None
                         done(_SUCCESS, time.perf_counter() - start)
                         self._outcome, self._pending = (True, response), None  # self._end(), inlined
@@ -204,6 +206,8 @@ class Call:
                             self._ended.set()
                         return response
                     reply = (True, response)
+            if self._first is not first:  # another awaiter of this call settled it or took it over meanwhile
+                return await self._joined()
             if self._cancelled and error is None:
                 error = self._cancellation()
             self._resume()
@@ -211,6 +215,14 @@ class Call:
             return await self._awaited()
         finally:
             self._driving = False
+
+    async def _joined(self) -> Any:
+        """The outcome of a call another awaiter (of the same call object) drives: once it ends."""
+        await self._settled()
+        ok, value = self._outcome  # type: ignore[misc]
+        if ok:
+            return value
+        raise value
 
     def _resume(self) -> None:
         """Hand the call to ``unary_flow``, primed at the first attempt's CALL (already sent)."""

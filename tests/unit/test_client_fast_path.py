@@ -172,3 +172,19 @@ def test_the_plan_is_a_whole_call_plan(sync_server: Running) -> None:
         assert plan.scope is None
         assert plan.deadline is not None
         assert plan.next(2).metadata == (("k", "v"), (ATTEMPT_KEY, "2"))
+
+
+async def test_aio_two_awaiters_of_one_call_get_its_response_and_release_the_pick_once(aio_server: Running) -> None:
+    async with rpcframe.aio.connect(aio_server.target, _CONFIG) as channel:
+        call = channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="twice"))
+        first, second = await asyncio.gather(asyncio.ensure_future(call), asyncio.ensure_future(call))
+        assert first.message == second.message == "twice"
+        assert _inflight(channel) == 0  # not -1: the answer was reported once
+
+
+async def test_aio_two_awaiters_of_a_failing_call_get_its_error(aio_server: Running) -> None:
+    async with rpcframe.aio.connect(aio_server.target, _CONFIG) as channel:
+        call = channel.stub(echo_pb2_grpc.EchoServiceStub).Echo(pb.EchoRequest(message="raise:NotFound:gone"))
+        results = await asyncio.gather(asyncio.ensure_future(call), asyncio.ensure_future(call), return_exceptions=True)
+        assert all(isinstance(r, rpcframe.NotFound) for r in results)
+        assert _inflight(channel) == 0
