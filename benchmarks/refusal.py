@@ -91,6 +91,7 @@ def _serve_sync(mode: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     if mode == "raw echo":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by sigwait below, not fatal
         server = grpc.server(ThreadPoolExecutor(max_workers=16))
         bench_pb2_grpc.add_BenchServiceServicer_to_server(_Echo(), server)  # type: ignore[abstract]
         port = server.add_insecure_port("127.0.0.1:0")
