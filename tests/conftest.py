@@ -96,7 +96,17 @@ def run_in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[obje
 @pytest.fixture
 def backends() -> Iterator[list[Backend]]:
     """Three thread-pool echo servers named a, b and c."""
-    started = [Backend(name) for name in ("a", "b", "c")]
+    yield from _started("abc")
+
+
+@pytest.fixture
+def two() -> Iterator[list[Backend]]:
+    """Two thread-pool echo servers named a and b."""
+    yield from _started("ab")
+
+
+def _started(names: str) -> Iterator[list[Backend]]:
+    started = [Backend(name) for name in names]
     yield started
     for backend in started:
         backend.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -41,14 +40,6 @@ class Recorder(CallObserver):
     def call_ended(self, call: CallInfo, status: grpc.StatusCode, attempts: int, latency: float) -> None:
         assert latency >= 0
         self.events.append(("call_end", status.name, attempts))
-
-
-@pytest.fixture
-def two() -> Iterator[list[Backend]]:
-    started = [Backend(name) for name in "ab"]
-    yield started
-    for backend in started:
-        backend.stop()
 
 
 def _connect(backends: list[Backend], **kwargs: Any) -> rpcframe.Channel:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -28,14 +27,6 @@ _CONFIG = rpcframe.ChannelConfig(policy="round_robin", slow_start=0, default_tim
 
 def _inflight(channel: rpcframe.Channel | rpcframe.aio.Channel) -> int:
     return sum(state.in_flight for state in channel.endpoint_states())
-
-
-@pytest.fixture
-def two() -> Iterator[list[Backend]]:
-    started = [Backend(name) for name in "ab"]
-    yield started
-    for backend in started:
-        backend.stop()
 
 
 async def test_aio_answer_is_recorded_and_the_pick_released(aio_server: Running) -> None:
