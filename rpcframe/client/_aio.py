@@ -36,7 +36,6 @@ from ._flow import hedged_flow, stream_flow, unary_flow
 
 __all__ = ["Call", "Channel", "connect"]
 
-_CY_READY = grpc.ChannelConnectivity.READY.value[0]  # grpc_connectivity_state READY, as the cygrpc channel says it
 _WATCH_END = 1.0  # seconds close() waits for a cancelled health Watch's task to end by itself
 
 
@@ -94,15 +93,10 @@ class _Subchannel(SubchannelBase):
 
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
         super().__init__(address, grpc.aio, core, config)
-        # ready() asks the cygrpc channel, as grpc.aio's get_state does, without its Python layer (once per call).
-        self._cy_channel = self.channel._channel
         self._watch: Any = None  # the health Watch call in progress, ended first by close()
         self._tasks = [asyncio.ensure_future(self._watch_state())]
         if config.health_check:
             self._tasks.append(asyncio.ensure_future(self._watch_health()))
-
-    def ready(self) -> bool:
-        return bool(self._cy_channel.check_connectivity_state(False) == _CY_READY)
 
     def connectivity(self) -> Connectivity:
         return connectivity_of(self.channel.get_state(False))

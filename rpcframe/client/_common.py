@@ -166,6 +166,8 @@ def connectivity_of(state: grpc.ChannelConnectivity) -> Connectivity:
     return Connectivity[state.name]
 
 
+_CY_READY = grpc.ChannelConnectivity.READY.value[0]  # READY as the cygrpc channel says it
+
 HEALTH_BACKOFF = (0.05, 2.0)  # seconds: first and longest wait between health Watch attempts
 
 
@@ -182,6 +184,9 @@ class SubchannelBase:
             channel = grpc_module.insecure_channel(dial, options=options)
         self.address = address
         self.channel = channel
+        # The cygrpc channel below either front's: it answers "connected now?" without
+        # the Python layer (once per call; grpc's sync channel has no public call for it).
+        self._cy_channel = channel._channel
         self._core = core
         self._health_request = health_pb2.HealthCheckRequest(service=config.health_service)
         # Keyed by wrapper object: two wrappers of one method path may carry
@@ -194,7 +199,7 @@ class SubchannelBase:
 
     def ready(self) -> bool:
         """Whether grpc's channel has a connection now (asked of grpc, not of our watcher)."""
-        raise NotImplementedError
+        return bool(self._cy_channel.check_connectivity_state(False) == _CY_READY)
 
     def connectivity(self) -> Connectivity:
         """grpc's connectivity state of the channel now."""

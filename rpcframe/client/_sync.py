@@ -38,7 +38,6 @@ __all__ = ["Channel", "ResponseStream", "connect"]
 
 # grpc_connectivity_state values as the cygrpc channel reports them.
 _CY_STATES = {state.value[0]: state for state in grpc.ChannelConnectivity}
-_CY_READY = grpc.ChannelConnectivity.READY.value[0]
 _POLL_EXIT = 10.0  # seconds to wait for grpc's connectivity thread (it polls every 0.2 s; slow under load)
 _RETIRE_QUIET = 0.1  # seconds without a call in flight before a replaced connection is closed
 
@@ -147,18 +146,12 @@ class _Subchannel(SubchannelBase):
 
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
         super().__init__(address, grpc, core, config)
-        # grpc's sync channel has no public "state now" call (only subscribe);
-        # its own connectivity poller asks the cygrpc channel the same way.
-        self._cy_channel = self.channel._channel
         self._closed = threading.Event()
         self._kick: grpc.Future | None = None
         self._watch: Any = None
         self.channel.subscribe(self._on_state, try_to_connect=True)
         if config.health_check:
             threading.Thread(target=self._watch_health, daemon=True, name=f"rpcframe-health-{address}").start()
-
-    def ready(self) -> bool:
-        return bool(self._cy_channel.check_connectivity_state(False) == _CY_READY)
 
     def connectivity(self) -> Connectivity:
         state = self._cy_channel.check_connectivity_state(False)
