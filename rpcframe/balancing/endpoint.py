@@ -12,7 +12,7 @@ from typing import Any
 from .._core.ewma import PeakEWMA
 from .._core.throttle import AdaptiveThrottle
 
-__all__ = ["Endpoint", "EndpointStats", "Outcome", "backend_address"]
+__all__ = ["IGNORED", "REJECTED", "SUCCESS", "Endpoint", "EndpointStats", "Outcome", "backend_address"]
 
 Clock = Callable[[], float]
 
@@ -63,9 +63,9 @@ class Outcome(enum.IntEnum):
     REJECTED = 3  # refused unrun as overloaded: a failure, and what client throttling counts
 
 
-# Members as module constants for the per-call path: on Python 3.11 ``Outcome.X`` goes through the
-# enum metaclass's ``__getattr__`` hook, about 1,000 instructions a lookup.
-_SUCCESS, _IGNORED, _REJECTED = Outcome.SUCCESS, Outcome.IGNORED, Outcome.REJECTED
+#: :class:`Outcome` members as module constants for per-call code (here and the client fronts): on
+#: Python 3.11 ``Outcome.X`` goes through the enum metaclass's ``__getattr__``, ~1,000 instructions a lookup.
+SUCCESS, IGNORED, REJECTED = Outcome.SUCCESS, Outcome.IGNORED, Outcome.REJECTED
 
 
 class EndpointStats:
@@ -156,14 +156,14 @@ class EndpointStats:
                 self._start_sum = 0.0  # nothing aged in flight: drop rounding drift
             else:
                 self._start_sum -= now - latency
-            if outcome is _IGNORED:
+            if outcome is IGNORED:
                 return False
             throttle = self.throttle
             if throttle is not None:
-                throttle.record(outcome is not _REJECTED, now)
+                throttle.record(outcome is not REJECTED, now)
             if latency < 0:
                 return False
-            if outcome is _SUCCESS:
+            if outcome is SUCCESS:
                 if self.peak_ewma:
                     self.ewma.observe(latency, now)
                 self.consecutive_failures = 0
