@@ -221,12 +221,6 @@ class Server(ServerBase):
 
     # -- the one per-call wrapper -------------------------------------------
 
-    async def _refuse(self, context: grpc.aio.ServicerContext) -> NoReturn:
-        if self._drainer is not None:
-            self._drainer.refused(time.monotonic())
-        await context.abort(*NOT_RUN)
-        raise AssertionError("unreachable: abort() raises")  # pragma: no cover
-
     def _refuse_quietly(self, context: grpc.aio.ServicerContext) -> None:
         if self._drainer is not None:
             self._drainer.refused(time.monotonic())
@@ -333,7 +327,8 @@ class Server(ServerBase):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self._refusing:
-                await self._refuse(context)
+                self._refuse_quietly(context)
+                return
             if guard is not None and (denied := guard(context)) is not None:
                 await context.abort(*denied)
             if limiters and (refused := governor.limit(limiters, context)) is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -122,8 +124,23 @@ async def _arefused(stub: echo_pb2_grpc.EchoServiceStub) -> bool:
     return False
 
 
+class _AioStreamingEcho(AioScriptedEcho):
+    async def Expand(self, request: pb.ExpandRequest, context: Any) -> AsyncIterator[pb.EchoResponse]:  # type: ignore[override]
+        for _ in range(request.count):
+            yield pb.EchoResponse(message=request.message)
+
+
+async def _astream_refused(stub: echo_pb2_grpc.EchoServiceStub) -> bool:
+    """A server-streaming call is refused unrun (UNAVAILABLE with the never-run marker)."""
+    try:
+        [r async for r in stub.Expand(pb.ExpandRequest(message="new", count=2), timeout=2)]
+    except rpcframe.Unavailable as exc:
+        return ("rpcframe-not-run", "1") in tuple(exc.trailing_metadata() or ())
+    return False
+
+
 async def test_graceful_stop_aio() -> None:
-    servicer = AioScriptedEcho()
+    servicer = _AioStreamingEcho()
     server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=30))
     server.add(servicer)
     port = server.bind("127.0.0.1:0")
@@ -143,6 +160,7 @@ async def test_graceful_stop_aio() -> None:
         stopper = asyncio.ensure_future(server.stop())
         await eventually(lambda: seen(NOT_SERVING))
         await eventually(lambda: _arefused(stub))
+        assert await _astream_refused(stub)
         assert not stopper.done()
 
         servicer.release.set()
