@@ -43,6 +43,7 @@ __all__ = ["Server"]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_EOF = grpc.aio.EOF
 
 
 class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -111,6 +112,8 @@ class Server(ServerBase):
     Same API as :class:`rpcframe.Server`, with ``start``/``stop``/``wait``/
     ``set_serving``/``run`` as coroutines and ``async with`` support.
     """
+
+    _ONE_THREAD = True  # handlers run on the event loop's thread
 
     def __init__(self, config: ServerConfig | None = None) -> None:
         super().__init__(config or ServerConfig())
@@ -278,8 +281,10 @@ class Server(ServerBase):
                 return _end_unrun(context, *refused)
             if admission is not None and (refused := governor.admit(admission, context)) is not None:
                 return _end_unrun(context, *refused)
-            if reads_itself:
-                request = await _one_request(context)
+            if reads_itself:  # _one_request inline: one coroutine less per call
+                request = await context.read()
+                if request is _EOF:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
             if type(request) is BadRequest:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             if streamed:
@@ -309,7 +314,7 @@ class Server(ServerBase):
                 await self._fail(exc, context, method)
             finally:
                 scope.ended = True
-                self._leave()
+                self._inflight -= 1  # one thread: no lock, and no method call
                 if admission is not None:
                     ended = now()
                     admission.leave(stamp, ended - started, ended)

@@ -209,11 +209,7 @@ class _Scope(IncomingScope):
     outgoing call, so handlers that call nothing pay nothing for it.
     """
 
-    __slots__ = ("_watching",)
-
-    def __init__(self, context: Any, cap: float | None) -> None:
-        super().__init__(context, cap)
-        self._watching = False
+    __slots__ = ()
 
     def track(self, call: Any) -> None:
         if not self._watching:
@@ -373,14 +369,22 @@ class Server(ServerBase):
     # -- the one per-call wrapper -------------------------------------------
 
     def _enter(self) -> None:
-        with self._count_lock:  # the condition's own lock, without its Python-level __enter__
-            self._inflight += 1
+        # The condition's own lock, without its Python-level __enter__, and
+        # acquire/release rather than `with`: fewer instructions per call.
+        lock = self._count_lock
+        lock.acquire()
+        self._inflight += 1
+        lock.release()
 
     def _leave(self) -> None:
-        with self._count_lock:
+        lock = self._count_lock
+        lock.acquire()
+        try:
             self._inflight -= 1
             if self._inflight == 0 and self._stopping:  # only stop() waits on it
                 self._idle.notify_all()
+        finally:
+            lock.release()
 
     def _fail(self, exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
         if is_grpc_abort(exc, context):
@@ -394,7 +398,7 @@ class Server(ServerBase):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         server, enter, leave, fail, observer = self, self._enter, self._leave, self._fail, self._observer
         cap = self.config.max_deadline
-        set_scope = scope_var.set
+        set_scope, reset_scope = scope_var.set, scope_var.reset
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
         watch, reads, now = self._stalls, handler.request_streaming, time.monotonic
         governor = self.governor
@@ -456,8 +460,10 @@ class Server(ServerBase):
                 _end_unrun(context, refused)
             if admission is not None and (refused := governor.admit(admission, context)) is not None:
                 _end_unrun(context, refused)
-            if one:
-                request = _one_request(request, context)
+            if one:  # _one_request inline (one call less per call)
+                request = next(request, None)
+                if request is None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             info = None if observer is None else _received(observer, method, context, request)
@@ -475,7 +481,8 @@ class Server(ServerBase):
             except Exception as exc:
                 fail(exc, context, method)
             finally:
-                _end_scope(scope, token)
+                scope.ended = True
+                reset_scope(token)  # this thread's own call: _end_scope's guard is not needed
                 leave()
                 if admission is not None:
                     ended = now()

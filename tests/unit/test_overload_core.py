@@ -156,3 +156,16 @@ def test_token_bucket_refills_at_its_rate() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         OverloadConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_one_thread_admission_decides_as_the_locked_one_does() -> None:
+    """The asyncio front's admission (no lock: every call is on the loop's thread) is the same policy."""
+    locked, unlocked = Admission(OverloadConfig(), now=0.0), Admission(OverloadConfig(), 0.0, one_thread=True)
+    results = []
+    for admission in (locked, unlocked):
+        _simulate(admission, rate=250, seconds=1, work=0.002)
+        results.append(_simulate(admission, rate=2500, seconds=1, work=0.002, start=1.0, critical_share=0.5))
+    assert results[0] == results[1]
+    assert results[0]["refused"] and results[0]["critical_ok"]  # the run overloaded and still served
+    assert locked.limiter.limit == unlocked.limiter.limit < 100
+    assert locked.running == unlocked.running == 0
