@@ -527,6 +527,14 @@ class _ReadingGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         return _reading_request(self._inner.service(handler_call_details))
 
 
+#: Services the asyncio server serves through its generic handlers only.
+#: grpc.aio's accept loop keeps one pending request per registered method and
+#: waits on all of them again after every call it accepts (asyncio.wait over
+#: one task per method), so each registered method costs every call; health
+#: and reflection calls are rare and found by the generic lookup instead.
+_GENERIC_ONLY = frozenset({health.SERVICE_NAME, *_reflection.SERVICE_NAMES})
+
+
 class _AnswersEmptyRequests:
     """A grpc.aio server whose unary-request methods always answer and whose failed writes are quiet (see above)."""
 
@@ -537,6 +545,8 @@ class _AnswersEmptyRequests:
         return getattr(self._server, name)
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        if service in _GENERIC_ONLY:
+            return  # served by the generic handler registered beside (see _GENERIC_ONLY)
         self._server.add_registered_method_handlers(service, {m: _reading_request(h) for m, h in handlers.items()})
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
