@@ -14,22 +14,26 @@ other side is a raw grpcio peer in its own process, not measured. Unary
 echo of a 64-byte message, one call at a time, both stacks on the default
 asyncio loop (uvloop is not what is compared here).
 
-Background threads poll on timers, so a count still moves with wall time a
-little: repeated runs agree within about 1 %. Anything that depends on
-time follows valgrind's clock, under which a call lasts some 40 times
-longer: timers fire more often per call (the asyncio server's 50 ms
-event-loop lag probe: ~10k instructions per call here), and admission
-control, which skips reading a call's deadline for methods whose median
-latency is under 1 ms, reads it for the echo here. The "no-overload" rows
-therefore overstate what overload protection costs natively. Results go to
-``benchmarks/results/instructions.md``. Needs valgrind (Debian package
-``valgrind``); without it the script says so and exits 0.
+Background threads and timers work by the clock, not by the calls, and
+under valgrind a call lasts some 40 times longer, so their share per call
+is some 40 times what it is natively. A third run therefore makes the
+``--warm`` calls and then idles for as long as the measured calls took:
+what it costs beyond the short run is the **background**, and "calls
+alone" (all minus background) is what the calls themselves cost; the
+ratios are given both ways. Repeated runs agree within about 1 %
+(background readings within a few thousand per call). Admission control,
+which skips reading a call's deadline for methods whose median latency is
+under 1 ms, reads it for the echo here (valgrind's clock again). Results
+go to ``benchmarks/results/instructions.md``. Needs valgrind (Debian
+package ``valgrind``); without it the script says so and exits 0.
 
 Scenarios: ``aio-client`` (rpcframe.aio channel vs grpc.aio channel),
 ``sync-client`` (rpcframe channel vs grpc channel), ``sync-server``
 (rpcframe.Server vs grpc.server with 16 threads), ``aio-server``
 (rpcframe.aio.Server vs grpc.aio.server); rpcframe with default settings,
-and each rpcframe row also with the feature named in ``VARIANTS`` off.
+and each rpcframe row also with the feature named in ``VARIANTS`` off;
+the server scenarios also measure raw grpcio with the method registered
+request-streaming, as rpcframe registers unary methods.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import os
 import re
 import shutil
@@ -48,7 +53,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -62,12 +67,15 @@ VARIANTS = {
 }
 #: What a variant's row is called in the table.
 LABELS = {
+    "raw": "raw grpcio",
     "raw:streamed": "raw grpcio, method registered request-streaming",
     "rpcframe:no-throttle": "rpcframe, no-throttle",
     "rpcframe:no-health": "rpcframe, no-health",
     "rpcframe:no-overload": "rpcframe, no-overload",
 }
 _COLLECTED = re.compile(r"Collected : (\d+)")
+_ELAPSED = re.compile(r"elapsed=([\d.]+)")
+_RUNS = itertools.count()  # each run its own port file
 
 
 # -- the measured processes ------------------------------------------------------------------
@@ -90,10 +98,14 @@ def _client_config(stack: str) -> Any:
     return rpcframe.ChannelConfig()
 
 
-def run_client(front: str, stack: str, target: str, calls: int) -> None:
-    """``calls`` unary calls, one at a time."""
+def run_client(front: str, stack: str, target: str, calls: int, mark: int = 0, idle: float = 0.0) -> None:
+    """``calls`` unary calls, one at a time, then ``idle`` seconds without any.
+
+    Prints ``elapsed=S``: the seconds the calls after the first ``mark`` took.
+    """
     pb, pb_grpc = _echo()
     request = pb.EchoRequest(message="x" * 64)
+    clock = _Clock(mark)
     if front == "sync":
         import grpc
 
@@ -107,8 +119,11 @@ def run_client(front: str, stack: str, target: str, calls: int) -> None:
             channel = rpcframe.connect(target, _client_config(stack))
             channel.wait_ready(30)
             stub = channel.stub(pb_grpc.EchoServiceStub)
-        for _ in range(calls):
+        for call in range(calls):
+            clock.tick(call)
             stub.Echo(request, timeout=30)
+        print(f"elapsed={clock.done():.6f}", flush=True)  # for measure_client
+        time.sleep(idle)  # deliberate: a background run idles as long as the calls took (see per_call)
         channel.close()
         return
 
@@ -125,8 +140,11 @@ def run_client(front: str, stack: str, target: str, calls: int) -> None:
             channel = rpcframe.aio.connect(target, _client_config(stack))
             await asyncio.wait_for(channel.channel_ready(), 30)
             stub = channel.stub(pb_grpc.EchoServiceStub)
-        for _ in range(calls):
+        for call in range(calls):
+            clock.tick(call)
             await stub.Echo(request, timeout=30)
+        print(f"elapsed={clock.done():.6f}", flush=True)
+        await asyncio.sleep(idle)  # the loop runs its background work meanwhile (see per_call)
         await channel.close()
 
     asyncio.run(main())
@@ -255,8 +273,13 @@ def run_peer_server(port_file: str) -> None:
     asyncio.run(main())
 
 
-def run_peer_client(port_file: str, calls: int) -> None:
-    """The unmeasured raw grpc client of the server scenarios: ``calls`` calls, one at a time."""
+def run_peer_client(port_file: str, calls: int, mark: int = 0, idle: float = 0.0) -> float:
+    """The unmeasured raw grpc client of the server scenarios: ``calls`` calls, one at a time.
+
+    Then ``idle`` seconds without calls before the last one; returns the
+    seconds the calls after the first ``mark`` took.
+    """
+    clock = _Clock(mark)
     import grpc
 
     pb, pb_grpc = _echo()
@@ -264,14 +287,32 @@ def run_peer_client(port_file: str, calls: int) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.EchoServiceStub(channel)
         request = pb.EchoRequest(message="x" * 64)
-        for _ in range(calls):
+        for call in range(calls):
+            clock.tick(call)
             stub.Echo(request, timeout=60)
+        elapsed = clock.done()
+        time.sleep(idle)  # deliberate: the server idles as long as the calls took (see per_call)
         # One more, which the server exits in (possibly before answering): every
         # measured call was answered in full, and each run has the same extra.
         try:
             stub.Echo(request, timeout=60)
         except grpc.RpcError:
             pass
+    return elapsed
+
+
+class _Clock:
+    """How long the calls after the first ``mark`` took."""
+
+    def __init__(self, mark: int) -> None:
+        self._mark, self._started = mark, time.monotonic()
+
+    def tick(self, call: int) -> None:
+        if call == self._mark:
+            self._started = time.monotonic()
+
+    def done(self) -> float:
+        return time.monotonic() - self._started
 
 
 def _announce(port_file: str, port: int) -> None:
@@ -304,49 +345,61 @@ def _collected(output: str) -> int:
     return int(match.group(1))
 
 
-def measure_client(front: str, stack: str, calls: int, tmp: Path) -> int:
-    """Instructions of the client process for ``calls`` calls."""
-    port_file = str(tmp / f"peer-{front}-{stack}-{calls}")
+def measure_client(
+    front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0
+) -> tuple[int, float]:
+    """Instructions of the client process for ``calls`` calls (and ``idle`` seconds), and the seconds after ``mark``."""
+    port_file = str(tmp / f"peer-{front}-{stack}-{calls}-{next(_RUNS)}")
     peer = subprocess.Popen([sys.executable, "-m", "benchmarks.instructions", "peer-server", port_file], cwd=REPO)
     try:
         port = _wait_for_port(port_file, 60)
-        run = subprocess.run(_callgrind(["client", front, stack, f"127.0.0.1:{port}", str(calls)]), cwd=REPO,
-                             capture_output=True, text=True, timeout=900)  # fmt: skip
+        args = ["client", front, stack, f"127.0.0.1:{port}", str(calls), str(mark), str(idle)]
+        run = subprocess.run(_callgrind(args), cwd=REPO, capture_output=True, text=True, timeout=900)
         if run.returncode != 0:
             raise RuntimeError(f"client {front} {stack} failed:\n{run.stderr[-2000:]}")
-        return _collected(run.stderr)
+        return _collected(run.stderr), float(_ELAPSED.findall(run.stdout)[-1])
     finally:
         peer.terminate()
         peer.wait(30)
 
 
-def measure_server(front: str, stack: str, calls: int, tmp: Path) -> int:
-    """Instructions of the server process for ``calls`` calls."""
-    port_file = str(tmp / f"server-{front}-{stack}-{calls}")
+def measure_server(
+    front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0
+) -> tuple[int, float]:
+    """Instructions of the server process for ``calls`` calls (and ``idle`` seconds), and the seconds after ``mark``."""
+    port_file = str(tmp / f"server-{front}-{stack}-{calls}-{next(_RUNS)}")
     server = subprocess.Popen(_callgrind(["server", front, stack, str(calls), port_file]), cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        run_peer_client(port_file, calls)
+        elapsed = run_peer_client(port_file, calls, mark, idle)
         _, err = server.communicate(timeout=300)
-        return _collected(err)
+        return _collected(err), elapsed
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
 
 
-def per_call(scenario: str, stack: str, warm: int, calls: int, tmp: Path) -> float:
-    """Instructions one more call costs: the difference of two runs, per call."""
+def per_call(scenario: str, stack: str, warm: int, calls: int, tmp: Path) -> tuple[float, float]:
+    """Instructions one more call costs (the difference of two runs, per call), and of them the background's.
+
+    The background is what a third run, idle for as long as the calls
+    took, spends beyond the short one: timers and pollers, whose cost
+    follows the clock (and valgrind's slow clock), not the calls.
+    """
     front, side = scenario.split("-")
     measure = measure_client if side == "client" else measure_server
-    return (measure(front, stack, warm + calls, tmp) - measure(front, stack, warm, tmp)) / calls
+    long, elapsed = measure(front, stack, warm + calls, tmp, mark=warm)
+    short, _ = measure(front, stack, warm, tmp)
+    idle, _ = measure(front, stack, warm, tmp, idle=elapsed)
+    return (long - short) / calls, (idle - short) / calls
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure the scenarios and write the table."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "client":
-        run_client(argv[1], argv[2], argv[3], int(argv[4]))
+        run_client(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), float(argv[6]))
         return 0
     if argv and argv[0] == "server":
         run_server(argv[1], argv[2], int(argv[3]), argv[4])
@@ -366,23 +419,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("valgrind not installed (apt-get install valgrind): no instruction counts")
         return 0
-    rows: list[tuple[str, str, float, float]] = []
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="rpcframe-instr-") as tmp:
         for scenario in scenarios:
-            raw = per_call(scenario, "raw", args.warm, args.calls, Path(tmp))
-            rows.append((scenario, "raw grpcio", raw, 1.0))
-            print(f"{scenario:12s} raw grpcio {raw:10,.0f} instructions/call", flush=True)
-            for stack in VARIANTS[scenario]:
-                count = per_call(scenario, stack, args.warm, args.calls, Path(tmp))
-                label = LABELS.get(stack, stack)
-                rows.append((scenario, label, count, count / raw))
-                print(f"{scenario:12s} {label:22s} {count:10,.0f} instructions/call ({count / raw:.3f}x)", flush=True)
+            raw: Row | None = None
+            for stack in ("raw", *VARIANTS[scenario]):
+                total, background = per_call(scenario, stack, args.warm, args.calls, Path(tmp))
+                row = Row(scenario, LABELS.get(stack, stack), total, background, raw)
+                raw = raw or row
+                rows.append(row)
+                print(row.line(), flush=True)
     path = _write(rows, args)
     print(f"wrote {path}")
     return 0
 
 
-def _write(rows: list[tuple[str, str, float, float]], args: argparse.Namespace) -> Path:
+class Row(NamedTuple):
+    """One measured stack: instructions per call, of them the background's, and the raw row it is compared with."""
+
+    scenario: str
+    stack: str
+    total: float
+    background: float
+    raw: Row | None
+
+    @property
+    def calls(self) -> float:
+        """Instructions per call without the background's."""
+        return self.total - self.background
+
+    def ratios(self) -> tuple[float, float]:
+        """(calls, all) relative to raw grpcio's."""
+        raw = self.raw or self
+        return self.calls / raw.calls, self.total / raw.total
+
+    def line(self) -> str:
+        """The row as printed while measuring."""
+        net, total = self.ratios()
+        return (f"{self.scenario:12s} {self.stack:30s} {self.total:10,.0f} instructions/call, background "
+                f"{self.background:8,.0f}, calls {self.calls:10,.0f} ({net:.3f}x; all {total:.3f}x)")
+
+
+def _write(rows: list[Row], args: argparse.Namespace) -> Path:
     import grpc
 
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -391,12 +469,15 @@ def _write(rows: list[tuple[str, str, float, float]], args: argparse.Namespace) 
         "",
         f"Run {now}: `python -m benchmarks.instructions --calls {args.calls} --warm {args.warm}`; grpcio "
         f"{grpc.__version__}, Python {sys.version.split()[0]}. Instructions one more unary call (64 B echo, one "
-        "in flight) costs the measured process, all threads, counted by valgrind callgrind (see the module "
-        "docstring); the peer is raw grpcio in another process.",
+        "in flight) costs the measured process, all threads, counted by valgrind callgrind; the peer is raw grpcio "
+        "in another process. *Background*: what the same process spends idle for as long as the calls took "
+        "(timers, pollers: by the clock, and valgrind's clock is ~40x slow); *calls alone*: the rest. See the "
+        "module docstring.",
         "",
-        "| scenario | stack | instructions/call | vs raw |",
-        "|---|---|---:|---:|",
-        *(f"| {s} | {stack} | {count:,.0f} | {ratio:.3f}x |" for s, stack, count, ratio in rows),
+        "| scenario | stack | instructions/call | of them background | calls alone | vs raw | vs raw, all |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(f"| {r.scenario} | {r.stack} | {r.total:,.0f} | {r.background:,.0f} | {r.calls:,.0f} | {r.ratios()[0]:.3f}x "
+          f"| {r.ratios()[1]:.3f}x |" for r in rows),  # fmt: skip
         "",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
