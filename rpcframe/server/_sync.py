@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import signal
 import sys
 import threading
@@ -260,10 +261,10 @@ class Server(ServerBase):
         # (stream_write_timeout / stream_read_timeout) so they free their thread.
         self._stalls = StallWatch(cfg.stream_write_timeout, cfg.stream_read_timeout)
         self.health = _Health() if cfg.health else None
-        # A plain lock (not the default RLock): taken twice per call, never re-entered.
-        self._count_lock = threading.Lock()
-        self._idle = threading.Condition(self._count_lock)
-        self._inflight = 0
+        self._idle = threading.Condition(threading.Lock())
+        # The calls being handled, one item each: deque.append and pop are
+        # atomic, so counting takes no lock on the per-call path.
+        self._handling: collections.deque[None] = collections.deque()
         self._stopping = False
         self._stopped = threading.Event()
 
@@ -319,7 +320,7 @@ class Server(ServerBase):
         self._executor.late = self._refusing = True
         with self._idle:
             # Polled: a queued call leaves the queue without telling anyone.
-            while not drain.over(time.monotonic(), bool(self._inflight or self._executor.queued())):
+            while not drain.over(time.monotonic(), bool(self._handling or self._executor.queued())):
                 self._idle.wait(Drain.POLL)
         left = drain.grace_left(time.monotonic())
         stopped = self._grpc_server.stop(left)
@@ -368,23 +369,16 @@ class Server(ServerBase):
 
     # -- the one per-call wrapper -------------------------------------------
 
-    def _enter(self) -> None:
-        # The condition's own lock, without its Python-level __enter__, and
-        # acquire/release rather than `with`: fewer instructions per call.
-        lock = self._count_lock
-        lock.acquire()
-        self._inflight += 1
-        lock.release()
+    @property
+    def inflight(self) -> int:
+        """Calls of added services being handled now."""
+        return len(self._handling)
 
     def _leave(self) -> None:
-        lock = self._count_lock
-        lock.acquire()
-        try:
-            self._inflight -= 1
-            if self._inflight == 0 and self._stopping:  # only stop() waits on it
+        self._handling.pop()
+        if self._stopping and not self._handling:  # only stop() waits on it (and polls besides)
+            with self._idle:
                 self._idle.notify_all()
-        finally:
-            lock.release()
 
     def _fail(self, exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
         if is_grpc_abort(exc, context):
@@ -396,7 +390,8 @@ class Server(ServerBase):
         raise AssertionError("unreachable: abort() raises")  # pragma: no cover
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        server, enter, leave, fail, observer = self, self._enter, self._leave, self._fail, self._observer
+        server, leave, fail, observer = self, self._leave, self._fail, self._observer
+        enter = self._handling.append
         cap = self.config.max_deadline
         set_scope, reset_scope = scope_var.set, scope_var.reset
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
@@ -423,7 +418,7 @@ class Server(ServerBase):
                 if type(request) is BadRequest:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 info = None if observer is None else _received(observer, method, context, request)
-                enter()
+                enter(None)
                 scope = _Scope(context, cap)
                 token = set_scope(scope)
                 stall = watch.open(context, method)
@@ -467,7 +462,7 @@ class Server(ServerBase):
             if type(request) is BadRequest:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             info = None if observer is None else _received(observer, method, context, request)
-            enter()
+            enter(None)
             stamp, started = (0, 0.0) if admission is None else (admission.enter(), now())
             scope = _Scope(context, cap)
             token = set_scope(scope)
