@@ -189,12 +189,18 @@ class _Executor(ThreadPoolExecutor):
     it elsewhere. Calls accepted before still run.
     """
 
-    late = False
+    def refuse_late(self) -> None:
+        """From now on every task is a call that arrived after the drain began.
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        if self.late:
-            return super().submit(_run_late, fn, *args, **kwargs)
-        return super().submit(fn, *args, **kwargs)
+        The marking submit replaces ThreadPoolExecutor's on this instance
+        only now, so until a drain grpc's submits pay for no frame of ours.
+        """
+        submit = super().submit
+
+        def late_submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+            return submit(_run_late, fn, *args, **kwargs)
+
+        self.submit = late_submit  # type: ignore[method-assign]
 
     def queued(self) -> int:
         """Tasks waiting for a worker."""
@@ -317,7 +323,8 @@ class Server(ServerBase):
         if self.config.drain_delay and self._started and grace > 0:  # stop(0): at once
             time.sleep(self.config.drain_delay)
         drain = self._drain = Drain(time.monotonic(), grace)
-        self._executor.late = self._refusing = True
+        self._executor.refuse_late()
+        self._refusing = True
         with self._idle:
             # Polled: a queued call leaves the queue without telling anyone.
             while not drain.over(time.monotonic(), bool(self._handling or self._executor.queued())):
