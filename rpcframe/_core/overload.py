@@ -327,7 +327,11 @@ class Admission:
             self.running -= 1
             self.latency.add(latency)
             # Alone: it started with none running and none started since.
-            self.limiter.sample_locked(latency, stamp == self._admitted, now)
+            alone, limiter = stamp == self._admitted, self.limiter
+            if alone or now >= limiter._window_end or limiter._pinned_from is not None:
+                limiter.sample_locked(latency, alone, now)
+            else:  # the common case of sample_locked, without its frame
+                limiter._window.append(latency)
         finally:
             if lock is not None:
                 lock.release()
