@@ -210,8 +210,16 @@ class GradientLimiter:
 
     def sample_locked(self, rtt: float, alone: bool, now: float) -> None:
         """:meth:`sample` for a caller holding the lock the limiter was given."""
-        if alone:
-            self._add_alone(rtt, now)
+        if alone:  # a no-load sample (inline: with one call in flight, every call is one)
+            ring = self._alone
+            if len(ring) < self._ALONE:
+                ring.append(rtt)
+            else:
+                ring[self._alone_next] = rtt
+                self._alone_next = (self._alone_next + 1) % self._ALONE
+            self._last_alone = now
+            if (pinned_from := self._pinned_from) is not None:
+                self._pinned_sample(pinned_from, now)
         if self._pinned_from is not None:
             return
         self._window.append(rtt)
@@ -244,20 +252,13 @@ class GradientLimiter:
         if self.min_rtt > 0 and (window or stalled):
             self._update(max(stalled, sorted(window)[len(window) // 2] if window else 0.0), peak)
 
-    def _add_alone(self, rtt: float, now: float) -> None:
-        alone = self._alone
-        if len(alone) < self._ALONE:
-            alone.append(rtt)
-        else:
-            alone[self._alone_next] = rtt
-            self._alone_next = (self._alone_next + 1) % self._ALONE
-        self._last_alone = now
-        if self._pinned_from is not None:
-            self._pinned_samples += 1
-            if self._pinned_samples >= self._config.min_rtt_samples:
-                self.min_rtt = sorted(self._alone)[len(self._alone) // 2]
-                self.limit, self._pinned_from = self._pinned_from, None
-                self._window, self._window_end = [], now + self._config.update_interval
+    def _pinned_sample(self, pinned_from: float, now: float) -> None:
+        """One more no-load sample while the limit is pinned; enough of them restore it."""
+        self._pinned_samples += 1
+        if self._pinned_samples >= self._config.min_rtt_samples:
+            self.min_rtt = sorted(self._alone)[len(self._alone) // 2]
+            self.limit, self._pinned_from = pinned_from, None
+            self._window, self._window_end = [], now + self._config.update_interval
 
     def _pin(self) -> None:
         self._pinned_from, self._pinned_samples = self.limit, 0
