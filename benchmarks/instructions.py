@@ -289,7 +289,7 @@ def run_peer_client(port_file: str, calls: int, mark: int = 0, idle: float = 0.0
         request = pb.EchoRequest(message="x" * 64)
         for call in range(calls):
             clock.tick(call)
-            stub.Echo(request, timeout=60)
+            _answered(stub, request, grpc)
         elapsed = clock.done()
         time.sleep(idle)  # deliberate: the server idles as long as the calls took (see per_call)
         # One more, which the server exits in (possibly before answering): every
@@ -299,6 +299,24 @@ def run_peer_client(port_file: str, calls: int, mark: int = 0, idle: float = 0.0
         except grpc.RpcError:
             pass
     return elapsed
+
+
+def _answered(stub: Any, request: Any, grpc: Any) -> None:
+    """One call, sent again while the server refuses it for load.
+
+    Under valgrind a shared machine can lag an asyncio server's loop past
+    its queue target, and its default admission control then refuses calls
+    unrun; the measurement wants every call answered, at the price of a
+    rare refused attempt counted in.
+    """
+    for _ in range(100):  # bounded: a server that keeps refusing fails the run
+        try:
+            stub.Echo(request, timeout=60)
+            return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+    raise RuntimeError("the server refused the same call 100 times")
 
 
 class _Clock:
