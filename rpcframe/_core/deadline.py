@@ -49,17 +49,25 @@ class CallScope:
             is the normal end of the call, not a reason to cancel anything.
     """
 
-    __slots__ = ("_criticality", "_deadline", "_is_retry", "_pending", "calls", "cancelled", "ended", "root")
+    __slots__ = ("_criticality", "_deadline", "_is_retry", "_parent_root", "_pending", "calls", "cancelled", "ended")
 
     def __init__(self, deadline: float | None, is_retry: bool = False, parent: CallScope | None = None) -> None:
         self._deadline = deadline
         self._is_retry = is_retry
         self._criticality: str | None = None if parent is None else parent.criticality
         self._pending = False  # a subclass sets it to fill the two fields in on first use
-        self.root: CallScope = self if parent is None else parent.root
+        # None for a root scope: a scope pointing at itself would be a
+        # reference cycle, left to the garbage collector on every call.
+        self._parent_root: CallScope | None = None if parent is None else parent.root
         self.calls: set[Any] | None = None
         self.cancelled = False
         self.ended = False
+
+    @property
+    def root(self) -> CallScope:
+        """The scope of the incoming call itself (see the class docstring)."""
+        parent_root = self._parent_root
+        return self if parent_root is None else parent_root
 
     @property
     def deadline(self) -> float | None:

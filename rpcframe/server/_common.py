@@ -198,7 +198,7 @@ class IncomingScope(CallScope):
         self._is_retry = False
         self._criticality = None
         self._pending = True
-        self.root = self
+        self._parent_root = None  # a root: no cycle through itself (see CallScope)
         self.calls = None
         self.cancelled = self.ended = self._watching = False  # _watching: the thread-pool front's _Scope
         self.context = context
