@@ -184,7 +184,7 @@ class _Executor(ThreadPoolExecutor):
     """grpc's handler pool; it marks the calls grpc hands it once the server drains.
 
     grpc submits each call it accepts at once, so a task submitted after
-    :attr:`late` is set is a call that arrived after the drain began: the
+    :meth:`refuse_late` is a call that arrived after the drain began: the
     wrapper ends it unrun, with the never-ran marker, and the client sends
     it elsewhere. Calls accepted before still run.
     """
