@@ -132,22 +132,15 @@ class StreamStream(MethodBase, grpc.StreamStreamMultiCallable):  # type: ignore[
         return ResponseStream(self, stream_flow(self, plan, retry=False), request_iterator)
 
 
-def _cancel_kick(kick: grpc.Future | None) -> None:
-    # grpc's ready-future fails when cancelled a second time (its callbacks are gone).
-    if kick is not None and not kick.done():
-        try:
-            kick.cancel()
-        except TypeError:
-            pass
-
-
 class _Subchannel(SubchannelBase):
     """One endpoint: a grpc channel, its connectivity, and its health watch."""
 
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
         super().__init__(address, grpc, core, config)
         self._closed = threading.Event()
-        self._kick: grpc.Future | None = None
+        # Held while asking a channel to reconnect, and by close() to mark it
+        # closed, so nothing touches the grpc channel once close() has begun.
+        self._closing = threading.Lock()
         self._watch: Any = None
         self.channel.subscribe(self._on_state, try_to_connect=True)
         if config.health_check:
@@ -163,10 +156,12 @@ class _Subchannel(SubchannelBase):
         self._core.set_connectivity(self.address, connectivity_of(state), self)
         if state is grpc.ChannelConnectivity.IDLE:
             # A dropped connection leaves the channel IDLE; reconnect at once
-            # so the endpoint returns as soon as its server does.
-            self._kick = grpc.channel_ready_future(self.channel)
-            if self._closed.is_set():
-                _cancel_kick(self._kick)
+            # so the endpoint returns as soon as its server does. Asked
+            # directly: a ready-future per IDLE would subscribe again, and one
+            # left pending keeps grpc's polling thread alive past close().
+            with self._closing:
+                if not self._closed.is_set():
+                    self._cy_channel.check_connectivity_state(True)
 
     def _watch_health(self) -> None:
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -187,8 +182,8 @@ class _Subchannel(SubchannelBase):
 
     def close(self) -> None:
         """Stop watching and close the channel (cancels its active calls)."""
-        self._closed.set()
-        _cancel_kick(self._kick)
+        with self._closing:
+            self._closed.set()
         if self._watch is not None:
             self._watch.cancel()
         self.channel.unsubscribe(self._on_state)
@@ -198,9 +193,6 @@ class _Subchannel(SubchannelBase):
         threading.Thread(target=self._close_channel, daemon=True, name="rpcframe-close").start()
 
     def _close_channel(self) -> None:
-        # A state change delivered during close() may have started a new
-        # ready-future; stop it, then close once grpc's polling thread is gone.
-        _cancel_kick(self._kick)
         close_unwatched(self.channel)
 
 
