@@ -151,7 +151,8 @@ class EndpointState(NamedTuple):
 
     address: str  #: "host:port"
     #: READY, IDLE, CONNECTING, TRANSIENT_FAILURE, SHUTDOWN (grpc's connectivity),
-    #: NOT_SERVING (connected, health check says no) or EJECTED (outlier detection).
+    #: NOT_SERVING (connected, health check says no), DRAINING (connected, refused a call as shutting
+    #: down) or EJECTED (outlier detection).
     state: str
     in_flight: int  #: calls started on it and not ended
     ejections: int  #: times outlier detection ejected it
@@ -287,7 +288,7 @@ class MethodLabels:
 
 
 #: The states :attr:`EndpointState.state` takes (a metrics observer reports each, 1 for the current one).
-ENDPOINT_STATES = ("READY", "IDLE", "CONNECTING", "TRANSIENT_FAILURE", "SHUTDOWN", "NOT_SERVING", "EJECTED")
+ENDPOINT_STATES = ("READY", "IDLE", "CONNECTING", "TRANSIENT_FAILURE", "SHUTDOWN", "NOT_SERVING", "DRAINING", "EJECTED")
 
 
 class _Watched:

@@ -41,6 +41,9 @@ class EndpointEntry:
     stats: EndpointStats
     connectivity: Connectivity = Connectivity.IDLE
     serving: bool = True  # until the health watch says otherwise
+    #: The server refused a call unrun because it is shutting down: out of the picker until the
+    #: connection changes state (the server's GOAWAY, then a connection to whatever serves next).
+    draining: bool = False
     health_detail: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -50,12 +53,16 @@ class EndpointEntry:
             return self.connectivity.name
         if not self.serving:
             return "NOT_SERVING"
+        if self.draining:
+            return "DRAINING"
         return "EJECTED" if self.stats.ejected_until > now else "READY"
 
     def describe(self, now: float) -> str:
         state = self.state(now)
         if state == "NOT_SERVING":
             return f"{self.stats.address} {self.health_detail or state}"
+        if state == "DRAINING":
+            return f"{self.stats.address} draining (it refused a call unrun: shutting down)"
         if state == "EJECTED":
             return f"{self.stats.address} ejected for {self.stats.ejected_until - now:.1f}s after repeated failures"
         return f"{self.stats.address} {state}"
@@ -160,6 +167,7 @@ class BalancerCore:
                 return
             became_ready = state is Connectivity.READY
             entry.connectivity = state
+            entry.draining = False  # a draining server's connection closes; the next one is new
             if became_ready:
                 self._mark_returning(entry)
             self._rebuild()
@@ -176,6 +184,21 @@ class BalancerCore:
             entry.serving = serving
             if serving:
                 self._mark_returning(entry)
+            self._rebuild()
+
+    def set_draining(self, stats: EndpointStats) -> None:
+        """``stats``'s server refused a call unrun as shutting down: pick others until its connection changes.
+
+        Its health watch says NOT_SERVING too, but a little later (or never,
+        without health checking); meanwhile every call picked there would be
+        refused and sent elsewhere, and a call refused by each endpoint in
+        turn (one draining, one shedding load) runs out of failovers.
+        """
+        with self._lock:
+            entry = self._entries.get(stats.address)
+            if entry is None or entry.stats is not stats or entry.draining:
+                return
+            entry.draining = True
             self._rebuild()
 
     def refresh(self) -> None:
@@ -217,7 +240,7 @@ class BalancerCore:
         now = self.context.clock()
         ready = [e for e in self._entries.values() if e.connectivity is Connectivity.READY]
         self.expires_at = update_ejections([e.stats for e in ready], self.outlier, now)
-        usable = [e.stats for e in ready if e.serving and e.stats.ejected_until <= now]
+        usable = [e.stats for e in ready if e.serving and not e.draining and e.stats.ejected_until <= now]
         # Counted in servers: a server with some connections serving (the others reach a worker that drains) is healthy.
         self.panic = bool(ready) and _servers(usable) < self.panic_threshold * _servers(e.stats for e in ready)
         if self.panic:

@@ -122,15 +122,29 @@ def outcome_of_error(error: grpc.RpcError) -> Outcome:
     """How a failed attempt counts: REJECTED when the server refused it unrun as overloaded.
 
     A shedding server answers at once; counted as a success (or by its
-    latency) it would look like the fastest endpoint and draw more calls.
+    latency) it would look like the fastest endpoint and draw more calls. A
+    draining server's refusal (:func:`refused_draining`) is IGNORED: an
+    orderly shutdown says nothing of the endpoint's health.
     """
     code = error.code()
-    if code in _SHED_CODES and trailer_facts(error)[0]:
-        return Outcome.REJECTED
+    if code in _REFUSAL_CODES and trailer_facts(error)[0]:  # refused unrun: shedding load, or draining
+        return Outcome.IGNORED if code is grpc.StatusCode.UNAVAILABLE else Outcome.REJECTED
     return outcome_of(code)
 
 
-_SHED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED})
+def refused_draining(error: grpc.RpcError) -> bool:
+    """Whether a failed attempt was refused unrun by a server that is shutting down.
+
+    rpcframe's server ends calls unrun with UNAVAILABLE only while it drains
+    (:data:`rpcframe.server._common.NOT_RUN`); its other refusals are
+    RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED.
+    """
+    return error.code() is grpc.StatusCode.UNAVAILABLE and trailer_facts(error)[0]
+
+
+_REFUSAL_CODES = frozenset(
+    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+)
 
 
 def trailer_facts(exc: grpc.RpcError) -> tuple[bool, float | None]:
@@ -610,6 +624,7 @@ __all__ = [
     "is_idempotent",
     "outcome_of",
     "outcome_of_error",
+    "refused_draining",
     "remaining_timeout",
     "trailer_facts",
     "with_attempt",

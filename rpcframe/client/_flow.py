@@ -43,7 +43,7 @@ from .._core.retry import decide
 from ..balancing.endpoint import SUCCESS, Outcome
 from ..errors import Cancelled, DeadlineExceeded
 from ..observe import AttemptInfo, CallInfo
-from ._common import CallPlan, MethodBase, outcome_of_error, trailer_facts
+from ._common import CallPlan, MethodBase, outcome_of_error, refused_draining, trailer_facts
 
 __all__ = [
     "CALL", "CANCEL", "DELIVER", "OPEN", "PICK", "SLEEP", "START", "WAIT",
@@ -257,6 +257,8 @@ def unary_flow(method: MethodBase, plan: CallPlan, sent: tuple[Any, Any, float] 
                 if method._hedge_state is not None:
                     method._hedge_state.latencies.add(latency)
                 return value
+            if refused_draining(value):
+                channel.balancer.set_draining(stats)
             if done(outcome_of_error(value), latency):
                 channel.balancer.refresh()
             if info is not None:
@@ -339,6 +341,8 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
                     error = None  # an earlier copy's failure is not the call's
                     return value
                 if isinstance(value, grpc.RpcError) and value.code() is not grpc.StatusCode.CANCELLED:
+                    if refused_draining(value):
+                        channel.balancer.set_draining(copy.stats)
                     if copy.done(outcome_of_error(value), latency):
                         channel.balancer.refresh()
                 else:
@@ -387,6 +391,8 @@ def stream_flow(method: MethodBase, plan: CallPlan, retry: bool) -> Flow:
             _attempt_ended(method, info, attempt, failed, time.perf_counter() - start)
             if failed is None:
                 return None
+            if isinstance(failed, grpc.RpcError) and refused_draining(failed):
+                channel.balancer.set_draining(stats)
             if delivered or not retry:  # responses were seen, or requests were streamed: not replayable
                 raise channel._error(failed)
             plan, tries = yield from _again(method, plan, tries, failed)

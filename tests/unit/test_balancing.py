@@ -280,6 +280,32 @@ def test_core_health_takes_endpoint_out_and_back(clock: FakeClock) -> None:
     assert set(_count(core.current(), 30)) == {"a", "b", "c"}
 
 
+def test_core_draining_endpoint_is_out_until_its_connection_changes(clock: FakeClock) -> None:
+    core = _core(clock, panic_threshold=0.0)
+    _ready(core, "a", "b")
+    a = next(e.stats for e in core.entries() if e.stats.address == "a")
+    core.set_draining(a)
+    assert set(_count(core.current(), 20)) == {"b"}
+    assert [e.state(clock()) for e in core.entries()] == ["DRAINING", "READY"]
+    assert "a draining" in core.entries()[0].describe(clock())
+    core.set_serving("a", True)  # a late SERVING (health said so before the drain) does not bring it back
+    assert set(_count(core.current(), 20)) == {"b"}
+    core.set_connectivity("a", Connectivity.IDLE)  # the server's GOAWAY
+    core.set_connectivity("a", Connectivity.READY)  # connected to whatever serves there now
+    assert set(_count(core.current(), 20)) == {"a", "b"}
+
+
+def test_core_draining_report_from_a_replaced_entry_is_ignored(clock: FakeClock) -> None:
+    core = _core(clock, panic_threshold=0.0)
+    _ready(core, "a", "b")
+    old = next(e.stats for e in core.entries() if e.stats.address == "a")
+    core.set_endpoints([Endpoint("b")])
+    core.set_endpoints([Endpoint("a"), Endpoint("b")])  # "a" again: a new entry, new stats
+    core.set_connectivity("a", Connectivity.READY)
+    core.set_draining(old)  # a refusal seen on the old connection
+    assert set(_count(core.current(), 20)) == {"a", "b"}
+
+
 def test_core_panic_spreads_over_all_connected(clock: FakeClock) -> None:
     core = _core(clock, panic_threshold=0.5)
     _ready(core, "a", "b", "c")
