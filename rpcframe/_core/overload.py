@@ -60,6 +60,10 @@ _SHARES = {"CRITICAL_PLUS": 2.0, "CRITICAL": 1.0, "SHEDDABLE_PLUS": 0.5, "SHEDDA
 CRITICALITIES = tuple(_SHARES)
 _LEAST = min(_SHARES.values())
 
+#: A gradient (target / sampled latency) below this is queueing: the limit shrinks to the
+#: concurrency that caused it. Between it and 1 the limit only follows the gradient.
+_QUEUEING = 0.9
+
 
 #: The criticality set by ``with rpcframe.criticality(...)`` for calls made in the block.
 criticality_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("rpcframe_criticality", default=None)
@@ -201,6 +205,7 @@ class GradientLimiter:
         self._pinned_samples = 0
         self._window: list[float] = []
         self._window_end = now + config.update_interval
+        self._idle_at = -math.inf  # the last admission that found nothing running (see tick)
         self.peak = 0  #: most calls running at once this interval (the admission sets it)
 
     def sample(self, rtt: float, alone: bool, now: float) -> None:
@@ -233,12 +238,23 @@ class GradientLimiter:
         while; waiting for completions to lower the limit would admit a
         whole interval's flood more. No completion for an interval means
         calls take longer than it: that is the sample.
+
+        The stall is counted from the interval's start, or from the last
+        admission that found nothing running when that is later: an idle
+        gap is no stall (counted as one, it crashed the limit at the first
+        burst after every pause: 32 -> 1 after a 0.4 s gap, then refusals).
         """
-        if now < self._window_end + self._config.update_interval or running == 0:
+        if running == 0:
+            self._idle_at = now  # a plain store: admissions race here harmlessly
+            return
+        interval = self._config.update_interval
+        start = max(self._window_end - interval, self._idle_at)
+        if now < start + 2 * interval:
             return
         with self._lock:
-            if self._pinned_from is None and now >= self._window_end + self._config.update_interval:
-                self._end_window(now, now - (self._window_end - self._config.update_interval))
+            start = max(self._window_end - interval, self._idle_at)
+            if self._pinned_from is None and now >= start + 2 * interval:
+                self._end_window(now, now - start)
 
     def _end_window(self, now: float, stalled: float) -> None:
         window, self._window = self._window, []
@@ -268,14 +284,19 @@ class GradientLimiter:
         cfg = self._config
         target = max(self.min_rtt * (1 + cfg.buffer), self.min_rtt + cfg.tolerance)
         gradient = min(2.0, max(0.1, target / sample_rtt)) if sample_rtt > 0 else 1.0
-        if gradient < 1:
+        if gradient < _QUEUEING:
             # Queueing: shrink from the concurrency that caused it, not from a
             # limit far above it (a high limit never reached says nothing).
             base = min(self.limit, float(max(peak, 1)))
             limit = base * gradient + math.sqrt(base)
         else:
+            # No queueing, or within noise of the target (methods of different
+            # latency share the limiter, so the no-load latency of the fastest
+            # can put a slower one's median just above it): shrinking to the
+            # peak here would refuse the next burst above it, e.g. the calls
+            # a draining neighbour's clients move here.
             limit = self.limit * gradient + math.sqrt(self.limit)
-            if peak < self.limit / 2:
+            if limit > self.limit and peak < self.limit / 2:
                 return  # not using the limit it has: no evidence it could take more
         self.limit = min(float(cfg.max_limit), max(float(cfg.min_limit), limit))
 

@@ -238,9 +238,11 @@ class BalancerCore:
 
     def _rebuild(self) -> None:
         now = self.context.clock()
-        ready = [e for e in self._entries.values() if e.connectivity is Connectivity.READY]
+        # A draining server refuses every call: it is left out even where panic or fallback would
+        # spread calls over endpoints the picker otherwise skips.
+        ready = [e for e in self._entries.values() if e.connectivity is Connectivity.READY and not e.draining]
         self.expires_at = update_ejections([e.stats for e in ready], self.outlier, now)
-        usable = [e.stats for e in ready if e.serving and not e.draining and e.stats.ejected_until <= now]
+        usable = [e.stats for e in ready if e.serving and e.stats.ejected_until <= now]
         # Counted in servers: a server with some connections serving (the others reach a worker that drains) is healthy.
         self.panic = bool(ready) and _servers(usable) < self.panic_threshold * _servers(e.stats for e in ready)
         if self.panic:
@@ -253,7 +255,8 @@ class BalancerCore:
             # Nothing is ready: hand calls to a connecting endpoint and let
             # grpc queue them (or fail them, when all have failed and the
             # caller did not ask to wait for ready).
-            usable = [e.stats for e in self._entries.values() if e.connectivity is not Connectivity.SHUTDOWN]
+            entries = self._entries.values()
+            usable = [e.stats for e in entries if e.connectivity is not Connectivity.SHUTDOWN and not e.draining]
         self.reason = self._reason(now)
         self.picker = (
             build_picker("round_robin", usable, self.context, self.reason)

@@ -295,6 +295,22 @@ def test_core_draining_endpoint_is_out_until_its_connection_changes(clock: FakeC
     assert set(_count(core.current(), 20)) == {"a", "b"}
 
 
+def test_core_panic_and_fallback_leave_a_draining_endpoint_out(clock: FakeClock) -> None:
+    core = _core(clock, panic_threshold=0.5)
+    _ready(core, "a", "b")
+    a = next(e.stats for e in core.entries() if e.stats.address == "a")
+    core.set_draining(a)
+    core.set_serving("b", False, "NOT_SERVING")  # panic: spread over connected endpoints, but not "a"
+    assert core.panic
+    assert set(_count(core.current(), 20)) == {"b"}
+    core.set_connectivity("b", Connectivity.TRANSIENT_FAILURE)  # fallback: nothing ready
+    assert core.fallback
+    assert set(_count(core.current(), 20)) == {"b"}
+    core.set_endpoints([Endpoint("a")])
+    with pytest.raises(NoEndpointError, match="a draining"):
+        core.current().pick()
+
+
 def test_core_draining_report_from_a_replaced_entry_is_ignored(clock: FakeClock) -> None:
     core = _core(clock, panic_threshold=0.0)
     _ready(core, "a", "b")

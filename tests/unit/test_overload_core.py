@@ -85,6 +85,44 @@ def test_an_idle_server_does_not_inflate_its_limit() -> None:
     assert admission.limiter.limit <= OverloadConfig().initial_limit
 
 
+def test_a_burst_after_an_idle_gap_is_not_taken_for_a_stall() -> None:
+    admission = Admission(OverloadConfig(), now=0.0)
+    _simulate(admission, rate=2000, seconds=1, work=0.0002)  # light load: the limit stays high
+    before = admission.limiter.limit
+    now = 1.5  # idle for half a second, then two calls at once
+    for _ in range(2):
+        assert admission.admit(0.0, None, now) is None
+        admission.enter()
+        now += 0.0001
+    assert admission.limiter.limit >= min(before, 16)  # the gap was no stall: no crash of the limit
+    # A real stall (calls running, none completing for over an interval) still lowers it.
+    assert admission.admit(0.0, None, now + 0.5) is None
+    assert admission.limiter.limit < 8
+
+
+def test_latency_within_noise_of_the_target_does_not_collapse_the_limit() -> None:
+    # A fast method's calls ran alone (no-load latency 0.04 ms, target 5.04 ms); a 5 ms method's
+    # median is just above the target. That is no queueing: the limit must not fall to the peak.
+    config = OverloadConfig()
+    limiter = GradientLimiter(config, now=0.0)
+    now = 0.0
+    for _ in range(4):
+        now += 0.001
+        limiter.sample(0.00004, True, now)
+    for _ in range(20):
+        now += 0.006
+        limiter.peak = max(limiter.peak, 2)
+        limiter.sample(0.00515, False, now)
+    assert limiter.min_rtt == pytest.approx(0.00004)
+    assert limiter.limit >= config.initial_limit * 0.9
+    # Clear queueing (latency at twice the target) still shrinks it to the concurrency seen.
+    for _ in range(20):
+        now += 0.006
+        limiter.peak = max(limiter.peak, 2)
+        limiter.sample(0.0101, False, now)
+    assert limiter.limit < 4
+
+
 def test_a_server_busy_without_calls_alone_pins_its_limit_to_remeasure() -> None:
     config = OverloadConfig(min_rtt_interval=1.0, min_rtt_samples=3, initial_limit=4)
     limiter = GradientLimiter(config, now=0.0)
