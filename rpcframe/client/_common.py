@@ -410,7 +410,8 @@ class BalancedChannelBase:
             if core.all_failed and not wait_for_ready:
                 raise Unavailable(core.reason)
             stats, done = picker.pick() if avoid is None else _pick_other(picker, avoid)
-            if core.fallback or stats.handle.ready():
+            # stats.handle.ready(), inlined: once per call.
+            if core.fallback or stats.handle._cy_channel.check_connectivity_state(False) == _CY_READY:
                 break
             done(Outcome.IGNORED, 0.0)
             core.set_connectivity(stats.address, stats.handle.connectivity(), stats.handle)
@@ -554,7 +555,11 @@ class MethodBase:
                 timeout = bounded_timeout(timeout, scope.deadline, now, self._margin)
             except DeadlinePassed as exc:
                 raise DeadlineExceeded(f"{self.method} not sent: {exc}") from None
-        self._budget.deposit(now)
+        budget = self._budget
+        if budget._from <= now < budget._until:  # RateBudget.deposit's common case, inlined: once per call
+            budget._requests[budget._i] += 1
+        else:
+            budget.deposit(now)
         if self._metadata:
             metadata = self._metadata + tuple(metadata) if metadata else self._metadata
         if self._token is not None:

@@ -130,12 +130,21 @@ class _AioStreamingEcho(AioScriptedEcho):
             yield pb.EchoResponse(message=request.message)
 
 
-async def _astream_refused(stub: echo_pb2_grpc.EchoServiceStub) -> bool:
-    """A server-streaming call is refused unrun (UNAVAILABLE with the never-run marker)."""
-    try:
-        [r async for r in stub.Expand(pb.ExpandRequest(message="new", count=2), timeout=2)]
-    except rpcframe.Unavailable as exc:
-        return ("rpcframe-not-run", "1") in tuple(exc.trailing_metadata() or ())
+async def _astream_refused(port: int) -> bool:
+    """A server-streaming call is refused unrun (UNAVAILABLE with the never-run marker).
+
+    Asked with a raw grpc channel: an rpcframe channel that has seen a
+    refusal takes the draining server out of its picker and fails further
+    calls before sending them.
+    """
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = echo_pb2_grpc.EchoServiceStub(channel)
+        try:
+            [r async for r in stub.Expand(pb.ExpandRequest(message="new", count=2), timeout=2)]
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() is grpc.StatusCode.UNAVAILABLE and ("rpcframe-not-run", "1") in tuple(
+                exc.trailing_metadata() or ()
+            )
     return False
 
 
@@ -160,7 +169,7 @@ async def test_graceful_stop_aio() -> None:
         stopper = asyncio.ensure_future(server.stop())
         await eventually(lambda: seen(NOT_SERVING))
         await eventually(lambda: _arefused(stub))
-        assert await _astream_refused(stub)
+        assert await _astream_refused(port)
         assert not stopper.done()
 
         servicer.release.set()
