@@ -313,15 +313,7 @@ class FilteredP2C:
                 cost_a /= a.warmth(now, self._slow_start)
                 cost_b /= b.warmth(now, self._slow_start)
             chosen = a if cost_a <= cost_b else b
-        # chosen.begin(), inlined with this pick's clock reading: the default policy, once per call.
-        lock = chosen._lock
-        lock.acquire()
-        try:
-            chosen.inflight += 1
-            chosen._start_sum += now
-            chosen.last_begin = now
-        finally:
-            lock.release()
+        chosen.begin(now)  # this pick's clock reading: no second one
         return chosen, chosen.done
 
     def _refresh(self, now: float) -> None:

@@ -213,6 +213,15 @@ def _again(method: MethodBase, plan: CallPlan, tries: Attempts | None,
     return plan.next(tries.number), tries
 
 
+def _report_failure(channel: Any, stats: Any, done: Any, error: grpc.RpcError, latency: float) -> None:
+    """Report a failed attempt to its endpoint: a draining server's refusal takes the endpoint out of the
+    picker at once, an outlier ejection that came due rebuilds the picker."""
+    if refused_draining(error):
+        channel.balancer.set_draining(stats)
+    if done(outcome_of_error(error), latency):
+        channel.balancer.refresh()
+
+
 def unary_flow(method: MethodBase, plan: CallPlan, sent: tuple[Any, Any, float] | None = None) -> Flow:
     """A unary-response call: one attempt at a time, retried or failed over as :class:`Attempts` decides.
 
@@ -257,10 +266,7 @@ def unary_flow(method: MethodBase, plan: CallPlan, sent: tuple[Any, Any, float] 
                 if method._hedge_state is not None:
                     method._hedge_state.latencies.add(latency)
                 return value
-            if refused_draining(value):
-                channel.balancer.set_draining(stats)
-            if done(outcome_of_error(value), latency):
-                channel.balancer.refresh()
+            _report_failure(channel, stats, done, value, latency)
             if info is not None:
                 _attempt_ended(method, info, attempt, value, latency)
             plan, tries = yield from _again(method, plan, tries, value)
@@ -341,10 +347,7 @@ def hedged_flow(method: MethodBase, plan: CallPlan, delay: float) -> Flow:
                     error = None  # an earlier copy's failure is not the call's
                     return value
                 if isinstance(value, grpc.RpcError) and value.code() is not grpc.StatusCode.CANCELLED:
-                    if refused_draining(value):
-                        channel.balancer.set_draining(copy.stats)
-                    if copy.done(outcome_of_error(value), latency):
-                        channel.balancer.refresh()
+                    _report_failure(channel, copy.stats, copy.done, value, latency)
                 else:
                     copy.done(Outcome.IGNORED, latency)
                 _attempt_ended(method, info, copy.attempt, value, latency)
