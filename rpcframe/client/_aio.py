@@ -22,6 +22,7 @@ from ..balancing.pickers import NoEndpointError, Pick
 from ..config import ChannelConfig
 from ..errors import DeadlineExceeded, Unavailable
 from ._aio_call import Call
+from ._aio_unary import lean_unary
 from ._common import (
     HEALTH_BACKOFF,
     BalancedChannelBase,
@@ -100,6 +101,15 @@ class _Subchannel(SubchannelBase):
 
     def connectivity(self) -> Connectivity:
         return connectivity_of(self.channel.get_state(False))
+
+    def call(self, method: MethodBase) -> Any:
+        """As the base's, unary-unary methods sent as :class:`UnaryAttempt` (no grpc.aio call object)."""
+        mc = self.calls.get(method)
+        if mc is None:
+            mc = super().call(method)
+            if method.kind == "unary_unary":
+                mc = self.calls[method] = lean_unary(mc)
+        return mc
 
     async def _watch_state(self) -> None:
         state = self.channel.get_state(try_to_connect=True)
