@@ -33,6 +33,7 @@ from ._common import (
 )
 from ._flow import Flow, hedged_flow, stream_flow, unary_flow
 from ._sync_calls import Future, ResponseStream, direct, drive
+from ._sync_unary import lean_sync_unary
 
 __all__ = ["Channel", "ResponseStream", "connect"]
 
@@ -149,6 +150,15 @@ class _Subchannel(SubchannelBase):
     def connectivity(self) -> Connectivity:
         state = self._cy_channel.check_connectivity_state(False)
         return connectivity_of(_CY_STATES.get(state, grpc.ChannelConnectivity.IDLE))
+
+    def call(self, method: MethodBase) -> Any:
+        """As the base's, unary-unary methods blocking through :class:`LeanSyncUnary`."""
+        mc = self.calls.get(method)
+        if mc is None:
+            mc = super().call(method)
+            if method.kind == "unary_unary":
+                mc = self.calls[method] = lean_sync_unary(mc)
+        return mc
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         if self._closed.is_set():

@@ -39,12 +39,14 @@ class _Draining:
             self.addresses[name] = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
             server.start()
             self.servers[name], self.servicers[name] = server, servicer
-        self._held: rpcframe.Channel | None = None
+        # Connected before the client under test: a second channel to "a" made later
+        # bounced the client's connection to it (IDLE, then READY again: slow start).
+        self._held = rpcframe.connect(self.addresses["a"], _config())
+        self._held.wait_ready(10)
         self.stopper: threading.Thread | None = None
 
     def drain_a(self) -> None:
         """Hold a call on "a", stop it, and wait until it refuses new calls."""
-        self._held = rpcframe.connect(self.addresses["a"], _config())
         stub = self._held.stub(echo_pb2_grpc.EchoServiceStub)
         stub.Echo.future(pb.EchoRequest(message="block"), timeout=30)
         assert self.servicers["a"].started.wait(10)
@@ -58,12 +60,13 @@ class _Draining:
             self.stopper.join(30)
         for server in self.servers.values():
             server.stop(0)
-        if self._held is not None:
-            self._held.close()
+        self._held.close()
 
 
 def _config() -> rpcframe.ChannelConfig:
-    return rpcframe.ChannelConfig(health_check=False, policy="round_robin", default_timeout=10)
+    # No slow start: the endpoint that became READY second would get almost no
+    # picks for seconds, and 20 quick calls could all miss the draining one.
+    return rpcframe.ChannelConfig(health_check=False, policy="round_robin", default_timeout=10, slow_start=0)
 
 
 @pytest.fixture
