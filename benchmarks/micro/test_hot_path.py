@@ -67,10 +67,10 @@ def _replace_grpc(channel: Any, wrapper: Any, fake: Any) -> None:
     """Make every endpoint of ``channel`` answer ``wrapper``'s calls with ``fake``."""
     entries = channel.balancer.entries()
     handles = [getattr(e.stats, "handle", None) for e in entries]
-    if not handles or not all(hasattr(h, "_calls") for h in handles):
+    if not handles or not all(hasattr(h, "calls") for h in handles):
         pytest.skip("rpcframe's subchannel internals changed; update _replace_grpc")
     for handle in handles:
-        handle._calls[wrapper] = fake
+        handle.calls[wrapper] = fake
 
 
 @pytest.fixture(scope="module")

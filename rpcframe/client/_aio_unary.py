@@ -168,8 +168,10 @@ class UnaryAttempt:
             if batch.done():
                 self._finish()
             else:
-                # This task resumes the coroutine (its done-callback, _landed, runs first and leaves it).
+                # This task resumes the coroutine: the done-callback that finishes an
+                # unawaited attempt goes (it would cost a loop callback a call).
                 self._awaited = True
+                batch.remove_done_callback(self._landed)
                 batch._asyncio_future_blocking = True
                 try:
                     yield batch
@@ -188,6 +190,11 @@ class UnaryAttempt:
                     self._failed(exc)
         elif batch is not None:  # another task resumes it: wait for the status
             yield from self._call.status().__await__()
+        if self._raised is None and self._deserialize is not None and self._call.is_ok():  # _outcome's common case
+            try:
+                return self._deserialize(self._reply)
+            except Exception:  # noqa: BLE001 - _outcome reports it
+                pass
         return self._outcome()
 
     def _outcome(self) -> Any:
