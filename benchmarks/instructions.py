@@ -31,7 +31,10 @@ package ``valgrind``); without it the script says so and exits 0.
 Scenarios: ``aio-client`` (rpcframe.aio channel vs grpc.aio channel),
 ``sync-client`` (rpcframe channel vs grpc channel), ``sync-server``
 (rpcframe.Server vs grpc.server with 16 threads), ``aio-server``
-(rpcframe.aio.Server vs grpc.aio.server); rpcframe with default settings,
+(rpcframe.aio.Server vs grpc.aio.server), ``sync-relay`` and ``aio-relay``
+(a middle hop: the server answers each call by calling a raw grpc.aio peer
+through the same stack's client, so the call inside a handler is measured
+with everything around it); rpcframe with default settings,
 and each rpcframe row also with the feature named in ``VARIANTS`` off;
 the server scenarios also measure raw grpcio with the method registered
 request-streaming, as rpcframe registers unary methods.
@@ -58,13 +61,15 @@ from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SCENARIOS = ("aio-client", "sync-client", "sync-server", "aio-server")
+SCENARIOS = ("aio-client", "sync-client", "sync-server", "aio-server", "sync-relay", "aio-relay")
 #: rpcframe variants measured beside the defaults: name -> what it turns off.
 VARIANTS = {
     "aio-client": ("rpcframe", "rpcframe:no-throttle", "rpcframe:no-health"),
     "sync-client": ("rpcframe", "rpcframe:no-throttle", "rpcframe:no-health"),
     "sync-server": ("raw:streamed", "rpcframe", "rpcframe:no-overload"),
     "aio-server": ("raw:streamed", "rpcframe", "rpcframe:no-overload"),
+    "sync-relay": ("rpcframe",),
+    "aio-relay": ("rpcframe",),
 }
 #: What a variant's row is called in the table.
 LABELS = {
@@ -151,8 +156,12 @@ def run_client(front: str, stack: str, target: str, calls: int, mark: int = 0, i
     asyncio.run(main())
 
 
-def run_server(front: str, stack: str, calls: int, port_file: str) -> None:
-    """Serve until ``calls`` calls were answered and one more arrived, then exit (the port goes to ``port_file``)."""
+def run_server(front: str, stack: str, calls: int, port_file: str, downstream: str = "") -> None:
+    """Serve until ``calls`` calls were answered and one more arrived, then exit (the port goes to ``port_file``).
+
+    With ``downstream``, each call is answered by calling Echo there (a relay,
+    through the same stack's client: the measured process is a middle hop).
+    """
     pb, pb_grpc = _echo()
     done = threading.Event()
     served = [0]
@@ -175,9 +184,18 @@ def run_server(front: str, stack: str, calls: int, port_file: str) -> None:
 
         import rpcframe
 
+        relay: Any = None
+        if downstream:
+            if stack == "raw":
+                relay = pb_grpc.EchoServiceStub(grpc.insecure_channel(downstream))
+            else:
+                relay = rpcframe.connect(downstream).stub(pb_grpc.EchoServiceStub)
+
         class SyncEcho(pb_grpc.EchoServiceServicer):  # type: ignore[misc]
             def Echo(self, request: Any, context: Any) -> Any:
                 count()
+                if relay is not None:
+                    return relay.Echo(request, timeout=60)
                 return pb.EchoResponse(message=request.message)
 
         if stack == "raw:streamed":  # what rpcframe registers: the handler reads its one request itself
@@ -203,15 +221,23 @@ def run_server(front: str, stack: str, calls: int, port_file: str) -> None:
         done.wait(600)
         os._exit(0)  # the count is what matters; skip the drain
 
+    relays: list[Any] = []  # the downstream stub, made on the server's loop
+
     class AioEcho(pb_grpc.EchoServiceServicer):  # type: ignore[misc]
         async def Echo(self, request: Any, context: Any) -> Any:
             count()
+            if relays:
+                return await relays[0].Echo(request, timeout=60)
             return pb.EchoResponse(message=request.message)
 
     async def main() -> None:
         import grpc.aio
 
         import rpcframe.aio
+
+        if downstream:
+            channel: Any = grpc.aio.insecure_channel(downstream) if stack == "raw" else rpcframe.aio.connect(downstream)
+            relays.append(pb_grpc.EchoServiceStub(channel))
 
         if stack == "raw:streamed":
             echo = AioEcho()
@@ -385,12 +411,13 @@ def measure_client(
 
 
 def measure_server(
-    front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0
+    front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0, downstream: str = ""
 ) -> tuple[int, float]:
     """Instructions of the server process for ``calls`` calls (and ``idle`` seconds), and the seconds after ``mark``."""
     port_file = str(tmp / f"server-{front}-{stack}-{calls}-{next(_RUNS)}")
-    server = subprocess.Popen(_callgrind(["server", front, stack, str(calls), port_file]), cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = ["server", front, stack, str(calls), port_file, *([downstream] if downstream else [])]
+    server = subprocess.Popen(_callgrind(args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
     try:
         elapsed = run_peer_client(port_file, calls, mark, idle)
         _, err = server.communicate(timeout=300)
@@ -401,6 +428,20 @@ def measure_server(
             server.wait()
 
 
+def measure_relay(
+    front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0
+) -> tuple[int, float]:
+    """:func:`measure_server` for a server that answers each call by calling a raw grpc peer (a middle hop)."""
+    port_file = str(tmp / f"downstream-{front}-{stack}-{calls}-{next(_RUNS)}")
+    peer = subprocess.Popen([sys.executable, "-m", "benchmarks.instructions", "peer-server", port_file], cwd=REPO)
+    try:
+        downstream = f"127.0.0.1:{_wait_for_port(port_file, 60)}"
+        return measure_server(front, stack, calls, tmp, mark, idle, downstream)
+    finally:
+        peer.terminate()
+        peer.wait(30)
+
+
 def per_call(scenario: str, stack: str, warm: int, calls: int, tmp: Path) -> tuple[float, float]:
     """Instructions one more call costs (the difference of two runs, per call), and of them the background's.
 
@@ -409,7 +450,7 @@ def per_call(scenario: str, stack: str, warm: int, calls: int, tmp: Path) -> tup
     follows the clock (and valgrind's slow clock), not the calls.
     """
     front, side = scenario.split("-")
-    measure = measure_client if side == "client" else measure_server
+    measure = {"client": measure_client, "server": measure_server, "relay": measure_relay}[side]
     long, elapsed = measure(front, stack, warm + calls, tmp, mark=warm)
     short, _ = measure(front, stack, warm, tmp)
     idle, _ = measure(front, stack, warm, tmp, idle=elapsed)
@@ -423,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_client(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), float(argv[6]))
         return 0
     if argv and argv[0] == "server":
-        run_server(argv[1], argv[2], int(argv[3]), argv[4])
+        run_server(argv[1], argv[2], int(argv[3]), argv[4], *argv[5:6])
         return 0
     if argv and argv[0] == "peer-server":
         run_peer_server(argv[1])

@@ -16,6 +16,7 @@ import grpc
 
 from ..balancing.endpoint import SUCCESS, EndpointStats, Outcome
 from ..errors import Cancelled
+from . import _sync_unary
 from ._common import CallPlan, Metadata, MethodBase
 from ._flow import (
     CALL,
@@ -32,6 +33,7 @@ from ._flow import (
     trailers_of,
     unary_flow,
 )
+from ._sync_unary import Cancellable, LeanSyncUnary
 
 __all__ = ["Future", "ResponseStream", "direct", "drive"]
 
@@ -65,6 +67,15 @@ def _call(method: MethodBase, stats: EndpointStats, plan: CallPlan, request: Any
             return True, (mc.with_call if with_call else mc)(
                 request, plan.timeout, plan.metadata, plan.credentials, plan.wait_for_ready, plan.compression
             )
+        if (type(mc) is LeanSyncUnary and not with_call and plan.credentials is None and plan.compression is None
+                and _sync_unary.available):  # fmt: skip
+            # Blocking on this thread, cancellable by the incoming call (no hop through grpc's future).
+            cancel = Cancellable()
+            scope.track(cancel)
+            try:
+                return True, mc(request, plan.timeout, plan.metadata, None, plan.wait_for_ready, None, cancel=cancel)
+            finally:
+                scope.untrack(cancel)
         future = mc.future(request, *_args(plan))
         scope.track(future)
         try:

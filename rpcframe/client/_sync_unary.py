@@ -30,13 +30,15 @@ import grpc
 from grpc import _channel, _common, _observability
 from grpc._cython import cygrpc
 
-__all__ = ["LeanSyncUnary", "lean_sync_unary"]
+__all__ = ["Cancellable", "LeanSyncUnary", "lean_sync_unary"]
 
 _LOGGER = logging.getLogger(__name__)
 _CODES = _common.CYGRPC_STATUS_CODE_TO_STATUS_CODE
 _OK = cygrpc.StatusCode.ok
 _PROPAGATE = cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS
 _parent_deadline = cygrpc.get_deadline_from_context
+_CANCELLED = cygrpc.StatusCode.cancelled
+_CANCELLED_DETAILS = "Locally cancelled by application!"  # grpc's words
 _SendInitialMetadata = cygrpc.SendInitialMetadataOperation
 _SendMessage = cygrpc.SendMessageOperation
 _SendClose = cygrpc.SendCloseFromClientOperation
@@ -72,9 +74,13 @@ class LeanSyncUnary:
     def __call__(
         self, request: Any, timeout: float | None = None, metadata: Any = None,
         credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
+        compression: grpc.Compression | None = None, *, cancel: Cancellable | None = None,
     ) -> Any:  # fmt: skip
-        """One blocking call, as grpc's ``UnaryUnaryMultiCallable.__call__``."""
+        """One blocking call, as grpc's ``UnaryUnaryMultiCallable.__call__``.
+
+        ``cancel`` lets another thread cancel it; cancelled, it raises
+        ``grpc.FutureCancelledError`` (as grpc's future does).
+        """
         if credentials is not None or compression is not None or not available:
             return self.fallback(request, timeout, metadata, credentials, wait_for_ready, compression)
         if self._serialize is None:
@@ -97,6 +103,10 @@ class LeanSyncUnary:
                                                  ((operations, None),), self._context, self._handle)  # fmt: skip
         except TypeError:
             return self._refused(request, timeout, metadata, wait_for_ready)
+        if cancel is not None:
+            cancel.call = call
+            if cancel.cancelled:  # before the call existed: cancel it now
+                call.cancel(_CANCELLED, _CANCELLED_DETAILS)
         call.next_event()
         if status.code() == _OK:
             message = received.message()
@@ -107,6 +117,8 @@ class LeanSyncUnary:
             except Exception:  # as grpc: logged, and the call fails INTERNAL
                 _LOGGER.exception("Exception deserializing message!")
                 raise _error(initial, status, grpc.StatusCode.INTERNAL, "Exception deserializing response!") from None
+        if cancel is not None and cancel.cancelled:
+            raise grpc.FutureCancelledError()
         code = _CODES.get(status.code())
         if code is None:  # grpc's words for it
             details = f"Server sent unknown code {status.code()} and details {status.details()}"
@@ -126,6 +138,24 @@ class LeanSyncUnary:
             raise
         _disable()
         return response
+
+
+class Cancellable:
+    """What a call made while handling another gives the incoming call's scope: ``cancel()`` from any thread."""
+
+    __slots__ = ("call", "cancelled")
+
+    def __init__(self) -> None:
+        self.call: Any = None  # the segregated call, once made
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        """Cancel the call (now, or as soon as it is made)."""
+        self.cancelled = True
+        call = self.call
+        if call is not None:
+            call.cancel(_CANCELLED, _CANCELLED_DETAILS)  # grpc's segregated calls take a cancel from any thread
+        return True
 
 
 def _disable() -> None:
