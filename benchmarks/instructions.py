@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import itertools
 import os
@@ -54,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -396,15 +397,21 @@ def measure_client(
     front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0
 ) -> tuple[int, float]:
     """Instructions of the client process for ``calls`` calls (and ``idle`` seconds), and the seconds after ``mark``."""
-    port_file = str(tmp / f"peer-{front}-{stack}-{calls}-{next(_RUNS)}")
-    peer = subprocess.Popen([sys.executable, "-m", "benchmarks.instructions", "peer-server", port_file], cwd=REPO)
-    try:
-        port = _wait_for_port(port_file, 60)
-        args = ["client", front, stack, f"127.0.0.1:{port}", str(calls), str(mark), str(idle)]
+    with _peer_server(tmp, f"peer-{front}-{stack}-{calls}") as target:
+        args = ["client", front, stack, target, str(calls), str(mark), str(idle)]
         run = subprocess.run(_callgrind(args), cwd=REPO, capture_output=True, text=True, timeout=900)
         if run.returncode != 0:
             raise RuntimeError(f"client {front} {stack} failed:\n{run.stderr[-2000:]}")
         return _collected(run.stderr), float(_ELAPSED.findall(run.stdout)[-1])
+
+
+@contextlib.contextmanager
+def _peer_server(tmp: Path, name: str) -> Iterator[str]:
+    """A raw grpc.aio echo server in its own process (not measured) for as long as the block runs: its target."""
+    port_file = str(tmp / f"{name}-{next(_RUNS)}")
+    peer = subprocess.Popen([sys.executable, "-m", "benchmarks.instructions", "peer-server", port_file], cwd=REPO)
+    try:
+        yield f"127.0.0.1:{_wait_for_port(port_file, 60)}"
     finally:
         peer.terminate()
         peer.wait(30)
@@ -432,14 +439,8 @@ def measure_relay(
     front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0
 ) -> tuple[int, float]:
     """:func:`measure_server` for a server that answers each call by calling a raw grpc peer (a middle hop)."""
-    port_file = str(tmp / f"downstream-{front}-{stack}-{calls}-{next(_RUNS)}")
-    peer = subprocess.Popen([sys.executable, "-m", "benchmarks.instructions", "peer-server", port_file], cwd=REPO)
-    try:
-        downstream = f"127.0.0.1:{_wait_for_port(port_file, 60)}"
+    with _peer_server(tmp, f"downstream-{front}-{stack}-{calls}") as downstream:
         return measure_server(front, stack, calls, tmp, mark, idle, downstream)
-    finally:
-        peer.terminate()
-        peer.wait(30)
 
 
 def per_call(scenario: str, stack: str, warm: int, calls: int, tmp: Path) -> tuple[float, float]:

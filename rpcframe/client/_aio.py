@@ -92,6 +92,8 @@ class StreamStream(StreamUnary, grpc.aio.StreamStreamMultiCallable):  # type: ig
 class _Subchannel(SubchannelBase):
     """One endpoint: a grpc.aio channel, its connectivity task and health task."""
 
+    lean = staticmethod(lean_unary)
+
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
         super().__init__(address, grpc.aio, core, config)
         self._watch: Any = None  # the health Watch call in progress, ended first by close()
@@ -101,15 +103,6 @@ class _Subchannel(SubchannelBase):
 
     def connectivity(self) -> Connectivity:
         return connectivity_of(self.channel.get_state(False))
-
-    def call(self, method: MethodBase) -> Any:
-        """As the base's, unary-unary methods sent as :class:`UnaryAttempt` (no grpc.aio call object)."""
-        mc = self.calls.get(method)
-        if mc is None:
-            mc = super().call(method)
-            if method.kind == "unary_unary":
-                mc = self.calls[method] = lean_unary(mc)
-        return mc
 
     async def _watch_state(self) -> None:
         state = self.channel.get_state(try_to_connect=True)

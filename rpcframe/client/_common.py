@@ -233,12 +233,17 @@ class SubchannelBase:
             return True
         return False
 
+    #: Turns a unary-unary grpc multicallable into the front's lean one (see ``_sync_unary``, ``_aio_unary``).
+    lean: Callable[[Any], Any] = staticmethod(lambda multicallable: multicallable)
+
     def call(self, method: MethodBase) -> Any:
-        """The grpc multicallable of ``method`` on this endpoint (cached)."""
+        """The grpc multicallable of ``method`` on this endpoint (cached; unary-unary ones made lean)."""
         mc = self.calls.get(method)
         if mc is None:
             factory = getattr(self.channel, method.kind)
             mc = factory(method.method, method.serializer, method.deserializer, True)
+            if method.kind == "unary_unary":
+                mc = self.lean(mc)
             self.calls[method] = mc
         return mc
 

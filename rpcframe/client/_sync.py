@@ -136,6 +136,8 @@ class StreamStream(MethodBase, grpc.StreamStreamMultiCallable):  # type: ignore[
 class _Subchannel(SubchannelBase):
     """One endpoint: a grpc channel, its connectivity, and its health watch."""
 
+    lean = staticmethod(lean_sync_unary)
+
     def __init__(self, address: str, core: BalancerCore, config: ChannelConfig) -> None:
         super().__init__(address, grpc, core, config)
         self._closed = threading.Event()
@@ -150,15 +152,6 @@ class _Subchannel(SubchannelBase):
     def connectivity(self) -> Connectivity:
         state = self._cy_channel.check_connectivity_state(False)
         return connectivity_of(_CY_STATES.get(state, grpc.ChannelConnectivity.IDLE))
-
-    def call(self, method: MethodBase) -> Any:
-        """As the base's, unary-unary methods blocking through :class:`LeanSyncUnary`."""
-        mc = self.calls.get(method)
-        if mc is None:
-            mc = super().call(method)
-            if method.kind == "unary_unary":
-                mc = self.calls[method] = lean_sync_unary(mc)
-        return mc
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         if self._closed.is_set():
