@@ -42,7 +42,7 @@ import grpc.aio
 from grpc import _common
 from grpc._cython import cygrpc
 
-__all__ = ["UnaryAttempt", "lean_unary"]
+__all__ = ["LeanUnary", "UnaryAttempt", "lean_unary"]
 
 _LOGGER = logging.getLogger(__name__)
 _CANCELLED = "Locally cancelled by application!"  # grpc.aio's details for a local cancel
@@ -136,7 +136,7 @@ class UnaryAttempt:
     # -- completion ------------------------------------------------------------------------
 
     def _landed(self, _: Any) -> None:
-        """The batch completed: finish the coroutine unless an awaiting task is about to."""
+        """The batch completed and no task awaits the attempt (one that does takes this callback off): finish it."""
         if not self._awaited and self._coro is not None:
             self._finish()
 

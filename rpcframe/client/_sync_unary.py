@@ -7,7 +7,12 @@ measured with callgrind, one call in flight, that Python is about 71k
 instructions of a ~243k-instruction call. :class:`LeanSyncUnary` sends the
 same batch of six operations on the same segregated call
 (``cygrpc.Channel.segregated_call``) and reads the answer from the
-operations themselves.
+operations themselves. A call made inside a handler carries a
+:class:`Cancellable` its incoming call's scope can cancel from another
+thread, so it blocks on the handler's thread too (grpc's ``future()``,
+used for that before, went through grpc's channel thread: ~226k
+instructions more per relayed call, see ``benchmarks/instructions.py``'s
+``sync-relay``).
 
 Behaviour is grpc's: the same deadline (the smaller of the call's and the
 one grpc propagates from an incoming grpc call), the same errors (grpc's
