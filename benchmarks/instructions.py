@@ -34,7 +34,8 @@ Scenarios: ``aio-client`` (rpcframe.aio channel vs grpc.aio channel),
 (rpcframe.aio.Server vs grpc.aio.server), ``sync-relay`` and ``aio-relay``
 (a middle hop: the server answers each call by calling a raw grpc.aio peer
 through the same stack's client, so the call inside a handler is measured
-with everything around it); rpcframe with default settings,
+with everything around it), ``uvloop-client`` (``aio-client`` with both
+stacks on uvloop); rpcframe with default settings,
 and each rpcframe row also with the feature named in ``VARIANTS`` off;
 the server scenarios also measure raw grpcio with the method registered
 request-streaming, as rpcframe registers unary methods.
@@ -62,13 +63,14 @@ from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SCENARIOS = ("aio-client", "sync-client", "sync-server", "aio-server", "sync-relay", "aio-relay")
+SCENARIOS = ("aio-client", "sync-client", "sync-server", "aio-server", "sync-relay", "aio-relay", "uvloop-client")
 #: rpcframe variants measured beside the defaults: name -> what it turns off.
 VARIANTS = {
     "aio-client": ("rpcframe", "rpcframe:no-throttle", "rpcframe:no-health"),
     "sync-client": ("rpcframe", "rpcframe:no-throttle", "rpcframe:no-health"),
     "sync-server": ("raw:streamed", "rpcframe", "rpcframe:no-overload"),
     "aio-server": ("raw:streamed", "rpcframe", "rpcframe:no-overload"),
+    "uvloop-client": ("rpcframe",),
     "sync-relay": ("rpcframe",),
     "aio-relay": ("rpcframe",),
 }
@@ -154,7 +156,12 @@ def run_client(front: str, stack: str, target: str, calls: int, mark: int = 0, i
         await asyncio.sleep(idle)  # the loop runs its background work meanwhile (see per_call)
         await channel.close()
 
-    asyncio.run(main())
+    if front == "uvloop":  # both stacks on uvloop: rpcframe's default loop against grpc.aio on the same
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 def run_server(front: str, stack: str, calls: int, port_file: str, downstream: str = "") -> None:
