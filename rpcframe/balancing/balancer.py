@@ -134,9 +134,13 @@ class BalancerCore:
             self._rebuild()
         return added, removed
 
-    def renew(self, address: str, attach: Callable[[EndpointEntry], None]) -> EndpointEntry | None:
+    def renew(
+        self, address: str, attach: Callable[[EndpointEntry], None], serving: bool = True
+    ) -> EndpointEntry | None:
         """Replace ``address``'s entry by a new one in its place (the front attaches a new connection).
 
+        ``serving=False``: the new entry gets no pick until its health watch
+        says SERVING (a replacement can land on the draining worker again).
         Returns the old entry, for the front to close once its calls are
         done; None when ``address`` has no entry (any more).
         """
@@ -145,6 +149,7 @@ class BalancerCore:
             if old is None:
                 return None
             entry = self._new_entry(old.stats.endpoint)
+            entry.serving = serving
             attach(entry)
             self._entries[address] = entry
             self._rebuild()

@@ -313,7 +313,10 @@ class BalancedChannelBase:
         entry = next((e for e in self._core.entries() if e.stats.address == address), None)
         if entry is None or entry.serving:
             return None
-        return self._core.renew(address, self._attach)
+        # With health checking the replacement waits for its first SERVING: the kernel may hand the new
+        # connection to the draining worker again, and a call sent there once grpc's own shutdown has
+        # begun is dropped unrun as a bare CANCELLED, which a client cannot resend safely.
+        return self._core.renew(address, self._attach, serving=not self.config.health_check)
 
     def _attach(self, entry: EndpointEntry) -> None:
         raise NotImplementedError

@@ -322,6 +322,23 @@ def test_core_draining_report_from_a_replaced_entry_is_ignored(clock: FakeClock)
     assert set(_count(core.current(), 20)) == {"a", "b"}
 
 
+def test_core_renewed_entry_waits_for_its_first_serving_when_asked(clock: FakeClock) -> None:
+    core = _core(clock, panic_threshold=0.0)
+    _ready(core, "a", "b")
+    core.set_serving("a", False, "NOT_SERVING")
+    old = core.renew("a", lambda entry: None, serving=False)
+    assert old is not None
+    assert old.stats.address == "a"
+    core.set_connectivity("a", Connectivity.READY)  # the replacement connected: not picked yet
+    assert set(_count(core.current(), 20)) == {"b"}
+    assert {e.stats.address: e.state(clock()) for e in core.entries()}["a"] == "NOT_SERVING"
+    core.set_serving("a", True, "SERVING")
+    assert set(_count(core.current(), 40)) == {"a", "b"}
+    core.renew("b", lambda entry: None)  # the default: picked once connected, as before
+    core.set_connectivity("b", Connectivity.READY)
+    assert "b" in set(_count(core.current(), 40))
+
+
 def test_core_panic_spreads_over_all_connected(clock: FakeClock) -> None:
     core = _core(clock, panic_threshold=0.5)
     _ready(core, "a", "b", "c")
