@@ -35,7 +35,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -190,27 +190,22 @@ class UnaryAttempt:
                     self._failed(exc)
         elif batch is not None:  # another task resumes it: wait for the status
             yield from self._call.status().__await__()
-        if self._raised is None and self._deserialize is not None and self._call.is_ok():  # _outcome's common case
-            try:
-                return self._deserialize(self._reply)
-            except Exception:  # noqa: BLE001 - _outcome reports it
-                pass
-        return self._outcome()
-
-    def _outcome(self) -> Any:
-        call = self._call
-        if self._raised is not None:
-            raise self._raised
-        if call.is_ok():
-            reply, deserialize = self._reply, self._deserialize
+        if self._raised is None and self._call.is_ok():
+            deserialize = self._deserialize
             if deserialize is None:
-                return reply
+                return self._reply
             try:
-                return deserialize(reply)
+                return deserialize(self._reply)
             except Exception:  # as grpc does: logged, and the response is None
                 _LOGGER.exception("Exception deserializing message!")
                 return None
-        if call.is_locally_cancelled():
+        self._fail()
+
+    def _fail(self) -> NoReturn:
+        """Raise how the attempt failed: its own exception, the local cancellation, or its status."""
+        if self._raised is not None:
+            raise self._raised
+        if self._call.is_locally_cancelled():
             raise asyncio.CancelledError()
         raise self._error()
 
@@ -271,5 +266,5 @@ class UnaryAttempt:
     async def wait_for_connection(self) -> None:
         """Wait for the attempt to end; raise its error if it failed (as grpc.aio's unary call does)."""
         await self._call.status()
-        if not self._call.is_ok():
-            self._outcome()
+        if self._raised is not None or not self._call.is_ok():
+            self._fail()
