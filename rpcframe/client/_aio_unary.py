@@ -84,7 +84,7 @@ class LeanUnary:
         try:
             call = self._channel.call(self._method, deadline, None, wait_for_ready, self._handle)
         except TypeError:  # another grpc's Cython channel: stop using it (its errors name closed channels etc.)
-            _disable()
+            _disable("grpc's Cython channel did not take a unary call's arguments")
             return self.fallback(request, timeout=timeout, metadata=metadata, credentials=credentials,
                                  wait_for_ready=wait_for_ready, compression=compression)  # fmt: skip
         payload = request if self._serialize is None else self._serialize(request)
@@ -93,21 +93,21 @@ class LeanUnary:
         return attempt
 
 
-def _disable() -> None:
+def _disable(why: str) -> None:
     global available
     if available:
         available = False
-        _LOGGER.warning("grpc's Cython channel did not take a unary call's arguments: using grpc.aio's calls")
+        _LOGGER.warning("%s: using grpc.aio's calls", why)
 
 
 def lean_unary(multicallable: Any) -> Any:
     """``multicallable`` (grpc.aio, unary-unary) as a :class:`LeanUnary`, or itself where that cannot work."""
-    if not available or multicallable._interceptors:
+    if not available:
         return multicallable
     try:
-        return LeanUnary(multicallable)
+        return multicallable if multicallable._interceptors else LeanUnary(multicallable)
     except AttributeError:  # grpc.aio laid out otherwise: keep its own calls
-        _disable()
+        _disable("grpc.aio's unary multicallable is laid out otherwise")
         return multicallable
 
 
@@ -137,7 +137,7 @@ class UnaryAttempt:
 
     def _landed(self, _: Any) -> None:
         """The batch completed and no task awaits the attempt (one that does takes this callback off): finish it."""
-        if not self._awaited and self._coro is not None:
+        if self._coro is not None:  # an await that found the batch done may have finished it already
             self._finish()
 
     def _finish(self) -> None:
@@ -148,7 +148,7 @@ class UnaryAttempt:
         except StopIteration as stop:
             self._reply = stop.value
         except asyncio.CancelledError:  # the batch future was cancelled: so is the call
-            self._cancel_call()
+            self.cancel()
         except BaseException as exc:
             self._failed(exc)
 
@@ -156,11 +156,7 @@ class UnaryAttempt:
         if self._call.is_locally_cancelled():
             return  # cancelled first (its batch then fails): the outcome is the cancellation
         self._raised = exc
-        self._cancel_call()  # the call gets a status (CANCELLED) and its waiters wake; the error is re-raised
-
-    def _cancel_call(self) -> None:
-        if not self._call.done():
-            self._call.cancel(_CANCELLED)
+        self.cancel()  # the call gets a status (CANCELLED) and its waiters wake; the error is re-raised
 
     def __await__(self) -> Generator[Any, None, Any]:
         batch = self._batch
@@ -181,7 +177,7 @@ class UnaryAttempt:
                         coro.throw(exc)
                     except BaseException:  # noqa: BLE001 - the coroutine ends; the call's status says how
                         pass
-                    self._cancel_call()
+                    self.cancel()
                     raise
                 coro, self._coro, self._batch = self._coro, None, None
                 try:

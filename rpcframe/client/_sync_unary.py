@@ -139,9 +139,9 @@ class LeanSyncUnary:
         except TypeError:
             raise
         except BaseException:
-            _disable()
+            _disable(_REFUSED)
             raise
-        _disable()
+        _disable(_REFUSED)
         return response
 
 
@@ -163,11 +163,14 @@ class Cancellable:
         return True
 
 
-def _disable() -> None:
+_REFUSED = "grpc's Cython channel did not take a unary call's arguments"
+
+
+def _disable(why: str) -> None:
     global available
     if available:
         available = False
-        _LOGGER.warning("grpc's Cython channel did not take a unary call's arguments: using grpc's calls")
+        _LOGGER.warning("%s: using grpc's calls", why)
 
 
 def _error(initial: Any, status: Any, code: grpc.StatusCode, details: str) -> grpc.RpcError:
@@ -185,10 +188,10 @@ def _recording() -> bool:
 
 def lean_sync_unary(multicallable: Any) -> Any:
     """``multicallable`` (grpc, unary-unary) as a :class:`LeanSyncUnary`, or itself where that cannot work."""
-    if _recording():
+    if not available or _recording():
         return multicallable
     try:
         return LeanSyncUnary(multicallable)
-    except AttributeError:  # grpc laid out otherwise: keep its own calls
-        _LOGGER.warning("grpc's unary multicallable is laid out otherwise: using its own calls")
+    except AttributeError:  # grpc laid out otherwise: keep its own calls (said once, not per method)
+        _disable("grpc's unary multicallable is laid out otherwise")
         return multicallable
