@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from rpcframe._core.overload import Admission, GradientLimiter, OverloadConfig
+from rpcframe._core.overload import Admission, GradientLimiter, OverloadConfig, criticality_share
 from tests.unit.test_overload_core import _p99, _simulate
 
 
@@ -36,8 +36,8 @@ class VegasLimiter(GradientLimiter):
 
 def run(limiter: type[GradientLimiter]) -> tuple[float, list[tuple[int, float, float]]]:
     """(unloaded p99 ms, [(OK calls, p99 ms, limit) per second at 5x])."""
-    admission = Admission(OverloadConfig(), 0.0)
-    admission.limiter = limiter(OverloadConfig(), 0.0, admission._lock)
+    admission = Admission(OverloadConfig(), 0.0, share=criticality_share)
+    admission.limiter = limiter(OverloadConfig(), 0.0)
     unloaded = _simulate(admission, rate=250, seconds=1, work=0.002)
     seconds = []
     for second in range(5):

@@ -193,43 +193,45 @@ class GradientLimiter:
 
     _ALONE = 16  # no-load samples kept
 
-    def __init__(self, config: OverloadConfig, now: float, lock: threading.Lock | None = None) -> None:
+    def __init__(self, config: OverloadConfig, now: float) -> None:
         self._config = config
-        self._lock = threading.Lock() if lock is None else lock
+        self._lock = threading.Lock()
         self.limit = float(config.initial_limit)
         self.min_rtt = 0.0  #: no-load latency; 0 until first measured
-        self._alone: list[float] = []  # a ring once full; its median is min_rtt, taken at each update
-        self._alone_next = 0
+        self._alone: list[float] = []  # the last _ALONE no-load samples; their median is min_rtt
+        # No-load samples since the interval began: kept apart and folded into
+        # _alone at its end, so that recording one is a list append.
+        self.fresh_alone: list[float] = []
         self._last_alone = now
         self._pinned_from: float | None = None  # the limit to restore after a pinned measurement
         self._pinned_samples = 0
-        self._window: list[float] = []
-        self._window_end = now + config.update_interval
+        self.window: list[float] = []  #: latencies of the interval
+        self.window_end = now + config.update_interval
         self._idle_at = -math.inf  # the last admission that found nothing running (see tick)
         self.peak = 0  #: most calls running at once this interval (the admission sets it)
 
     def sample(self, rtt: float, alone: bool, now: float) -> None:
         """Record an admitted call's latency (``alone``: no other call ran with it); update the limit."""
         with self._lock:
-            self.sample_locked(rtt, alone, now)
+            self._sample(rtt, alone, now)
 
-    def sample_locked(self, rtt: float, alone: bool, now: float) -> None:
-        """:meth:`sample` for a caller holding the lock the limiter was given."""
-        if alone:  # a no-load sample (inline: with one call in flight, every call is one)
-            ring = self._alone
-            if len(ring) < self._ALONE:
-                ring.append(rtt)
-            else:
-                ring[self._alone_next] = rtt
-                self._alone_next = (self._alone_next + 1) % self._ALONE
-            self._last_alone = now
+    def _sample(self, rtt: float, alone: bool, now: float) -> None:
+        if alone:  # a no-load sample
+            self.fresh_alone.append(rtt)
             if (pinned_from := self._pinned_from) is not None:
                 self._pinned_sample(pinned_from, now)
         if self._pinned_from is not None:
             return
-        self._window.append(rtt)
-        if now >= self._window_end:
+        self.window.append(rtt)
+        if now >= self.window_end:
             self._end_window(now, 0.0)
+
+    def _fold_alone(self, now: float) -> None:
+        """Move the interval's no-load samples into the kept ones (the time of the last: at most an interval off)."""
+        if fresh := self.fresh_alone:
+            self._alone = (self._alone + fresh)[-self._ALONE :]
+            self.fresh_alone = []
+            self._last_alone = now
 
     def tick(self, now: float, running: int) -> None:
         """An admission at ``now``: end an interval in which no call completed although ``running`` ran.
@@ -248,17 +250,18 @@ class GradientLimiter:
             self._idle_at = now  # a plain store: admissions race here harmlessly
             return
         interval = self._config.update_interval
-        start = max(self._window_end - interval, self._idle_at)
+        start = max(self.window_end - interval, self._idle_at)
         if now < start + 2 * interval:
             return
         with self._lock:
-            start = max(self._window_end - interval, self._idle_at)
+            start = max(self.window_end - interval, self._idle_at)
             if self._pinned_from is None and now >= start + 2 * interval:
                 self._end_window(now, now - start)
 
     def _end_window(self, now: float, stalled: float) -> None:
-        window, self._window = self._window, []
-        self._window_end = now + self._config.update_interval
+        self._fold_alone(now)
+        window, self.window = self.window, []
+        self.window_end = now + self._config.update_interval
         peak, self.peak = self.peak, 0
         if now - self._last_alone > self._config.min_rtt_interval:
             self._pin()  # busy for long: measure the no-load latency again
@@ -272,9 +275,10 @@ class GradientLimiter:
         """One more no-load sample while the limit is pinned; enough of them restore it."""
         self._pinned_samples += 1
         if self._pinned_samples >= self._config.min_rtt_samples:
+            self._fold_alone(now)
             self.min_rtt = sorted(self._alone)[len(self._alone) // 2]
             self.limit, self._pinned_from = pinned_from, None
-            self._window, self._window_end = [], now + self._config.update_interval
+            self.window, self.window_end = [], now + self._config.update_interval
 
     def _pin(self) -> None:
         self._pinned_from, self._pinned_samples = self.limit, 0
@@ -304,92 +308,117 @@ class GradientLimiter:
 class Admission:
     """The admission decision for one server (or method), from the limiter and the front's signals.
 
-    Per call: :meth:`admit` (None, or the :class:`Rejection` to end the call
-    with, unrun), then for an admitted call :meth:`enter` before its
-    handler and :meth:`leave` after it. ``running`` counts the admitted
-    calls whose handler runs.
+    Per call: :meth:`begin` (None: the call is admitted and its handler may
+    run; else the :class:`Rejection` to end it with, unrun), then for an
+    admitted call :meth:`end` once its handler returned. ``running`` counts
+    the admitted calls whose handler runs.
+
+    What the front knows about a call comes in through the constructor, read
+    only when the answer matters: ``share(carrier)`` its criticality share
+    (asked only when the server is busy enough), ``remaining(carrier)`` its
+    seconds left (None, or over 1e9, for none; asked only for methods whose
+    median latency is at least a millisecond, as a faster call cannot
+    usefully be refused for its deadline). The queueing delay is
+    :attr:`queue_delay`, which the front keeps (asyncio: its loop's lag), or,
+    given ``queued`` (calls waiting for one of ``workers`` threads), that
+    many median calls shared among the workers.
     """
 
     YIELD = 0.5  # seconds less critical classes yield after a more critical call was refused
 
-    def __init__(self, config: OverloadConfig, now: float, one_thread: bool = False) -> None:
+    def __init__(
+        self, config: OverloadConfig, now: float, *,
+        share: Callable[[Any], float] | None = None, remaining: Callable[[Any], float | None] | None = None,
+        queued: Callable[[], int] | None = None, workers: int = 1,
+    ) -> None:  # fmt: skip
         self.config = config
-        lock = threading.Lock()  # shared with the limiter: one acquisition per call end
-        self.limiter = GradientLimiter(config, now, lock)
-        # One thread (an event loop) calling enter and leave: they need no
-        # lock, which costs about as much as the rest of them (~0.4 us a call).
-        self._lock: threading.Lock | None = None if one_thread else lock
+        self.limiter = GradientLimiter(config, now)
         self.latency = LatencyMedian()
-        self.running = 0
-        self._admitted = 0  # admissions so far: a call that saw none after its own ran alone
+        # The admitted calls whose handler runs, one entry each: list.append
+        # and list.pop are atomic, so handler threads keep an exact count
+        # without a lock (two acquisitions a call cost as much as the rest).
+        self._running: list[None] = []
+        self.queue_delay = 0.0  #: seconds calls wait before their handler runs (kept by the front)
+        self._share = share if share is not None else _critical
+        self._remaining = remaining if config.deadline_shedding else None
+        self._queued = queued
+        self._per_worker = 1.0 / workers
+        self._least_delay = config.queue_target * _LEAST  # a queue even the least critical may join
+        # The start of the call that began with none running, while none began
+        # since (else -1): at its end, that call ran alone (a no-load sample).
+        self._solo = -1.0
         self._yield_below = 0.0  # classes with a smaller share are refused until _yield_until
         self._yield_until = 0.0
 
-    def enter(self) -> int:
-        """An admitted call's handler starts; returns the stamp :meth:`leave` wants."""
-        # acquire/release, not `with`: about half the instructions, twice per call.
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            alone = self.running == 0
-            self.running += 1
-            self._admitted += 1
-            return self._admitted if alone else -1
-        finally:
-            if lock is not None:
-                lock.release()
+    @property
+    def running(self) -> int:
+        """Admitted calls whose handler runs now."""
+        return len(self._running)
 
-    def leave(self, stamp: int, latency: float, now: float) -> None:
-        """The handler of the call :meth:`enter` stamped ended after ``latency`` seconds."""
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            self.running -= 1
-            self.latency.add(latency)
-            # Alone: it started with none running and none started since.
-            alone, limiter = stamp == self._admitted, self.limiter
-            if alone or now >= limiter._window_end or limiter._pinned_from is not None:
-                limiter.sample_locked(latency, alone, now)
-            else:  # the common case of sample_locked, without its frame
-                limiter._window.append(latency)
-        finally:
-            if lock is not None:
-                lock.release()
+    def begin(self, now: float, carrier: Any = None) -> Rejection | None:
+        """Admit a call arriving at ``now`` (None: its handler may run; pass ``now`` to :meth:`end`) or refuse it.
 
-    def admit(
-        self, queue_delay: float, remaining: float | None, now: float,
-        share: Callable[[Any], float] = lambda carrier: 1.0, carrier: Any = None,
-    ) -> Rejection | None:  # fmt: skip
-        """None to run the call, or why not (see the class docstring).
-
-        ``share(carrier)`` gives the call's criticality share; it is asked
-        only when the server is busy enough for the answer to matter (it
-        reads the call's metadata).
+        The common case, a server with room even for the least critical
+        class, is decided here without another call (the per-call cost of
+        admission control is what a server pays when it is not overloaded).
         """
-        limiter, running = self.limiter, self.running
-        if now >= limiter._window_end:
+        limiter, calls, latency = self.limiter, self._running, self.latency
+        running = len(calls)
+        if now >= limiter.window_end:
             limiter.tick(now, running)
         if running >= limiter.peak:
             limiter.peak = running + 1  # racy by design: a hint for the limiter, not a count
-        if (
-            self._yield_below == 0.0 and running < limiter.limit * _LEAST
-            and queue_delay <= self.config.queue_target * _LEAST
-        ):  # fmt: skip
-            part = 1.0  # room even for the least critical: no need to know this call's class
+        queued = self._queued
+        delay = self.queue_delay if queued is None else queued() * latency.median * self._per_worker
+        if self._yield_below != 0.0 or running >= limiter.limit * _LEAST or delay > self._least_delay:
+            rejection = self._contended(running, delay, now, carrier)
+            if rejection is not None:
+                return rejection
+        if (reader := self._remaining) is not None and latency.median >= 0.001:
+            remaining = reader(carrier)
+            if remaining is not None and remaining < latency.median:
+                return Rejection("deadline", 0.0)
+        calls.append(None)
+        # Threads racing between these two lines can take a call that ran
+        # with another for one that ran alone: one no-load sample of 16, rarely.
+        self._solo = now if len(calls) == 1 else -1.0
+        return None
+
+    def end(self, started: float, now: float) -> None:
+        """The handler of the call admitted at ``started`` returned at ``now``."""
+        self._running.pop()
+        latency = now - started
+        # LatencyMedian.add inline (this runs once per call). Racing threads
+        # can lose a sample; the index stays in range.
+        recent = self.latency
+        index = recent._next
+        recent._ring[index] = latency
+        if index == LatencyMedian.SIZE - 1:
+            recent._next = 0
+            recent.median = sorted(recent._ring)[LatencyMedian.SIZE // 2]
         else:
-            part = share(carrier)
-            if part < self._yield_below:
-                if now < self._yield_until:
-                    return Rejection("priority", self._retry_after())
-                self._yield_below = 0.0
-            if running >= limiter.limit * part and running >= 1:
-                return self._refused(Rejection("concurrency", self._retry_after()), part, now)
-            if queue_delay > self.config.queue_target * part:
-                return self._refused(Rejection("queue", max(queue_delay, self._retry_after())), part, now)
-        if remaining is not None and self.config.deadline_shedding and remaining < self.latency.median:
-            return Rejection("deadline", 0.0)
+            recent._next = index + 1
+        # Alone: it began with none running and none began since.
+        limiter = self.limiter
+        if now >= limiter.window_end or limiter._pinned_from is not None:
+            limiter.sample(latency, started == self._solo, now)
+        else:  # the common case of sample, without its frames or lock (appends are atomic)
+            limiter.window.append(latency)
+            if started == self._solo:
+                limiter.fresh_alone.append(latency)
+
+    def _contended(self, running: int, delay: float, now: float, carrier: Any) -> Rejection | None:
+        """The decision for a busy server: by the call's criticality (see the class docstring)."""
+        limiter = self.limiter
+        part = self._share(carrier)
+        if part < self._yield_below:
+            if now < self._yield_until:
+                return Rejection("priority", self._retry_after())
+            self._yield_below = 0.0
+        if running >= limiter.limit * part and running >= 1:
+            return self._refused(Rejection("concurrency", self._retry_after()), part, now)
+        if delay > self.config.queue_target * part:
+            return self._refused(Rejection("queue", max(delay, self._retry_after())), part, now)
         return None
 
     def _refused(self, rejection: Rejection, share: float, now: float) -> Rejection:
@@ -408,6 +437,11 @@ class Admission:
     def _retry_after(self) -> float:
         """A hint for clients: about one median call, at least a millisecond."""
         return max(0.001, self.latency.median)
+
+
+def _critical(carrier: Any) -> float:
+    """Every call is CRITICAL (a front that does not say)."""
+    return 1.0
 
 
 class TokenBucket:

@@ -113,8 +113,6 @@ class Server(ServerBase):
     ``set_serving``/``run`` as coroutines and ``async with`` support.
     """
 
-    _ONE_THREAD = True  # handlers run on the event loop's thread
-
     def __init__(self, config: ServerConfig | None = None) -> None:
         super().__init__(config or ServerConfig())
         cfg = self.config
@@ -279,47 +277,48 @@ class Server(ServerBase):
                 return _end_unrun(context, *denied)
             if limiters and (refused := governor.limit(limiters, context)) is not None:
                 return _end_unrun(context, *refused)
-            if admission is not None and (refused := governor.admit(admission, context)) is not None:
-                return _end_unrun(context, *refused)
-            if reads_itself:  # _one_request inline: one coroutine less per call
-                request = await context.read()
-                if request is _EOF:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
-            if type(request) is BadRequest:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-            if streamed:
-                request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
-            info = None if observer is None else await _received(observer, method, context, request)
-            self._inflight += 1
-            stamp, started = (0, 0.0) if admission is None else (admission.enter(), now())
-            # Each call runs in its own task, so the scope is this call's alone.
-            scope = IncomingScope(context, cap)
-            scope_var.set(scope)
-            try:
-                result = behaviour(request, context)
-                if is_async:
-                    result = await result if cap is None else await _capped(result, scope, cap)
-                if small is not None and is_small(result, small):
-                    context.disable_next_message_compression()
-                if info is not None:
-                    info.response = result
-                return result
-            except asyncio.CancelledError:
-                scope.cancel_all()  # the caller cancelled or its deadline passed
-                raise
-            except _WRITE_FAILED:
-                scope.cancel_all()  # a write with context.write found the client gone
-                raise asyncio.CancelledError from None
-            except Exception as exc:
-                await self._fail(exc, context, method)
+            started = 0.0 if admission is None else now()
+            if admission is not None and (rejected := admission.begin(started, context)) is not None:
+                return _end_unrun(context, *governor.refusal(rejected))
+            try:  # admitted: the admission hears of the call's end, however it ends
+                if reads_itself:  # _one_request inline: one coroutine less per call
+                    request = await context.read()
+                    if request is _EOF:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
+                if type(request) is BadRequest:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+                if streamed:
+                    request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT
+                info = None if observer is None else await _received(observer, method, context, request)
+                self._inflight += 1
+                # Each call runs in its own task, so the scope is this call's alone.
+                scope = IncomingScope(context, cap)
+                scope_var.set(scope)
+                try:
+                    result = behaviour(request, context)
+                    if is_async:
+                        result = await result if cap is None else await _capped(result, scope, cap)
+                    if small is not None and is_small(result, small):
+                        context.disable_next_message_compression()
+                    if info is not None:
+                        info.response = result
+                    return result
+                except asyncio.CancelledError:
+                    scope.cancel_all()  # the caller cancelled or its deadline passed
+                    raise
+                except _WRITE_FAILED:
+                    scope.cancel_all()  # a write with context.write found the client gone
+                    raise asyncio.CancelledError from None
+                except Exception as exc:
+                    await self._fail(exc, context, method)
+                finally:
+                    scope.ended = True
+                    self._inflight -= 1  # one thread: no lock, and no method call
+                    if info is not None:
+                        observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
             finally:
-                scope.ended = True
-                self._inflight -= 1  # one thread: no lock, and no method call
                 if admission is not None:
-                    ended = now()
-                    admission.leave(stamp, ended - started, ended)
-                if info is not None:
-                    observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
+                    admission.end(started, now())
 
         return call
 

@@ -10,6 +10,7 @@ registering them for real.
 from __future__ import annotations
 
 import logging
+import operator
 import sys
 import threading
 import time
@@ -383,7 +384,6 @@ class ServerBase:
 
     _grpc_server: Any
     _inflight = 0  # calls of added services being handled (the fronts count them)
-    _ONE_THREAD = False  # True: every handler runs on one thread (an event loop)
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -391,7 +391,7 @@ class ServerBase:
         self._ports: list[int] = []
         self._started = False
         self._auth = authenticator(config.auth, config.tls)
-        self.governor = Governor(config, self._ONE_THREAD)
+        self.governor = Governor(config)
         self._observer = combine(config.observers)  # None: the wrapper observes nothing
         self._credentials: Any = None
         if self._observer is not None:
@@ -547,6 +547,10 @@ def response_threshold(config: ServerConfig) -> int | None:
     return None if config.compression in (None, "none") else config.compression_threshold
 
 
+#: An incoming call's seconds left (grpc's context; None or over 1e9 without a deadline).
+_time_remaining = operator.methodcaller("time_remaining")  # C: no Python frame of its own
+
+
 def _share_of(context: Any) -> float:
     """The criticality share of an incoming call, from its ``rpcframe-criticality`` header."""
     for key, value in context.invocation_metadata() or ():
@@ -559,24 +563,36 @@ class Governor:
     """A server's admission control and rate limits, as both fronts use them.
 
     Per method, the wrapper asks once for its :meth:`admission` and
-    :meth:`rate_limiters`; per call, :meth:`limit` and :meth:`admit` return
-    None to run it or the :data:`Refusal` to end it with, unrun (the client
-    may send it elsewhere). The asyncio front keeps :attr:`queue_delay`
-    current.
+    :meth:`rate_limiters`; per call, :meth:`limit` returns None to run it or
+    the :data:`Refusal` to end it with, unrun (the client may send it
+    elsewhere), and the admission's ``begin`` None or the rejection that
+    :meth:`refusal` turns into one. The asyncio front keeps
+    :attr:`queue_delay` current.
     """
 
-    def __init__(self, config: ServerConfig, one_thread: bool = False) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self._overload = config.overload
-        self._one_thread = one_thread  # the admissions need no lock
         self._limits = config.rate_limits
         self._server_admission: Admission | None = None
+        self._admissions: list[Admission] = []
         self._shed: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.queue_delay = 0.0  #: the asyncio front's queueing delay (its event loop's lag), seconds
+        self._queue_delay = 0.0
         # The thread-pool front's waiting calls: with W workers each taking the
         # method's median time m, a call behind q others waits about q * m / W.
         self.queued: Callable[[], int] | None = None
         self._workers = config.max_workers
+
+    @property
+    def queue_delay(self) -> float:
+        """The asyncio front's queueing delay (its event loop's lag), seconds; every admission reads it."""
+        return self._queue_delay
+
+    @queue_delay.setter
+    def queue_delay(self, delay: float) -> None:
+        self._queue_delay = delay
+        for admission in self._admissions:
+            admission.queue_delay = delay
 
     def shed(self) -> dict[str, int]:
         """Calls refused so far, by reason ("concurrency", "queue", "priority", "deadline", "rate_limit")."""
@@ -587,33 +603,30 @@ class Governor:
         """The admission control of ``method`` (shared by the server's methods unless per_method).
 
         Only unary methods are admitted this way: a stream's duration is its
-        peer's pace as much as the server's load.
+        peer's pace as much as the server's load. Per call, the wrapper asks
+        ``admission.begin(now, context)``, and ends an admitted call with
+        ``admission.end(started, now)``; a refusal becomes a status with
+        :meth:`refusal`.
         """
         cfg = self._overload
         if cfg is None or streaming:
             return None
-        if cfg.per_method:
-            return Admission(cfg, time.monotonic(), self._one_thread)
-        if self._server_admission is None:
-            self._server_admission = Admission(cfg, time.monotonic(), self._one_thread)
-        return self._server_admission
+        if self._server_admission is not None and not cfg.per_method:
+            return self._server_admission
+        admission = Admission(
+            cfg, time.monotonic(), share=_share_of, remaining=_time_remaining,
+            queued=self.queued, workers=self._workers,
+        )  # fmt: skip
+        admission.queue_delay = self._queue_delay
+        self._admissions.append(admission)
+        if not cfg.per_method:
+            self._server_admission = admission
+        return admission
 
     def rate_limiters(self, method: str) -> tuple[RateLimiter, ...]:
         """The rate limits on ``method``, each with its own buckets."""
         now = time.monotonic()
         return tuple(RateLimiter(limit, now) for limit in self._limits if limit.applies_to(method))
-
-    def admit(self, admission: Admission, context: Any) -> Refusal | None:
-        """None to run the call (then ``admission.enter()``); else how to end it (unrun)."""
-        # A method whose calls take under a millisecond cannot usefully refuse
-        # calls for their deadline: skip asking grpc for it.
-        remaining = context.time_remaining() if admission.latency.median >= 0.001 else None
-        if remaining is not None and remaining > _NO_DEADLINE:
-            remaining = None
-        queued = self.queued
-        delay = self.queue_delay if queued is None else queued() * admission.latency.median / self._workers
-        rejection = admission.admit(delay, remaining, time.monotonic(), _share_of, context)
-        return None if rejection is None else self._refuse(rejection)
 
     def limit(self, limiters: tuple[RateLimiter, ...], context: Any) -> Refusal | None:
         """None when every rate limit on the call has a token for it; else how to end it (unrun)."""
@@ -622,10 +635,11 @@ class Governor:
             caller = _caller(context) if limiter.limit.per_caller else ""
             wait = limiter.take(caller, now)
             if wait > 0:
-                return self._refuse(Rejection("rate_limit", wait))
+                return self.refusal(Rejection("rate_limit", wait))
         return None
 
-    def _refuse(self, rejection: Rejection) -> Refusal:
+    def refusal(self, rejection: Rejection) -> Refusal:
+        """How a call refused for ``rejection`` ends (unrun); counted in :meth:`shed`."""
         reason = rejection.reason
         with self._lock:
             self._shed[reason] = self._shed.get(reason, 0) + 1

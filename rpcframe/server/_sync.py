@@ -460,36 +460,37 @@ class Server(ServerBase):
                 context.abort(*denied)
             if limiters and (refused := governor.limit(limiters, context)) is not None:
                 _end_unrun(context, refused)
-            if admission is not None and (refused := governor.admit(admission, context)) is not None:
-                _end_unrun(context, refused)
-            if one:  # _one_request inline (one call less per call)
-                request = next(request, None)
-                if request is None:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
-            if type(request) is BadRequest:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-            info = None if observer is None else _received(observer, method, context, request)
-            enter(None)
-            stamp, started = (0, 0.0) if admission is None else (admission.enter(), now())
-            scope = _Scope(context, cap)
-            token = set_scope(scope)
-            try:
-                response = behaviour(request, context)
-                if small is not None and is_small(response, small):
-                    context.disable_next_message_compression()
-                if info is not None:
-                    info.response = response
-                return response
-            except Exception as exc:
-                fail(exc, context, method)
+            started = 0.0 if admission is None else now()
+            if admission is not None and (rejected := admission.begin(started, context)) is not None:
+                _end_unrun(context, governor.refusal(rejected))
+            try:  # admitted: the admission hears of the call's end, however it ends
+                if one:  # _one_request inline (one call less per call)
+                    request = next(request, None)
+                    if request is None:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
+                if type(request) is BadRequest:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+                info = None if observer is None else _received(observer, method, context, request)
+                enter(None)
+                scope = _Scope(context, cap)
+                token = set_scope(scope)
+                try:
+                    response = behaviour(request, context)
+                    if small is not None and is_small(response, small):
+                        context.disable_next_message_compression()
+                    if info is not None:
+                        info.response = response
+                    return response
+                except Exception as exc:
+                    fail(exc, context, method)
+                finally:
+                    scope.ended = True
+                    reset_scope(token)  # this thread's own call: _end_scope's guard is not needed
+                    leave()
+                    if info is not None:
+                        observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
             finally:
-                scope.ended = True
-                reset_scope(token)  # this thread's own call: _end_scope's guard is not needed
-                leave()
                 if admission is not None:
-                    ended = now()
-                    admission.leave(stamp, ended - started, ended)
-                if info is not None:
-                    observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
+                    admission.end(started, now())
 
         return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import sys
+import threading
+import time
 
 import pytest
 
@@ -27,7 +30,7 @@ def _simulate(admission: Admission, rate: float, seconds: float, work: float, st
     """
     rng = random.Random(7)
     step, now, end = 0.0001, start, start + seconds
-    running: list[list[float]] = []  # [work left, admitted at, running at admission, share]
+    running: list[list[float]] = []  # [work left, admitted at, share]
     out: dict[str, list[float]] = {"ok": [], "refused": [], "critical_ok": [], "critical_refused": []}
     next_arrival = now + rng.expovariate(rate)
     while now < end:
@@ -35,8 +38,8 @@ def _simulate(admission: Admission, rate: float, seconds: float, work: float, st
             critical = rng.random() < critical_share
             criticality = "CRITICAL" if critical else "SHEDDABLE" if critical_share else None
             share = criticality_share(criticality)
-            if admission.admit(0.0, None, now, criticality_share, criticality) is None:
-                running.append([work, now, admission.enter(), share])
+            if admission.begin(now, criticality) is None:
+                running.append([work, now, share])
             else:
                 out["critical_refused" if critical else "refused"].append(now)
             next_arrival += rng.expovariate(rate)
@@ -46,11 +49,11 @@ def _simulate(admission: Admission, rate: float, seconds: float, work: float, st
             for call in running:
                 call[0] -= slice_
             for call in [c for c in running if c[0] <= 0]:
-                admission.leave(int(call[2]), now - call[1], now)
+                admission.end(call[1], now)
                 running.remove(call)
-                out["critical_ok" if call[3] == 1.0 and critical_share else "ok"].append(now - call[1])
+                out["critical_ok" if call[2] == 1.0 and critical_share else "ok"].append(now - call[1])
     for call in running:  # the next phase starts with an empty server
-        admission.leave(int(call[2]), now - call[1], now)
+        admission.end(call[1], now)
     return out
 
 
@@ -59,7 +62,7 @@ def _p99(values: list[float]) -> float:
 
 
 def test_the_limit_converges_under_5x_overload_and_keeps_latency_near_the_unloaded() -> None:
-    admission = Admission(OverloadConfig(), now=0.0)
+    admission = Admission(OverloadConfig(), now=0.0, share=criticality_share)
     unloaded = _simulate(admission, rate=250, seconds=2, work=0.002)  # half of capacity (500/s)
     overloaded = _simulate(admission, rate=2500, seconds=4, work=0.002, start=2.0)
     assert admission.limiter.limit < 8  # from 1000, adapted to a one-core server
@@ -69,7 +72,7 @@ def test_the_limit_converges_under_5x_overload_and_keeps_latency_near_the_unload
 
 
 def test_the_limit_grows_back_when_calls_get_cheaper() -> None:
-    admission = Admission(OverloadConfig(), now=0.0)
+    admission = Admission(OverloadConfig(), now=0.0, share=criticality_share)
     _simulate(admission, rate=250, seconds=1, work=0.002)
     _simulate(admission, rate=2500, seconds=2, work=0.002, start=1.0)
     tight = admission.limiter.limit
@@ -80,23 +83,22 @@ def test_the_limit_grows_back_when_calls_get_cheaper() -> None:
 
 
 def test_an_idle_server_does_not_inflate_its_limit() -> None:
-    admission = Admission(OverloadConfig(), now=0.0)
+    admission = Admission(OverloadConfig(), now=0.0, share=criticality_share)
     _simulate(admission, rate=50, seconds=3, work=0.002)  # rarely more than one call at once
     assert admission.limiter.limit <= OverloadConfig().initial_limit
 
 
 def test_a_burst_after_an_idle_gap_is_not_taken_for_a_stall() -> None:
-    admission = Admission(OverloadConfig(), now=0.0)
+    admission = Admission(OverloadConfig(), now=0.0, share=criticality_share)
     _simulate(admission, rate=2000, seconds=1, work=0.0002)  # light load: the limit stays high
     before = admission.limiter.limit
     now = 1.5  # idle for half a second, then two calls at once
     for _ in range(2):
-        assert admission.admit(0.0, None, now) is None
-        admission.enter()
+        assert admission.begin(now) is None
         now += 0.0001
     assert admission.limiter.limit >= min(before, 16)  # the gap was no stall: no crash of the limit
     # A real stall (calls running, none completing for over an interval) still lowers it.
-    assert admission.admit(0.0, None, now + 0.5) is None
+    assert admission.begin(now + 0.5) is None
     assert admission.limiter.limit < 8
 
 
@@ -140,7 +142,7 @@ def test_a_server_busy_without_calls_alone_pins_its_limit_to_remeasure() -> None
 
 
 def test_mixed_criticality_sheds_the_sheddable_first() -> None:
-    admission = Admission(OverloadConfig(), now=0.0)
+    admission = Admission(OverloadConfig(), now=0.0, share=criticality_share)
     _simulate(admission, rate=250, seconds=1, work=0.002)  # started unloaded
     out = _simulate(admission, rate=1500, seconds=4, work=0.002, start=1.0, critical_share=0.2)  # 3x; critical 0.6x
     critical = len(out["critical_ok"]) / (len(out["critical_ok"]) + len(out["critical_refused"]))
@@ -152,9 +154,11 @@ def test_mixed_criticality_sheds_the_sheddable_first() -> None:
 
 
 def test_queue_delay_refuses_by_criticality() -> None:
-    admission = Admission(OverloadConfig(queue_target=0.01), now=0.0)
+    admission = Admission(OverloadConfig(queue_target=0.01), now=0.0, share=criticality_share)
+
     def admit(criticality: str, delay: float) -> object:
-        return admission.admit(delay, None, 0.0, criticality_share, criticality)
+        admission.queue_delay = delay
+        return admission.begin(0.0, criticality)
 
     assert admit("SHEDDABLE", 0.006) == ("queue", 0.006)
     assert admit("CRITICAL_PLUS", 0.011) is None
@@ -163,13 +167,22 @@ def test_queue_delay_refuses_by_criticality() -> None:
 
 
 def test_a_call_that_cannot_meet_its_deadline_is_refused() -> None:
-    admission = Admission(OverloadConfig(), now=0.0)
+    def remaining(carrier: float | None) -> float | None:  # the carrier is the call's seconds left
+        return carrier
+
+    admission = Admission(OverloadConfig(), now=0.0, remaining=remaining)
     for i in range(LatencyMedian.SIZE):
-        admission.leave(admission.enter(), 0.02, i * 0.03)
+        assert admission.begin(i * 0.03) is None
+        admission.end(i * 0.03, i * 0.03 + 0.02)
     assert admission.latency.median == pytest.approx(0.02)
-    assert admission.admit(0.0, 0.01, 0.0) == ("deadline", 0.0)
-    assert admission.admit(0.0, 0.05, 0.0) is None
-    assert Admission(OverloadConfig(deadline_shedding=False), 0.0).admit(0.0, 0.0, 0.0) is None
+    assert admission.begin(2.0, 0.01) == ("deadline", 0.0)
+    assert admission.begin(2.0, 0.05) is None
+    assert admission.begin(2.0, None) is None  # no deadline
+    unshed = Admission(OverloadConfig(deadline_shedding=False), 0.0, remaining=remaining)
+    for i in range(LatencyMedian.SIZE):
+        assert unshed.begin(i * 0.03) is None
+        unshed.end(i * 0.03, i * 0.03 + 0.02)
+    assert unshed.begin(2.0, 0.0) is None
 
 
 def test_unknown_criticality_counts_as_critical() -> None:
@@ -196,15 +209,31 @@ def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
         OverloadConfig(**kwargs)  # type: ignore[arg-type]
 
 
-def test_a_one_thread_admission_decides_as_the_locked_one_does() -> None:
-    """The asyncio front's admission (no lock: every call is on the loop's thread) is the same policy."""
-    locked, unlocked = Admission(OverloadConfig(), now=0.0), Admission(OverloadConfig(), 0.0, one_thread=True)
-    results = []
-    for admission in (locked, unlocked):
-        _simulate(admission, rate=250, seconds=1, work=0.002)
-        results.append(_simulate(admission, rate=2500, seconds=1, work=0.002, start=1.0, critical_share=0.5))
-    assert results[0] == results[1]
-    assert results[0]["refused"]  # the run overloaded ...
-    assert results[0]["critical_ok"]  # ... and still served
-    assert locked.limiter.limit == unlocked.limiter.limit < 100
-    assert locked.running == unlocked.running == 0
+def test_handler_threads_keep_an_exact_running_count_without_a_lock() -> None:
+    """begin and end from many threads at once, switching as often as the interpreter can: no call is lost."""
+    admission = Admission(OverloadConfig(), now=time.monotonic())
+    peaks: list[int] = []
+
+    def handler_thread() -> None:
+        peak = 0
+        for _ in range(5_000):
+            started = time.monotonic()
+            assert admission.begin(started) is None
+            peak = max(peak, admission.running)
+            admission.end(started, time.monotonic())
+        peaks.append(peak)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=handler_thread) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(peaks) == 8  # every thread finished without an error
+    assert max(peaks) > 1  # the calls did overlap ...
+    assert admission.running == 0  # ... and each end undid exactly its begin
+    assert admission.latency.median > 0
