@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
+import itertools
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -28,7 +28,6 @@ from ._common import (
     NOT_RUN,
     BadRequest,
     Drain,
-    Governor,
     IncomingScope,
     ServerBase,
     checked_requests,
@@ -125,8 +124,24 @@ class Server(ServerBase):
         self._refusing = False
         self._drainer: Drain | None = None
         self._stopping: asyncio.Task[None] | None = None
-        # Probed only by admissions, so idle without admission control.
-        self._lag = _LagProbe(self.governor, cfg.overload.queue_target if cfg.overload is not None else 1.0)
+        self._lag_watch: asyncio.Future[None] | None = None
+
+    async def _watch_lag(self, period: float) -> None:
+        """Keep the governor's queueing delay: how late the event loop runs a timer.
+
+        A CPU-bound handler never yields, so under overload calls wait in the
+        loop's queue, not in the handler: the loop's lag is that wait. Like
+        CoDel's standing queue, the delay is the least of the last few
+        readings, so one long handler, a GC pause or a moment without the
+        CPU does not count as a queue; a queue that stays does.
+        """
+        loop, governor = asyncio.get_running_loop(), self.governor
+        readings = [0.0] * 4
+        for index in itertools.cycle(range(len(readings))):
+            start = loop.time()
+            await asyncio.sleep(period)
+            readings[index] = max(0.0, loop.time() - start - period)
+            governor.queue_delay = min(readings)
 
     async def start(self) -> None:
         """Register health and reflection, then accept calls."""
@@ -145,6 +160,8 @@ class Server(ServerBase):
             _reflection.enable_reflection(names, self._grpc_server)
         await self._grpc_server.start()
         self._started = True
+        if self.config.overload is not None:
+            self._lag_watch = asyncio.ensure_future(self._watch_lag(self.config.overload.queue_target))
         _heap.hold()  # freed connection memory goes back to the OS
 
     async def set_serving(self, service: str, serving: bool) -> None:
@@ -170,6 +187,8 @@ class Server(ServerBase):
         self._refusing = True
         while not drain.over(time.monotonic(), self._inflight > 0):  # noqa: ASYNC110 - waits for a quiet period, which no event marks
             await asyncio.sleep(Drain.POLL)
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         graceful = asyncio.ensure_future(self._grpc_server.stop(drain.grace_left(time.monotonic())))
         if self.health is not None:
             await self.health.close()
@@ -244,7 +263,7 @@ class Server(ServerBase):
         is_async = inspect.iscoroutinefunction(behaviour)
         cap, observer = self.config.max_deadline, self._observer
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
-        governor, now, lag = self.governor, time.monotonic, self._lag
+        governor, now = self.governor, time.monotonic
         limiters = governor.rate_limiters(method)  # () without ServerConfig.rate_limits
         small = response_threshold(self.config)  # None unless the server compresses responses
 
@@ -258,12 +277,9 @@ class Server(ServerBase):
                 return _end_unrun(context, *denied)
             if limiters and (refused := governor.limit(limiters, context)) is not None:
                 return _end_unrun(context, *refused)
-            if admission is not None:
-                started = now()
-                if started >= lag.due:
-                    lag.probe(started)
-                if (rejected := admission.begin(started, context)) is not None:
-                    return _end_unrun(context, *governor.refusal(rejected))
+            started = 0.0 if admission is None else now()
+            if admission is not None and (rejected := admission.begin(started, context)) is not None:
+                return _end_unrun(context, *governor.refusal(rejected))
             try:  # admitted: the admission hears of the call's end, however it ends
                 if reads_itself:  # _one_request inline: one coroutine less per call
                     request = await context.read()
@@ -357,54 +373,6 @@ class Server(ServerBase):
                     observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
         return stream
-
-
-class _LagProbe:
-    """The governor's queueing delay on asyncio: how long a callback queued now waits to run.
-
-    A CPU-bound handler never yields, so under overload calls wait in the
-    loop's queue, not in the handler: that wait is the queueing delay. The
-    calls measure it themselves: an admission at most every ``period``
-    seconds queues a probe callback and its wait is one reading. No timer
-    stays armed (a pending timer costs the loop a clock read and more on
-    every turn, so on every call, and wakes an idle server 20 times a
-    second). Like CoDel's standing queue, the delay is the least of the last
-    few readings, so one long handler, a GC pause or a moment without the
-    CPU does not count as a queue; a queue that stays does. After a quiet
-    spell (no reading for four periods) the readings start again from zero:
-    the queue an idle loop had is gone.
-    """
-
-    __slots__ = ("_governor", "_last", "_next", "_pending", "_period", "_readings", "due")
-
-    def __init__(self, governor: Governor, period: float) -> None:
-        self._governor = governor
-        self._period = period
-        self._readings = [0.0] * 4
-        self._next = 0
-        self._pending = False
-        self._last = -math.inf  # when the last reading was taken
-        self.due = 0.0  #: monotonic seconds from which the next admission probes
-
-    def probe(self, now: float) -> None:
-        """Queue a probe (an admission at ``now``, at or after :attr:`due`)."""
-        self.due = now + self._period
-        if self._pending:
-            return  # the last one still waits: it will read the longer wait
-        if now - self._last > 4 * self._period:
-            self._readings = [0.0] * len(self._readings)
-            self._governor.queue_delay = 0.0
-        self._pending = True
-        asyncio.get_running_loop().call_soon(self._ran, now)
-
-    def _ran(self, queued: float) -> None:
-        now = time.monotonic()
-        self._pending = False
-        self._last = now
-        readings, index = self._readings, self._next
-        readings[index] = now - queued
-        self._next = (index + 1) % len(readings)
-        self._governor.queue_delay = min(readings)
 
 
 async def _received(

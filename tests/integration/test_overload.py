@@ -203,6 +203,55 @@ async def test_aio_sheds_the_least_critical_first() -> None:
     assert servicer.calls == 2  # the sheddable call never ran
 
 
+class _LoopHog(echo_pb2_grpc.EchoServiceServicer):  # type: ignore[misc]
+    """A CPU-bound asyncio handler: 20 ms without yielding, so calls queue in the event loop."""
+
+    calls = 0
+
+    async def Echo(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.calls += 1
+        end = time.perf_counter() + 0.02
+        while time.perf_counter() < end:
+            pass
+        return pb.EchoResponse(message=request.message)
+
+
+async def test_aio_refuses_calls_queued_behind_a_busy_loop_and_admits_again_once_it_is_idle() -> None:
+    servicer = _LoopHog()
+    config = rpcframe.ServerConfig(grace_period=1, overload=rpcframe.OverloadConfig(queue_target=0.01))
+    server = rpcframe.aio.Server(config)
+    server.add(servicer)
+    port = server.bind("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            echo = channel.unary_unary(
+                f"/{ECHO}", request_serializer=pb.EchoRequest.SerializeToString,
+                response_deserializer=pb.EchoResponse.FromString,
+            )  # fmt: skip
+            burst = [echo(pb.EchoRequest(message="x"), timeout=30) for _ in range(60)]
+            results = await asyncio.gather(*burst, return_exceptions=True)
+            refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+            assert refused, "every call of the burst ran: the loop's queue was not seen"
+            for error in refused:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error.details().startswith("server overloaded (queue): not run")
+            assert servicer.calls == len(results) - len(refused) > 0  # refused calls never ran
+            assert server.shed() == {"queue": len(refused)}
+            # Idle again, the loop's lag readings fall and calls are admitted (polled: the
+            # readings follow the clock, and a loaded machine can delay a few of them).
+            give_up = time.monotonic() + 5
+            while True:
+                answer = await echo(pb.EchoRequest(message="after"), timeout=30).code()
+                if answer == grpc.StatusCode.OK:
+                    break
+                assert answer == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < give_up, "still refusing 5 s after the burst"
+                await asyncio.sleep(0.01)
+    finally:
+        await server.stop(0)
+
+
 def test_rpcframe_serve_rate_limit_flag() -> None:
     serve = ServeProcess("tests.servicers:tagged", "--bind", "127.0.0.1:0", "--rate-limit", f"{ECHO}=0.1/2")
     try:
