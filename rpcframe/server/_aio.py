@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import sys
@@ -136,27 +137,35 @@ class Server(ServerBase):
         readings, so one long handler, a GC pause or a moment without the
         CPU does not count as a queue; a queue that stays does.
 
-        A thread of its own queues the probes, every ``period`` seconds at
-        moments unrelated to the calls. A timer on the loop would read the
-        same, but while one is scheduled every turn of the loop computes a
-        select() timeout: 3 Python frames and ~12 C calls per unary call
-        (counted with a profile hook). A callback queued by the calls
-        themselves reads less: it runs before the handler that then blocks
-        the loop (grpc.aio hands calls over one at a time, each awaiting its
-        request first), so it never sees a CPU-bound queue.
+        A thread of its own queues the probes, ``period`` seconds after the
+        last one ran, at moments unrelated to the calls. A timer on the loop
+        would read the same, but while one is scheduled every turn of the
+        loop computes a select() timeout: 3 Python frames and ~12 C calls
+        per unary call (counted with a profile hook). A callback queued by
+        the calls themselves reads less: it runs before the handler that
+        then blocks the loop (grpc.aio hands calls over one at a time, each
+        awaiting its request first), so it never sees a CPU-bound queue.
         """
         readings, governor = [0.0] * 4, self.governor
         turn = itertools.cycle(range(len(readings)))
+        ran = threading.Event()
 
         def arrived(sent: float) -> None:
             readings[next(turn)] = max(0.0, time.monotonic() - sent)
             governor.queue_delay = min(readings)
+            ran.set()
 
         while not stop.wait(period):
+            ran.clear()
             try:
                 loop.call_soon_threadsafe(arrived, time.monotonic())
             except RuntimeError:
                 return  # the loop was closed without stop()
+            # One probe at a time, as a timer re-armed after each reading: a stall
+            # gives one reading, not one per period of it, the last ones short.
+            while not ran.wait(1.0):
+                if stop.is_set() or loop.is_closed():
+                    return
 
     async def start(self) -> None:
         """Register health and reflection, then accept calls."""
@@ -266,7 +275,9 @@ class Server(ServerBase):
             streaming = handler.response_streaming or handler.request_streaming
             admission = self.governor.admission(method, streaming)  # None: streams, or protection off
             reads_itself = key == "unary_unary"  # registered request-streaming: see _reading_request
-            wrapped = self._wrap_function(method, behaviour, handler.request_streaming, admission, reads_itself)
+            wrapped = _AsyncHandler(
+                self._wrap_function(method, behaviour, handler.request_streaming, admission, reads_itself)
+            )
             if reads_itself:
                 setattr(wrapped, _READS_ITS_REQUEST, True)
         return handler._replace(**{key: wrapped})
@@ -390,6 +401,23 @@ class Server(ServerBase):
                     observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
         return stream
+
+
+class _AsyncHandler(functools.partial):  # type: ignore[type-arg]
+    """A unary-response wrapper as grpc.aio gets it: called as the coroutine function it holds.
+
+    On every call grpc.aio asks whether a unary-response handler is async,
+    ``inspect.isawaitable(h) or inspect.iscoroutinefunction(h) or ...``, and
+    for a request-streaming registration (rpcframe's unary methods) twice.
+    For a function the first test fails and the second costs four Python
+    frames each time; ``__await__`` makes this an Awaitable, so the first
+    test answers, and partial's ``__call__`` (C) adds no frame of its own.
+    """
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        raise TypeError("an rpcframe handler is called, not awaited")
 
 
 async def _received(
