@@ -183,7 +183,7 @@ def run_server(front: str, stack: str, calls: int, port_file: str, downstream: s
         _announce(port_file, port)
 
     overload: dict[str, Any] = {"overload": None} if stack.endswith(":no-overload") else {}
-    if stack.endswith(":slow-lag-probe"):  # admission on, the loop-lag probe's timer at 10 s instead of 50 ms
+    if stack.endswith(":slow-lag-probe"):  # admission on, the asyncio loop-lag probe every 10 s instead of 50 ms
         import rpcframe
 
         overload = {"overload": rpcframe.OverloadConfig(queue_target=10.0)}
