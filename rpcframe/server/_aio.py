@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import itertools
 import sys
@@ -278,9 +277,7 @@ class Server(ServerBase):
             reads_itself = key == "unary_unary"  # registered request-streaming: see _reading_request
             # Its one request is parsed by the wrapper, not by grpc: no deserializer frame per call.
             parser = handler.request_deserializer if reads_itself else None
-            wrapped = _AsyncHandler(
-                self._wrap_function(method, behaviour, handler.request_streaming, admission, reads_itself, parser)
-            )
+            wrapped = self._wrap_function(method, behaviour, handler.request_streaming, admission, reads_itself, parser)
             if reads_itself:
                 setattr(wrapped, _READS_ITS_REQUEST, True)
                 return handler._replace(unary_unary=wrapped, request_deserializer=None)
@@ -412,23 +409,6 @@ class Server(ServerBase):
                     observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
 
         return stream
-
-
-class _AsyncHandler(functools.partial):  # type: ignore[type-arg]
-    """A unary-response wrapper as grpc.aio gets it: called as the coroutine function it holds.
-
-    On every call grpc.aio asks whether a unary-response handler is async,
-    ``inspect.isawaitable(h) or inspect.iscoroutinefunction(h) or ...``, and
-    for a request-streaming registration (rpcframe's unary methods) twice.
-    For a function the first test fails and the second costs four Python
-    frames each time; ``__await__`` makes this an Awaitable, so the first
-    test answers, and partial's ``__call__`` (C) adds no frame of its own.
-    """
-
-    __slots__ = ()
-
-    def __await__(self) -> Any:
-        raise TypeError("an rpcframe handler is called, not awaited")
 
 
 async def _received(
