@@ -30,7 +30,6 @@ from ._common import (
     BadRequest,
     Drain,
     IncomingScope,
-    RequestParser,
     ServerBase,
     checked_requests,
     is_grpc_abort,
@@ -275,17 +274,14 @@ class Server(ServerBase):
             streaming = handler.response_streaming or handler.request_streaming
             admission = self.governor.admission(method, streaming)  # None: streams, or protection off
             reads_itself = key == "unary_unary"  # registered request-streaming: see _reading_request
-            # Its one request is parsed by the wrapper, not by grpc: no deserializer frame per call.
-            parser = handler.request_deserializer if reads_itself else None
-            wrapped = self._wrap_function(method, behaviour, handler.request_streaming, admission, reads_itself, parser)
+            wrapped = self._wrap_function(method, behaviour, handler.request_streaming, admission, reads_itself)
             if reads_itself:
                 setattr(wrapped, _READS_ITS_REQUEST, True)
-                return handler._replace(unary_unary=wrapped, request_deserializer=None)
         return handler._replace(**{key: wrapped})
 
     def _wrap_function(
         self, method: str, behaviour: Callable[..., Any], streamed: bool, admission: Admission | None,
-        reads_itself: bool = False, parser: RequestParser | None = None,
+        reads_itself: bool = False,
     ) -> Callable[..., Any]:  # fmt: skip
         # Plain functions are the generated base's "not implemented" stubs
         # (or handlers that write with context.write); they run inline.
@@ -295,7 +291,6 @@ class Server(ServerBase):
         governor, now = self.governor, time.monotonic
         limiters = governor.rate_limiters(method)  # () without ServerConfig.rate_limits
         small = response_threshold(self.config)  # None unless the server compresses responses
-        parse = None if parser is None else parser.deserialize
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             # Refusals end the call before its request is read, and without
@@ -315,13 +310,7 @@ class Server(ServerBase):
                     request = await context.read()
                     if request is _EOF:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
-                    if parse is not None:
-                        try:
-                            request = parse(request)
-                        except Exception as exc:
-                            details = parser.details(exc) if parser is not None else str(exc)
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
-                elif type(request) is BadRequest:
+                if type(request) is BadRequest:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 if streamed:
                     request = checked_requests(request, context)  # a message that does not parse: INVALID_ARGUMENT

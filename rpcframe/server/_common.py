@@ -111,31 +111,20 @@ class BadRequest:
         self.details = details
 
 
-class RequestParser:
-    """A request deserializer whose bad bytes yield :class:`BadRequest`.
+def safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so bad bytes yield :class:`BadRequest`."""
+    if deserialize is None:
+        return None
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "message")
 
-    Request streams use it as grpc's deserializer. The unary-request
-    wrappers register none and call :attr:`deserialize` on the bytes they
-    read themselves (one frame less per call), with :meth:`details` for the
-    INVALID_ARGUMENT a failure ends the call with.
-    """
-
-    __slots__ = ("deserialize", "type_name")
-
-    def __init__(self, deserialize: Callable[[bytes], Any]) -> None:
-        self.deserialize = deserialize
-        descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
-        self.type_name: str = getattr(descriptor, "full_name", "message")
-
-    def __call__(self, data: bytes) -> Any:
+    def parse(data: bytes) -> Any:
         try:
-            return self.deserialize(data)
+            return deserialize(data)
         except Exception as exc:
-            return BadRequest(self.details(exc))
+            return BadRequest(f"request is not a valid {type_name}: {exc}")
 
-    def details(self, exc: Exception) -> str:
-        """The status details of a request that failed to parse with ``exc``."""
-        return f"request is not a valid {self.type_name}: {exc}"
+    return parse
 
 
 def is_grpc_abort(exc: BaseException, context: Any) -> bool:
@@ -237,8 +226,7 @@ class IncomingScope(CallScope):
 def _parse_safely(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     # Streamed requests too: the wrappers' request iterators turn a
     # BadRequest into INVALID_ARGUMENT (watched_requests, checked_requests).
-    deserialize = handler.request_deserializer
-    return handler._replace(request_deserializer=None if deserialize is None else RequestParser(deserialize))
+    return handler._replace(request_deserializer=safe_deserializer(handler.request_deserializer))
 
 
 async def checked_requests(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:

@@ -27,7 +27,6 @@ from ._common import (
     Drain,
     IncomingScope,
     Refusal,
-    RequestParser,
     ServerBase,
     StallWatch,
     is_grpc_abort,
@@ -458,9 +457,6 @@ class Server(ServerBase):
             return handler._replace(request_streaming=True, unary_stream=None, stream_stream=streaming)
 
         behaviour = watch_reads(handler.stream_unary, watch, method) if reads else handler.unary_unary
-        # The one request is parsed here, not by grpc: no deserializer frame per call.
-        parser: RequestParser | None = None if reads else handler.request_deserializer
-        parse = None if parser is None else parser.deserialize
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             if server._refusing and _arrived_late():
@@ -477,12 +473,8 @@ class Server(ServerBase):
                     request = next(request, None)
                     if request is None:
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
-                    if parse is not None:
-                        try:
-                            request = parse(request)
-                        except Exception as exc:
-                            details = parser.details(exc) if parser is not None else str(exc)
-                            context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+                if type(request) is BadRequest:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 info = None if observer is None else _received(observer, method, context, request)
                 enter(None)
                 scope = _Scope(context, cap)
@@ -508,7 +500,4 @@ class Server(ServerBase):
                 if admission is not None:
                     admission.end(started, now())
 
-        deserializer = None if one else handler.request_deserializer  # a unary request: parsed by the wrapper
-        return handler._replace(
-            request_streaming=True, unary_unary=None, stream_unary=unary, request_deserializer=deserializer
-        )
+        return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
