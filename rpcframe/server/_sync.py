@@ -383,13 +383,9 @@ class Server(ServerBase):
 
     def _leave(self) -> None:
         self._handling.pop()
-        if self._stopping and not self._handling:
-            self._wake_stop()
-
-    def _wake_stop(self) -> None:
-        """The last handler returned while stopping: stop() waits on it (and polls besides)."""
-        with self._idle:
-            self._idle.notify_all()
+        if self._stopping and not self._handling:  # only stop() waits on it (and polls besides)
+            with self._idle:
+                self._idle.notify_all()
 
     def _fail(self, exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
         if is_grpc_abort(exc, context):
@@ -402,8 +398,7 @@ class Server(ServerBase):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         server, leave, fail, observer = self, self._leave, self._fail, self._observer
-        handling = self._handling
-        enter = handling.append
+        enter = self._handling.append
         cap = self.config.max_deadline
         set_scope, reset_scope = scope_var.set, scope_var.reset
         guard = self._guard_for(method)  # auth check; None (free) without ServerConfig.auth
@@ -491,9 +486,7 @@ class Server(ServerBase):
                 finally:
                     scope.ended = True
                     reset_scope(token)  # this thread's own call: _end_scope's guard is not needed
-                    handling.pop()  # leave() inline
-                    if server._stopping and not handling:
-                        server._wake_stop()
+                    leave()
                     if info is not None:
                         observe_finished(observer, info, sys.exc_info()[1])  # type: ignore[arg-type]
             finally:
