@@ -573,8 +573,7 @@ class Governor:
     def __init__(self, config: ServerConfig) -> None:
         self._overload = config.overload
         self._limits = config.rate_limits
-        self._server_admission: Admission | None = None
-        self._admissions: list[Admission] = []
+        self._admissions: list[Admission] = []  # one per method with per_method, else one for all
         self._shed: dict[str, int] = {}
         self._lock = threading.Lock()
         self._queue_delay = 0.0
@@ -611,16 +610,14 @@ class Governor:
         cfg = self._overload
         if cfg is None or streaming:
             return None
-        if self._server_admission is not None and not cfg.per_method:
-            return self._server_admission
+        if self._admissions and not cfg.per_method:
+            return self._admissions[0]
         admission = Admission(
             cfg, time.monotonic(), share=_share_of, remaining=_time_remaining,
             queued=self.queued, workers=self._workers,
         )  # fmt: skip
         admission.queue_delay = self._queue_delay
         self._admissions.append(admission)
-        if not cfg.per_method:
-            self._server_admission = admission
         return admission
 
     def rate_limiters(self, method: str) -> tuple[RateLimiter, ...]:
