@@ -40,6 +40,14 @@ def _sync_server(servicer: object, **config: Any) -> tuple[rpcframe.Server, str]
     return server, address
 
 
+async def _aio_server(servicer: object, **config: Any) -> tuple[rpcframe.aio.Server, str]:
+    server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=1, **config))
+    server.add(servicer)
+    address = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
+    await server.start()
+    return server, address
+
+
 def test_a_refused_call_is_not_run_and_another_endpoint_takes_it() -> None:
     registry = CollectorRegistry()
     first, second = ScriptedEcho("a"), ScriptedEcho("b")
@@ -181,10 +189,7 @@ def test_criticality_is_sent_and_inherited_across_a_hop() -> None:
 
 async def test_aio_sheds_the_least_critical_first() -> None:
     servicer = AioScriptedEcho("a")
-    server = rpcframe.aio.Server(rpcframe.ServerConfig(grace_period=1, overload=ONE_AT_A_TIME))
-    server.add(servicer)
-    address = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
-    await server.start()
+    server, address = await _aio_server(servicer, overload=ONE_AT_A_TIME)
     no_retry = rpcframe.RetryPolicy(max_attempts=1)
     try:
         async with rpcframe.aio.connect(address, rpcframe.ChannelConfig(default_timeout=10, retry=no_retry)) as channel:
@@ -220,13 +225,9 @@ async def test_aio_refuses_calls_queued_behind_a_busy_loop_and_admits_again_once
     servicer = _LoopHog()
     # A probe of the loop's lag lands at a random moment of a 40 ms handler: late by
     # more than 4 ms nine times in ten, so the least of four readings mostly is too.
-    config = rpcframe.ServerConfig(grace_period=1, overload=rpcframe.OverloadConfig(queue_target=0.004))
-    server = rpcframe.aio.Server(config)
-    server.add(servicer)
-    port = server.bind("127.0.0.1:0")
-    await server.start()
+    server, address = await _aio_server(servicer, overload=rpcframe.OverloadConfig(queue_target=0.004))
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             echo = channel.unary_unary(
                 f"/{ECHO}", request_serializer=pb.EchoRequest.SerializeToString,
                 response_deserializer=pb.EchoResponse.FromString,
@@ -328,11 +329,7 @@ class _LoopBlockingEcho(echo_pb2_grpc.EchoServiceServicer):
 
 async def test_aio_accept_queue_refuses_calls_grpc_holds_before_python_sees_them() -> None:
     servicer = _LoopBlockingEcho()
-    config = rpcframe.ServerConfig(grace_period=1, overload=rpcframe.OverloadConfig(accept_queue=2))
-    server = rpcframe.aio.Server(config)
-    server.add(servicer)
-    address = f"127.0.0.1:{server.bind('127.0.0.1:0')}"
-    await server.start()
+    server, address = await _aio_server(servicer, overload=rpcframe.OverloadConfig(accept_queue=2))
     codes: list[Any] = []
     lock = threading.Lock()
 
