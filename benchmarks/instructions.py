@@ -56,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -164,11 +164,16 @@ def run_client(front: str, stack: str, target: str, calls: int, mark: int = 0, i
         asyncio.run(main())
 
 
-def run_server(front: str, stack: str, calls: int, port_file: str, downstream: str = "") -> None:
+def run_server(
+    front: str, stack: str, calls: int, port_file: str, downstream: str = "", *,
+    on_call: Callable[[int], None] | None = None, at_exit: Callable[[], None] | None = None,
+) -> None:  # fmt: skip
     """Serve until ``calls`` calls were answered and one more arrived, then exit (the port goes to ``port_file``).
 
     With ``downstream``, each call is answered by calling Echo there (a relay,
     through the same stack's client: the measured process is a middle hop).
+    ``on_call(n)`` runs as the n-th call's handler starts, ``at_exit()`` before
+    the process exits (for :mod:`benchmarks.bytecodes`).
     """
     pb, pb_grpc = _echo()
     done = threading.Event()
@@ -176,6 +181,8 @@ def run_server(front: str, stack: str, calls: int, port_file: str, downstream: s
 
     def count() -> None:
         served[0] += 1  # one call at a time: no race
+        if on_call is not None:
+            on_call(served[0])
         if served[0] > calls:  # the peer's extra call: all measured ones were answered
             done.set()
 
@@ -227,6 +234,8 @@ def run_server(front: str, stack: str, calls: int, port_file: str, downstream: s
         server.start()
         announce(port)
         done.wait(600)
+        if at_exit is not None:
+            at_exit()
         os._exit(0)  # the count is what matters; skip the drain
 
     relays: list[Any] = []  # the downstream stub, made on the server's loop
@@ -267,6 +276,8 @@ def run_server(front: str, stack: str, calls: int, port_file: str, downstream: s
         await server.start()
         announce(port)
         await asyncio.get_running_loop().run_in_executor(None, done.wait, 600)
+        if at_exit is not None:
+            at_exit()
         os._exit(0)
 
     asyncio.run(main())
