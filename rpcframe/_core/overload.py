@@ -156,26 +156,32 @@ class Rejection(NamedTuple):
 
 
 class LatencyMedian:
-    """A method's recent median latency: the median of its last 64 calls, recomputed every 64."""
+    """A method's recent median latency: the median of each batch of 64 calls, computed as the batch ends."""
 
-    __slots__ = ("_next", "_ring", "median")
+    __slots__ = ("batch", "median")
 
     SIZE = 64
 
     def __init__(self) -> None:
-        self._ring = [0.0] * self.SIZE
-        self._next = 0
+        self.batch: list[float] = []  #: the latencies of the batch so far (kept, emptied as it ends)
         self.median = 0.0  #: 0 until 64 calls were seen
 
     def add(self, latency: float) -> None:
         """Record one call's latency (seconds)."""
-        ring, index = self._ring, self._next
-        ring[index] = latency
-        index += 1
-        if index == self.SIZE:
-            index = 0
-            self.median = sorted(ring)[self.SIZE // 2]
-        self._next = index
+        batch = self.batch
+        batch.append(latency)
+        if len(batch) >= self.SIZE:
+            self.close_batch()
+
+    def close_batch(self) -> None:
+        """The batch is whole: its median is the new one, and the next batch begins."""
+        ordered = sorted(self.batch)  # a copy: handler threads may append meanwhile (a sample lost, harmless)
+        self.batch.clear()
+        if len(ordered) >= self.SIZE:  # else another thread closed it first
+            self.median = ordered[len(ordered) // 2]
+
+
+_BATCH = LatencyMedian.SIZE
 
 
 class GradientLimiter:
@@ -341,6 +347,12 @@ class Admission:
         self.queue_delay = 0.0  #: seconds calls wait before their handler runs (kept by the front)
         self._share = share if share is not None else _critical
         self._remaining = remaining if config.deadline_shedding else None
+        # What changes with the median, kept as each batch of latencies ends:
+        # the reader of a call's time left (None while the median is under a
+        # millisecond) and a queued call's wait for a worker.
+        self._read_deadline: Callable[[Any], float | None] | None = None
+        self._wait_per_queued = 0.0
+        self._batch = self.latency.batch  # the same list for good (emptied, not replaced)
         self._queued = queued
         self._per_worker = 1.0 / workers
         self._least_delay = config.queue_target * _LEAST  # a queue even the least critical may join
@@ -362,42 +374,36 @@ class Admission:
         class, is decided here without another call (the per-call cost of
         admission control is what a server pays when it is not overloaded).
         """
-        limiter, calls, latency = self.limiter, self._running, self.latency
+        limiter, calls = self.limiter, self._running
         running = len(calls)
         if now >= limiter.window_end:
             limiter.tick(now, running)
         if running >= limiter.peak:
             limiter.peak = running + 1  # racy by design: a hint for the limiter, not a count
         queued = self._queued
-        delay = self.queue_delay if queued is None else queued() * latency.median * self._per_worker
+        delay = self.queue_delay if queued is None else queued() * self._wait_per_queued
         if self._yield_below != 0.0 or running >= limiter.limit * _LEAST or delay > self._least_delay:
             rejection = self._contended(running, delay, now, carrier)
             if rejection is not None:
                 return rejection
-        if (reader := self._remaining) is not None and latency.median >= 0.001:
+        if (reader := self._read_deadline) is not None:
             remaining = reader(carrier)
-            if remaining is not None and remaining < latency.median:
+            if remaining is not None and remaining < self.latency.median:
                 return Rejection("deadline", 0.0)
         calls.append(None)
         # Threads racing between these two lines can take a call that ran
         # with another for one that ran alone: one no-load sample of 16, rarely.
-        self._solo = now if len(calls) == 1 else -1.0
+        self._solo = now if running == 0 else -1.0
         return None
 
     def end(self, started: float, now: float) -> None:
         """The handler of the call admitted at ``started`` returned at ``now``."""
         self._running.pop()
         latency = now - started
-        # LatencyMedian.add inline (this runs once per call). Racing threads
-        # can lose a sample; the index stays in range.
-        recent = self.latency
-        index = recent._next
-        recent._ring[index] = latency
-        if index == LatencyMedian.SIZE - 1:
-            recent._next = 0
-            recent.median = sorted(recent._ring)[LatencyMedian.SIZE // 2]
-        else:
-            recent._next = index + 1
+        batch = self._batch  # LatencyMedian.add inline (this runs once per call)
+        batch.append(latency)
+        if len(batch) >= _BATCH:
+            self._close_batch()
         # Alone: it began with none running and none began since.
         limiter = self.limiter
         if now >= limiter.window_end or limiter._pinned_from is not None:
@@ -406,6 +412,14 @@ class Admission:
             limiter.window.append(latency)
             if started == self._solo:
                 limiter.fresh_alone.append(latency)
+
+    def _close_batch(self) -> None:
+        latency = self.latency
+        latency.close_batch()
+        median = latency.median
+        self._wait_per_queued = median * self._per_worker
+        # A call faster than a millisecond is not worth refusing for its deadline.
+        self._read_deadline = self._remaining if median >= 0.001 else None
 
     def _contended(self, running: int, delay: float, now: float, carrier: Any) -> Rejection | None:
         """The decision for a busy server: by the call's criticality (see the class docstring)."""

@@ -189,19 +189,17 @@ class IncomingScope(CallScope):
     call's start) when that is sooner.
     """
 
-    __slots__ = ("_cap_at", "_watching", "context")
+    __slots__ = ("_cap_at", "context")
 
     def __init__(self, context: Any, cap: float | None) -> None:
         # CallScope's fields set here, not by super().__init__(): one frame
         # instead of two (or three for the thread-pool front's subclass) on
-        # every incoming call.
-        self._deadline = None
-        self._is_retry = False
-        self._criticality = None
+        # every incoming call. The deadline, retry flag and criticality are
+        # set by _resolve, on first use (the properties read _pending first).
         self._pending = True
         self._parent_root = None  # a root: no cycle through itself (see CallScope)
         self.calls = None
-        self.cancelled = self.ended = self._watching = False  # _watching: the thread-pool front's _Scope
+        self.cancelled = self.ended = False
         self.context = context
         self._cap_at = None if cap is None else time.monotonic() + cap
 
@@ -215,6 +213,8 @@ class IncomingScope(CallScope):
         if cap_at is not None and (deadline is None or deadline > cap_at):
             deadline = cap_at
         self._deadline = deadline
+        self._is_retry = False
+        self._criticality = None
         for key, value in context.invocation_metadata() or ():
             if key in RETRY_KEYS:
                 self._is_retry = True

@@ -219,8 +219,7 @@ class _Scope(IncomingScope):
     __slots__ = ()
 
     def track(self, call: Any) -> None:
-        if not self._watching:
-            self._watching = True
+        if self.calls is None and not self.cancelled:  # the first outgoing call (cancel_all empties calls too)
             if not self.context.add_callback(self.cancel_all):
                 self.cancel_all()  # the incoming call is already over
         super().track(call)
