@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
@@ -37,6 +36,7 @@ from ._common import (
     watch_reads,
     watched_requests,
 )
+from ._pool import HandlerPool, Task
 
 __all__ = ["Server"]
 
@@ -180,7 +180,7 @@ def _received(observer: CallObserver, method: str, context: grpc.ServicerContext
         raise AssertionError("unreachable: abort() raises") from None  # pragma: no cover
 
 
-class _Executor(ThreadPoolExecutor):
+class _Executor(HandlerPool):
     """grpc's handler pool; it marks the calls grpc hands it once the server drains.
 
     grpc submits each call it accepts at once, so a task submitted after
@@ -192,19 +192,15 @@ class _Executor(ThreadPoolExecutor):
     def refuse_late(self) -> None:
         """From now on every task is a call that arrived after the drain began.
 
-        The marking submit replaces ThreadPoolExecutor's on this instance
-        only now, so until a drain grpc's submits pay for no frame of ours.
+        The marking submit replaces the pool's on this instance only now,
+        so until a drain grpc's submits pay for no frame of ours.
         """
         submit = super().submit
 
-        def late_submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        def late_submit(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Task:
             return submit(_run_late, fn, *args, **kwargs)
 
         self.submit = late_submit  # type: ignore[method-assign]
-
-    def queued(self) -> int:
-        """Tasks waiting for a worker."""
-        return self._work_queue.qsize()
 
 
 class _Scope(IncomingScope):
@@ -253,8 +249,8 @@ class Server(ServerBase):
     def __init__(self, config: ServerConfig | None = None) -> None:
         super().__init__(config or ServerConfig())
         cfg = self.config
-        self._executor = _Executor(max_workers=cfg.max_workers, thread_name_prefix="rpcframe-handler")
-        self.governor.queued = self._executor._work_queue.qsize  # calls waiting for a worker
+        self._executor = _Executor(cfg.max_workers, "rpcframe-handler")
+        self.governor.queued = self._executor.queue.qsize  # calls waiting for a worker
         self._refusing = False
         self._drain: Drain | None = None
         self._grpc_server = grpc.server(
@@ -333,6 +329,7 @@ class Server(ServerBase):
         if self.health is not None:
             self.health.close()
         stopped.wait(left + _CANCEL_WAIT)
+        self._executor.shutdown(wait=False)  # a handler grpc could not cancel may still run: not waited for
         if self._started:
             _heap.unhold()
         self._stopped.set()
