@@ -14,9 +14,11 @@ an eighth of everything grpc's server runs in Python for a unary call
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor
 from queue import SimpleQueue
@@ -70,9 +72,10 @@ class HandlerPool(Executor):
     starts one more, so a server that is never busy keeps a few. Threads
     say they are idle by adding a token to a list, and each submitted call
     takes one (``list.append`` and ``list.pop`` are atomic: no lock per
-    call). They are daemon threads: a handler still running at exit does
-    not hold the process. After :meth:`shutdown`, calls submitted are not
-    run.
+    call). As with ``ThreadPoolExecutor``, the threads end when the pool is
+    shut down or garbage-collected, and at interpreter exit the handlers
+    still running are waited for. After :meth:`shutdown`, calls submitted
+    are not run.
     """
 
     def __init__(self, workers: int, name: str) -> None:
@@ -84,6 +87,9 @@ class HandlerPool(Executor):
         self._threads: list[threading.Thread] = []
         self._growing = True  # fewer threads than workers, and not shut down
         self._lock = threading.Lock()
+        ended = weakref.finalize(self, _end_threads, self.queue, self._threads)  # the list, emptied by shutdown
+        ended.atexit = False  # at exit, _join_at_exit ends them and waits
+        _pools.add(self)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Task:  # type: ignore[override]
         """Queue ``fn(*args, **kwargs)`` for the next free thread."""
@@ -116,12 +122,29 @@ class HandlerPool(Executor):
         """End the threads once the calls queued before have run (``wait``: and wait for that)."""
         with self._lock:
             self._growing = False
-            threads, self._threads = self._threads, []
-        for _ in threads:
-            self.queue.put(None)
+            threads = list(self._threads)
+            _end_threads(self.queue, self._threads)
         if wait:
             for thread in threads:
                 thread.join()
+
+
+def _end_threads(queue: SimpleQueue[Task | None], threads: list[threading.Thread]) -> None:
+    """Tell each thread to end once the calls queued before it have run."""
+    for _ in threads:
+        queue.put(None)
+    threads.clear()
+
+
+_pools: weakref.WeakSet[HandlerPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _join_at_exit() -> None:
+    # Daemon threads, so an interpreter with a pool never shut down can exit;
+    # but a handler still running is waited for, as ThreadPoolExecutor does.
+    for pool in list(_pools):
+        pool.shutdown(wait=True)
 
 
 def _work(queue: SimpleQueue[Task | None], idle: list[None]) -> None:

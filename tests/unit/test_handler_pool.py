@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from rpcframe.server._pool import HandlerPool, Task
 from tests.conftest import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -122,3 +127,34 @@ def test_shutdown_ends_the_threads_after_the_calls_queued_before() -> None:
 def test_a_pool_needs_a_thread() -> None:
     with pytest.raises(ValueError, match="at least one thread"):
         HandlerPool(0, "none")
+
+
+def test_a_pool_dropped_without_shutdown_ends_its_threads() -> None:
+    pool = HandlerPool(2, "test-dropped")
+    ran = threading.Event()
+    pool.submit(ran.set)
+    assert ran.wait(5)
+    threads = list(pool._threads)
+    del pool
+    gc.collect()
+    wait_until(lambda: not any(t.is_alive() for t in threads), timeout=5)
+
+
+def test_at_exit_a_running_handler_is_waited_for(tmp_path: Path) -> None:
+    """As with ThreadPoolExecutor: the interpreter exits once the handler returned, not in the middle of it."""
+    marker = tmp_path / "finished"
+    script = f"""
+import threading, time
+from rpcframe.server._pool import HandlerPool
+pool = HandlerPool(2, "exit")
+started = threading.Event()
+def handler():
+    started.set()
+    time.sleep(0.3)
+    open({str(marker)!r}, "w").close()
+pool.submit(handler)
+started.wait(5)
+"""  # the main thread ends while the handler sleeps
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert marker.exists()
