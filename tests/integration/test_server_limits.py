@@ -78,6 +78,26 @@ def test_sync_server_caps_streams_per_connection(served: list[tuple[rpcframe.Ser
         channel.close()
 
 
+def test_sync_server_caps_calls_and_counts_them_down(served: list[tuple[rpcframe.Server, ScriptedEcho]]) -> None:
+    """max_concurrent_rpcs: grpc counts a call until its task says it is done (the handler pool's callback)."""
+    server, servicer, target = _serve(rpcframe.ServerConfig(max_workers=8, max_concurrent_rpcs=2))
+    served.append((server, servicer))
+    channel = _raw_channel(target)
+    try:
+        blocked = [_raw_echo(channel).future(pb.EchoRequest(message="block"), timeout=20) for _ in range(2)]
+        wait_until(lambda: server.inflight == 2, timeout=5)
+        with pytest.raises(grpc.RpcError) as refused:
+            _raw_echo(channel)(pb.EchoRequest(message="third"), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        servicer.release.set()
+        assert [f.result(timeout=10).message for f in blocked] == ["block"] * 2
+        # Counted down: more calls, one after another, than the cap.
+        for n in range(10):
+            assert _raw_echo(channel)(pb.EchoRequest(message=f"m{n}"), timeout=5).message == f"m{n}"
+    finally:
+        channel.close()
+
+
 async def test_aio_server_caps_streams_per_connection_at_100() -> None:
     servicer = AioScriptedEcho()
     server = rpcframe.aio.Server(rpcframe.ServerConfig())  # the default: Envoy's 100
