@@ -72,6 +72,7 @@ bench: setup
 	$(PY) -m benchmarks.workers
 	$(PY) -m benchmarks.compression
 	$(PY) -m benchmarks.instructions  # needs valgrind; says so and skips without it
+	$(PY) -m benchmarks.bytecodes
 	$(PY) -m benchmarks.events
 
 bench-quick: setup
