@@ -41,7 +41,7 @@ from typing import Any
 from benchmarks import instructions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("sync-server", "aio-server")
+SCENARIOS = ("sync-server", "aio-server", "uvloop-server")  # uvloop: both stacks on uvloop
 STACKS = ("raw", "raw:streamed", "rpcframe", "rpcframe:no-overload")
 _REPO = str(Path(__file__).resolve().parents[1])
 

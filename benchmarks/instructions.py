@@ -34,8 +34,8 @@ Scenarios: ``aio-client`` (rpcframe.aio channel vs grpc.aio channel),
 (rpcframe.aio.Server vs grpc.aio.server), ``sync-relay`` and ``aio-relay``
 (a middle hop: the server answers each call by calling a raw grpc.aio peer
 through the same stack's client, so the call inside a handler is measured
-with everything around it), ``uvloop-client`` (``aio-client`` with both
-stacks on uvloop); rpcframe with default settings,
+with everything around it), ``uvloop-client`` and ``uvloop-server``
+(``aio-client``, ``aio-server`` with both stacks on uvloop); rpcframe with default settings,
 and each rpcframe row also with the feature named in ``VARIANTS`` off;
 the server scenarios also measure raw grpcio with the method registered
 request-streaming, as rpcframe registers unary methods.
@@ -63,7 +63,10 @@ from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SCENARIOS = ("aio-client", "sync-client", "sync-server", "aio-server", "sync-relay", "aio-relay", "uvloop-client")
+SCENARIOS = (
+    "aio-client", "sync-client", "sync-server", "aio-server", "sync-relay", "aio-relay", "uvloop-client",
+    "uvloop-server",
+)  # fmt: skip
 #: rpcframe variants measured beside the defaults: name -> what it turns off.
 VARIANTS = {
     "aio-client": ("rpcframe", "rpcframe:no-throttle", "rpcframe:no-health"),
@@ -71,6 +74,7 @@ VARIANTS = {
     "sync-server": ("raw:streamed", "rpcframe", "rpcframe:no-overload"),
     "aio-server": ("raw:streamed", "rpcframe", "rpcframe:no-overload"),
     "uvloop-client": ("rpcframe",),
+    "uvloop-server": ("rpcframe", "rpcframe:no-overload"),
     "sync-relay": ("rpcframe",),
     "aio-relay": ("rpcframe",),
 }
@@ -280,7 +284,12 @@ def run_server(
             at_exit()
         os._exit(0)
 
-    asyncio.run(main())
+    if front == "uvloop":  # both stacks on uvloop, as the client scenario
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 def _add_streamed(server: Any, behaviour: Any, pb: Any) -> None:
