@@ -557,7 +557,7 @@ class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
     grpc.aio keeps a pending request per method registered with
     ``add_registered_method_handlers`` and, after each call it accepts,
     waits on all of them again (``asyncio.wait`` over a task per method):
-    the four methods of the echo service cost ~230 Python bytecodes a call,
+    the four methods of the echo service cost ~250 Python bytecodes a call,
     more with every method added (``python -m benchmarks.bytecodes``). Served
     through a generic handler instead, grpc.aio requests any call at once,
     and the lookup costs ~10 bytecodes whatever the number of methods.
