@@ -35,7 +35,9 @@ Scenarios: ``aio-client`` (rpcframe.aio channel vs grpc.aio channel),
 (a middle hop: the server answers each call by calling a raw grpc.aio peer
 through the same stack's client, so the call inside a handler is measured
 with everything around it), ``uvloop-client`` and ``uvloop-server``
-(``aio-client``, ``aio-server`` with both stacks on uvloop); rpcframe with default settings,
+(``aio-client``, ``aio-server`` with both stacks on uvloop), ``balanced-client``
+(an asyncio client balancing over three raw peers, as rpcframe's defaults do
+it, against a raw grpc.aio channel to one of them); rpcframe with default settings,
 and each rpcframe row also with the feature named in ``VARIANTS`` off;
 the server scenarios also measure raw grpcio with the method registered
 request-streaming, as rpcframe registers unary methods.
@@ -65,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SCENARIOS = (
     "aio-client", "sync-client", "sync-server", "aio-server", "sync-relay", "aio-relay", "uvloop-client",
-    "uvloop-server",
+    "uvloop-server", "balanced-client",
 )  # fmt: skip
 #: rpcframe variants measured beside the defaults: name -> what it turns off.
 VARIANTS = {
@@ -75,6 +77,7 @@ VARIANTS = {
     "aio-server": ("raw:streamed", "rpcframe", "rpcframe:no-overload"),
     "uvloop-client": ("rpcframe",),
     "uvloop-server": ("rpcframe", "rpcframe:no-overload"),
+    "balanced-client": ("rpcframe", "rpcframe:no-health"),
     "sync-relay": ("rpcframe",),
     "aio-relay": ("rpcframe",),
 }
@@ -119,6 +122,10 @@ def run_client(front: str, stack: str, target: str, calls: int, mark: int = 0, i
     pb, pb_grpc = _echo()
     request = pb.EchoRequest(message="x" * 64)
     clock = _Clock(mark)
+    if front == "balanced":  # asyncio; rpcframe balances over every address, raw grpc calls the first
+        front = "aio"
+        if stack == "raw":
+            target = target.split(",")[0]
     if front == "sync":
         import grpc
 
@@ -424,7 +431,10 @@ def measure_client(
     front: str, stack: str, calls: int, tmp: Path, mark: int = 0, idle: float = 0.0
 ) -> tuple[int, float]:
     """Instructions of the client process for ``calls`` calls (and ``idle`` seconds), and the seconds after ``mark``."""
-    with _peer_server(tmp, f"peer-{front}-{stack}-{calls}") as target:
+    with contextlib.ExitStack() as peers:
+        servers = 3 if front == "balanced" else 1
+        names = [f"peer-{front}-{stack}-{calls}-{n}" for n in range(servers)]
+        target = ",".join(peers.enter_context(_peer_server(tmp, name)) for name in names)
         args = ["client", front, stack, target, str(calls), str(mark), str(idle)]
         run = subprocess.run(_callgrind(args), cwd=REPO, capture_output=True, text=True, timeout=900)
         if run.returncode != 0:
