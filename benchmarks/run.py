@@ -27,7 +27,7 @@ One scenario measures client-side balancing rather than the stack:
 ``aio-unary-64-3backends`` runs one rpcframe asyncio server process listening
 on 3 ports; the raw side calls it through one grpc.aio channel to one of the
 addresses, the rpcframe side through an rpcframe.aio channel to all three
-(``a:1,b:2,c:3``: default ``peak_ewma`` policy, health checking on). Same
+(``a:1,b:2,c:3``: default ``filtered_p2c`` policy, health checking on). Same
 server process, same load, so the difference is the balancing client's cost.
 
 Results go to ``benchmarks/results/`` (``--out DIR`` for another directory):
