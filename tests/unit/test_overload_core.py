@@ -185,6 +185,48 @@ def test_a_call_that_cannot_meet_its_deadline_is_refused() -> None:
     assert unshed.begin(2.0, 0.0) is None
 
 
+def test_a_call_s_deadline_is_read_only_while_the_median_is_a_millisecond_or_more() -> None:
+    """The median is kept per batch of 64 calls; below 1 ms a call is not worth refusing for its deadline."""
+    reads: list[object] = []
+
+    def remaining(carrier: float | None) -> float | None:
+        reads.append(carrier)
+        return carrier
+
+    admission = Admission(OverloadConfig(), now=0.0, remaining=remaining)
+
+    def batch(start: float, latency: float) -> None:
+        for i in range(LatencyMedian.SIZE):
+            assert admission.begin(start + i * 0.03, 1.0) is None
+            admission.end(start + i * 0.03, start + i * 0.03 + latency)
+
+    batch(0.0, 0.0001)  # fast: no median yet, then 0.1 ms
+    assert reads == []
+    batch(10.0, 0.02)  # the first of these still ran under the 0.1 ms median
+    assert admission.latency.median == pytest.approx(0.02)
+    assert reads == []
+    assert admission.begin(20.0, 0.01) == ("deadline", 0.0)  # now read: 10 ms left < 20 ms
+    batch(30.0, 0.0001)  # read while the median stays 20 ms, then the batch ends at 0.1 ms
+    assert len(reads) == 1 + LatencyMedian.SIZE
+    assert admission.begin(40.0, 0.00001) is None  # fast again: not read, not refused
+    assert len(reads) == 1 + LatencyMedian.SIZE
+
+
+def test_a_queued_call_s_wait_is_the_median_shared_among_the_workers() -> None:
+    waiting = [0]
+    admission = Admission(OverloadConfig(queue_target=0.05), now=0.0, queued=lambda: waiting[0], workers=4)
+    for i in range(LatencyMedian.SIZE):  # median 20 ms
+        assert admission.begin(i * 0.03) is None
+        admission.end(i * 0.03, i * 0.03 + 0.02)
+    waiting[0] = 9  # 9 x 20 ms / 4 = 45 ms: under the 50 ms target
+    assert admission.begin(5.0) is None
+    admission.end(5.0, 5.001)
+    waiting[0] = 11  # 55 ms
+    rejected = admission.begin(6.0)
+    assert rejected is not None
+    assert rejected.reason == "queue"
+
+
 def test_unknown_criticality_counts_as_critical() -> None:
     assert criticality_share(None) == criticality_share("bogus") == criticality_share("critical") == 1.0
     assert criticality_share("SHEDDABLE") < criticality_share("SHEDDABLE_PLUS") < 1.0 < criticality_share(
