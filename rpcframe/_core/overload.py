@@ -156,7 +156,12 @@ class Rejection(NamedTuple):
 
 
 class LatencyMedian:
-    """A method's recent median latency: the median of each batch of 64 calls, computed as the batch ends."""
+    """A method's recent median latency: the median of each batch of 64 calls, computed as the batch ends.
+
+    The admission appends each call's latency to :attr:`batch` itself (once
+    per call, without a frame) and calls :meth:`close_batch` once it holds
+    :attr:`SIZE`.
+    """
 
     __slots__ = ("batch", "median")
 
@@ -165,13 +170,6 @@ class LatencyMedian:
     def __init__(self) -> None:
         self.batch: list[float] = []  #: the latencies of the batch so far (kept, emptied as it ends)
         self.median = 0.0  #: 0 until 64 calls were seen
-
-    def add(self, latency: float) -> None:
-        """Record one call's latency (seconds)."""
-        batch = self.batch
-        batch.append(latency)
-        if len(batch) >= self.SIZE:
-            self.close_batch()
 
     def close_batch(self) -> None:
         """The batch is whole: its median is the new one, and the next batch begins."""
@@ -400,7 +398,7 @@ class Admission:
         """The handler of the call admitted at ``started`` returned at ``now``."""
         self._running.pop()
         latency = now - started
-        batch = self._batch  # LatencyMedian.add inline (this runs once per call)
+        batch = self._batch
         batch.append(latency)
         if len(batch) >= _BATCH:
             self._close_batch()
