@@ -84,10 +84,11 @@ class HandlerPool(Executor):
         self._workers, self._name = workers, name
         self.queue: SimpleQueue[Task | None] = SimpleQueue()
         self._idle: list[None] = []  # a token per thread waiting for a call (more once calls were queued)
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # every thread started, kept to be joined at exit
+        self._open = True  # not shut down
         self._growing = True  # fewer threads than workers, and not shut down
         self._lock = threading.Lock()
-        ended = weakref.finalize(self, _end_threads, self.queue, self._threads)  # the list, emptied by shutdown
+        ended = weakref.finalize(self, _end_threads, self.queue, self._threads)
         ended.atexit = False  # at exit, _join_at_exit ends them and waits
         _pools.add(self)
 
@@ -121,11 +122,11 @@ class HandlerPool(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """End the threads once the calls queued before have run (``wait``: and wait for that)."""
         with self._lock:
-            self._growing = False
-            threads = list(self._threads)
-            _end_threads(self.queue, self._threads)
+            if self._open:
+                self._open = self._growing = False
+                _end_threads(self.queue, self._threads)
         if wait:
-            for thread in threads:
+            for thread in list(self._threads):
                 thread.join()
 
 
@@ -133,7 +134,6 @@ def _end_threads(queue: SimpleQueue[Task | None], threads: list[threading.Thread
     """Tell each thread to end once the calls queued before it have run."""
     for _ in threads:
         queue.put(None)
-    threads.clear()
 
 
 _pools: weakref.WeakSet[HandlerPool] = weakref.WeakSet()
@@ -142,7 +142,8 @@ _pools: weakref.WeakSet[HandlerPool] = weakref.WeakSet()
 @atexit.register
 def _join_at_exit() -> None:
     # Daemon threads, so an interpreter with a pool never shut down can exit;
-    # but a handler still running is waited for, as ThreadPoolExecutor does.
+    # but a handler still running is waited for, as ThreadPoolExecutor does,
+    # also after a shutdown that did not wait (the server's stop()).
     for pool in list(_pools):
         pool.shutdown(wait=True)
 

@@ -158,3 +158,24 @@ started.wait(5)
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert marker.exists()
+
+
+def test_at_exit_a_handler_still_running_after_shutdown_without_wait_is_waited_for(tmp_path: Path) -> None:
+    """The server's stop() shuts its pool down without waiting; exit still waits, as with ThreadPoolExecutor."""
+    marker = tmp_path / "finished"
+    script = f"""
+import threading, time
+from rpcframe.server._pool import HandlerPool
+pool = HandlerPool(2, "exit")
+started = threading.Event()
+def handler():
+    started.set()
+    time.sleep(0.3)
+    open({str(marker)!r}, "w").close()
+pool.submit(handler)
+started.wait(5)
+pool.shutdown(wait=False)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert marker.exists()
